@@ -1,0 +1,54 @@
+"""The model-architecture config: one dataclass that describes every supported family."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    family: str
+    """One of: llada, llada_moe, dream, rnd1."""
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    """Dense SwiGLU width (unused by all-MoE models)."""
+    vocab_size: int
+    """Rows of the embedding / lm_head (the logits width)."""
+    rope_theta: float
+    rms_norm_eps: float
+    mask_id: int
+    eos_id: int
+    pad_id: int
+    bos_id: int | None = None
+    qk_norm: bool = False
+    """RMSNorm over head_dim on q and k, before RoPE (LLaDA-MoE, RND1)."""
+    qkv_bias: bool = False
+    """Bias on q/k/v projections (Dream)."""
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    """Renormalise the top-k router weights to sum 1 (RND1: yes, LLaDA-MoE: no)."""
+    moe_layers: tuple[bool, ...] = ()
+    """Per layer: True where the MLP is a mixture of experts."""
+    shift_logits: bool = False
+    """Position i is predicted from the output at i-1 (Dream, RND1). The sampler applies the shift."""
+    tie_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    stop_ids: tuple[int, ...] = field(default=())
+    """Token ids that end a completion (EOS plus the chat template's end-of-turn token when known)."""
+
+    @property
+    def is_moe(self) -> bool:
+        return any(self.moe_layers)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim

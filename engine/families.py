@@ -1,0 +1,200 @@
+"""Checkpoint families: detection from config.json, config parsing, and tensor-name mapping.
+
+Each family maps its checkpoint tensor names onto the one internal layout of `engine.model.Transformer`.
+Expert tensors map to (stacked parameter, expert index); the loader stacks them.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .config import ModelConfig
+from .errors import CheckpointError
+
+FAMILIES = ("llada", "llada_moe", "dream", "rnd1")
+
+# Special ids used when a real config.json lacks them (notes/models.md).
+DEFAULT_SPECIAL_IDS: dict[str, dict[str, int | None]] = {
+    "llada": {"mask": 126336, "eos": 126081, "pad": 126081, "bos": 126080},
+    "llada_moe": {"mask": 156895, "eos": 156892, "pad": 156892, "bos": None},
+    "dream": {"mask": 151666, "eos": 151643, "pad": 151643, "bos": 151643},
+    "rnd1": {"mask": 151669, "eos": 151645, "pad": 151643, "bos": None},
+}
+
+
+def detect_family(cfg: dict[str, Any], path: str) -> str:
+    archs = cfg.get("architectures") or []
+    if not isinstance(archs, list):
+        raise CheckpointError(f"{path}: key 'architectures' must be a list, got {type(archs).__name__}")
+    model_type = str(cfg.get("model_type", ""))
+    mt = model_type.lower()
+    if mt == "llada2_moe" or any(a.startswith("LLaDA2") for a in archs):
+        raise CheckpointError(
+            f"{path}: architectures={archs} model_type={model_type!r} is LLaDA2 (block-causal), which unmask does "
+            f"not support; supported families: {', '.join(FAMILIES)}")
+    if any(a.startswith("LLaDAMoE") for a in archs) or (mt in ("llada", "lladamoe", "llada_moe") and "num_experts" in cfg):
+        return "llada_moe"
+    if "LLaDAModelLM" in archs or (mt == "llada" and "d_model" in cfg):
+        return "llada"
+    if mt == "dream" or "DreamModel" in archs:
+        return "dream"
+    if mt == "rnd1" or any(a.startswith("RND1") for a in archs):
+        return "rnd1"
+    raise CheckpointError(
+        f"{path}: unknown architecture (architectures={archs}, model_type={model_type!r}); "
+        f"supported: LLaDAModelLM, LLaDAMoEModelLM, DreamModel, RND1LM")
+
+
+class _Keys:
+    """Typed access to config.json keys with errors that name the file and key."""
+
+    def __init__(self, cfg: dict[str, Any], path: str, family: str) -> None:
+        self.cfg, self.path, self.family = cfg, path, family
+
+    def _check(self, key: str, value: Any, kind: type) -> Any:
+        ok = isinstance(value, kind) and not isinstance(value, bool) if kind in (int, float) else isinstance(value, kind)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if not ok:
+            raise CheckpointError(f"{self.path}: key '{key}' must be {kind.__name__}, got {value!r}")
+        return value
+
+    def req(self, key: str, kind: type = int) -> Any:
+        if key not in self.cfg or self.cfg[key] is None:
+            raise CheckpointError(f"{self.path}: missing required key '{key}' (family {self.family})")
+        return self._check(key, self.cfg[key], kind)
+
+    def opt(self, key: str, default: Any, kind: type = int) -> Any:
+        value = self.cfg.get(key)
+        return default if value is None else self._check(key, value, kind)
+
+    def first(self, keys: tuple[str, ...], default: Any = None, kind: type = int) -> Any:
+        for key in keys:
+            if self.cfg.get(key) is not None:
+                return self._check(key, self.cfg[key], kind)
+        if default is None:
+            raise CheckpointError(f"{self.path}: missing required key '{keys[0]}' (family {self.family})")
+        return default
+
+    def special(self, name: str) -> int | None:
+        value = self.cfg.get(f"{name}_token_id")
+        if isinstance(value, list):  # some configs list several eos ids; the first is the canonical one
+            value = value[0] if value else None
+        if value is None:
+            return DEFAULT_SPECIAL_IDS[self.family][name]
+        return self._check(f"{name}_token_id", value, int)
+
+
+def parse_config(cfg: dict[str, Any], path: str) -> ModelConfig:
+    """config.json (already parsed) -> ModelConfig. Raises CheckpointError naming the file and key."""
+    family = detect_family(cfg, path)
+    k = _Keys(cfg, path, family)
+    if family == "llada":
+        if k.opt("block_type", "llama", str) != "llama":
+            raise CheckpointError(f"{path}: key 'block_type' = {cfg['block_type']!r} is not supported (only 'llama')")
+        if k.opt("attention_layer_norm", False, bool):
+            raise CheckpointError(f"{path}: key 'attention_layer_norm' = true is not supported")
+        hidden, heads = k.req("d_model"), k.req("n_heads")
+        mlp = k.opt("mlp_hidden_size", None) or k.opt("mlp_ratio", 4) * hidden
+        out = dict(hidden_size=hidden, num_layers=k.req("n_layers"), num_heads=heads,
+                   num_kv_heads=k.opt("n_kv_heads", heads), head_dim=hidden // heads, intermediate_size=mlp,
+                   vocab_size=k.first(("embedding_size", "vocab_size")), rope_theta=k.opt("rope_theta", 10000.0, float),
+                   rms_norm_eps=k.opt("rms_norm_eps", 1e-5, float),
+                   qkv_bias=k.opt("include_bias", False, bool) or k.opt("include_qkv_bias", False, bool),
+                   tie_embeddings=k.opt("weight_tying", False, bool),
+                   max_position_embeddings=k.opt("max_sequence_length", 4096))
+        n_moe = 0
+    else:
+        hidden, heads = k.req("hidden_size"), k.req("num_attention_heads")
+        out = dict(hidden_size=hidden, num_layers=k.req("num_hidden_layers"), num_heads=heads,
+                   num_kv_heads=k.opt("num_key_value_heads", heads), head_dim=k.opt("head_dim", hidden // heads),
+                   vocab_size=k.req("vocab_size"), rope_theta=k.opt("rope_theta", 10000.0, float),
+                   rms_norm_eps=k.opt("rms_norm_eps", 1e-6, float),
+                   tie_embeddings=k.opt("tie_word_embeddings", False, bool),
+                   max_position_embeddings=k.opt("max_position_embeddings", 4096))
+        n_moe = k.req("num_experts") if family in ("llada_moe", "rnd1") else 0
+    n_layers = out["num_layers"]
+    if family == "llada_moe":
+        out.update(qk_norm=k.opt("qk_layernorm", True, bool), num_experts=n_moe,
+                   num_experts_per_tok=k.req("num_experts_per_tok"),
+                   moe_intermediate_size=k.first(("expert_intermediate_size", "moe_intermediate_size")),
+                   intermediate_size=k.first(("dense_intermediate_size", "intermediate_size"), 0),
+                   norm_topk_prob=False,  # hard-coded False by the reference code, whatever the config says
+                   moe_layers=(True,) * n_layers)
+    elif family == "rnd1":
+        dense = set(k.opt("mlp_only_layers", [], list))
+        step = k.opt("decoder_sparse_step", 1)
+        out.update(qk_norm=True, num_experts=n_moe, num_experts_per_tok=k.req("num_experts_per_tok"),
+                   moe_intermediate_size=k.req("moe_intermediate_size"),
+                   intermediate_size=k.opt("intermediate_size", 0),
+                   norm_topk_prob=k.opt("norm_topk_prob", True, bool), shift_logits=True,
+                   moe_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(n_layers)))
+    elif family == "dream":
+        out.update(intermediate_size=k.req("intermediate_size"), qkv_bias=True, shift_logits=True,
+                   moe_layers=(False,) * n_layers)
+    else:
+        out.update(moe_layers=(False,) * n_layers)
+    if out["num_heads"] % out["num_kv_heads"]:
+        raise CheckpointError(f"{path}: num_heads {out['num_heads']} is not a multiple of kv heads {out['num_kv_heads']}")
+    ids = {name: k.special(name) for name in ("mask", "eos", "pad", "bos")}
+    if ids["pad"] is None:
+        ids["pad"] = ids["eos"]
+    for name in ("mask", "eos", "pad"):
+        if not 0 <= ids[name] < out["vocab_size"]:
+            raise CheckpointError(f"{path}: key '{name}_token_id' = {ids[name]} is outside the vocabulary "
+                                  f"(size {out['vocab_size']})")
+    return ModelConfig(family=family, mask_id=ids["mask"], eos_id=ids["eos"], pad_id=ids["pad"], bos_id=ids["bos"],
+                       stop_ids=(ids["eos"],), **out)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str
+    """Internal parameter name."""
+    expert: int | None = None
+    """Expert index for a stacked expert parameter."""
+
+
+_LLADA_GLOBAL = {"model.transformer.wte.weight": "embed.weight", "model.transformer.ln_f.weight": "norm.weight",
+                 "model.transformer.ff_out.weight": "lm_head.weight"}
+_LLADA_LAYER = {"attn_norm.weight": "attn_norm.weight", "ff_norm.weight": "mlp_norm.weight",
+                "q_proj.weight": "attn.q_proj.weight", "k_proj.weight": "attn.k_proj.weight",
+                "v_proj.weight": "attn.v_proj.weight", "q_proj.bias": "attn.q_proj.bias",
+                "k_proj.bias": "attn.k_proj.bias", "v_proj.bias": "attn.v_proj.bias",
+                "attn_out.weight": "attn.o_proj.weight", "ff_proj.weight": "mlp.gate_proj.weight",
+                "up_proj.weight": "mlp.up_proj.weight", "ff_out.weight": "mlp.down_proj.weight"}
+_HF_GLOBAL = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
+              "lm_head.weight": "lm_head.weight"}
+_HF_LAYER = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "mlp_norm.weight",
+             **{f"self_attn.{p}_proj.{w}": f"attn.{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias")},
+             "self_attn.q_norm.weight": "attn.q_norm.weight", "self_attn.k_norm.weight": "attn.k_norm.weight",
+             **{f"mlp.{p}_proj.weight": f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
+             "mlp.gate.weight": "moe.router.weight"}
+_HF_EXPERT = {f"{p}_proj.weight": f"moe.w_{p}" for p in ("gate", "up", "down")}
+
+_LLADA_LAYER_RE = re.compile(r"model\.transformer\.blocks\.(\d+)\.(.+)")
+_HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_HF_EXPERT_RE = re.compile(r"mlp\.experts\.(\d+)\.(.+)")
+
+
+def tensor_mapper(family: str) -> Callable[[str], Target | None]:
+    """Returns f(checkpoint_name) -> Target, or None for a name this family does not know."""
+    llada = family == "llada"
+    glob, layer, layer_re = (_LLADA_GLOBAL, _LLADA_LAYER, _LLADA_LAYER_RE) if llada else (_HF_GLOBAL, _HF_LAYER, _HF_LAYER_RE)
+
+    def mapper(name: str) -> Target | None:
+        if name in glob:
+            return Target(glob[name])
+        m = layer_re.fullmatch(name)
+        if not m:
+            return None
+        i, rest = m.group(1), m.group(2)
+        if rest in layer:
+            return Target(f"layers.{i}.{layer[rest]}")
+        e = None if llada else _HF_EXPERT_RE.fullmatch(rest)
+        if e and e.group(2) in _HF_EXPERT:
+            return Target(f"layers.{i}.{_HF_EXPERT[e.group(2)]}", int(e.group(1)))
+        return None
+
+    return mapper

@@ -1,0 +1,151 @@
+"""load_model: a local Hugging Face checkpoint directory -> DiffusionModel, with errors that name file and key."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig
+from .errors import CheckpointError
+from .families import parse_config, tensor_mapper
+from .model.diffusion_model import DiffusionModel
+from .model.transformer import Transformer
+from .tokenizer import end_of_turn_ids, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a valid torch device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{path}: config.json not found in the checkpoint directory")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable config ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: config must be a JSON object")
+    return parse_config(raw, str(path))
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: unreadable index, key 'weight_map' ({e})") from None
+        files = sorted({model_dir / name for name in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{index}: shard '{f.name}' listed in 'weight_map' does not exist")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{model_dir}: no *.safetensors weight files")
+    return files
+
+
+def load_weights(net: Transformer, cfg: ModelConfig, files: list[Path], model_dir: Path) -> None:
+    mapper = tensor_mapper(cfg.family)
+    params = dict(net.named_parameters())
+    if cfg.tie_embeddings:
+        params.pop("lm_head.weight", None)
+    expected: set[tuple[str, int | None]] = set()
+    for name, p in params.items():
+        stacked = name.endswith((".moe.w_gate", ".moe.w_up", ".moe.w_down"))
+        expected.update((name, e) for e in range(p.shape[0])) if stacked else expected.add((name, None))
+    seen: dict[tuple[str, int | None], str] = {}
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for a corrupt header
+            raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
+        with handle:
+            for key in handle.keys():
+                target = mapper(key)
+                slot = None if target is None else (target.name, target.expert)
+                if slot not in expected:
+                    if cfg.tie_embeddings and target is not None and target.name == "lm_head.weight":
+                        continue
+                    raise CheckpointError(f"{file}: unexpected tensor '{key}' for a {cfg.family} checkpoint "
+                                          f"with this config")
+                if slot in seen:
+                    raise CheckpointError(f"{file}: tensor '{key}' also appears in {seen[slot]}")
+                param = params[target.name]
+                dest = param.data if target.expert is None else param.data[target.expert]
+                tensor = handle.get_tensor(key)
+                if tuple(tensor.shape) != tuple(dest.shape):
+                    raise CheckpointError(f"{file}: tensor '{key}' has shape {list(tensor.shape)} but config.json "
+                                          f"implies {list(dest.shape)}")
+                dest.copy_(tensor)
+                seen[slot] = file.name
+    missing = sorted(expected - seen.keys(), key=str)
+    if missing:
+        names = [_checkpoint_name(cfg, n, e) for n, e in missing[:5]]
+        raise CheckpointError(f"{model_dir}: missing tensor(s) {', '.join(repr(n) for n in names)}"
+                              f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}")
+
+
+def _checkpoint_name(cfg: ModelConfig, internal: str, expert: int | None) -> str:
+    """Best-effort reverse mapping, for error messages."""
+    mapper = tensor_mapper(cfg.family)
+    layer = internal.split(".")[1] if internal.startswith("layers.") else "0"
+    stems = (["model.transformer.wte.weight", "model.transformer.ln_f.weight", "model.transformer.ff_out.weight"]
+             + [f"model.transformer.blocks.{layer}.{s}" for s in (
+                 "attn_norm.weight", "ff_norm.weight", "attn_out.weight", "ff_proj.weight", "up_proj.weight",
+                 "ff_out.weight", *[f"{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")])]
+             + ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+             + [f"model.layers.{layer}.{s}" for s in (
+                 "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_norm.weight",
+                 "self_attn.k_norm.weight", "mlp.gate.weight",
+                 *[f"self_attn.{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias")],
+                 *[f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")],
+                 *[f"mlp.experts.{expert}.{p}_proj.weight" for p in ("gate", "up", "down")])])
+    for stem in stems:
+        t = mapper(stem)
+        if t is not None and t.name == internal and t.expert == expert:
+            return stem
+    return internal
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype = "float32") -> DiffusionModel:
+    """Load a LLaDA / LLaDA-MoE / Dream / RND1 checkpoint directory (config.json, safetensors, tokenizer files)."""
+    torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: checkpoint directory does not exist")
+    cfg = read_config(model_dir)
+    files = weight_files(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer is not None:
+        extra = [i for i in end_of_turn_ids(tokenizer) if i < cfg.vocab_size and i != cfg.eos_id]
+        cfg.stop_ids = (cfg.eos_id, *extra)
+    with torch.device("meta"):
+        net = Transformer(cfg)
+    net = net.to_empty(device="cpu").to(torch_dtype)
+    load_weights(net, cfg, files, model_dir)
+    net.rotary.reset()
+    net = net.to(dev).eval().requires_grad_(False)
+    return DiffusionModel(net, cfg, tokenizer, dev, torch_dtype, model_dir)

@@ -1,0 +1,86 @@
+"""Bidirectional attention over packed variable-length sequences, optionally through a paged KV pool.
+
+A forward pass carries B sequences whose query tokens are packed into one [T] axis. `AttnContext` says how to
+lay them out as [B, Lq] for attention and, for cached passes, where each new K/V row is written in the pool
+and which pool slots each sequence reads its keys from (the block table, expanded to slots).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class AttnContext:
+    q_index: torch.Tensor | None
+    """[B, Lq] long: packed index of each padded query slot (any value where q_valid is False). None: dense."""
+    q_valid: torch.Tensor | None
+    """[B, Lq] bool. None: every slot is valid (T == B * Lq)."""
+    unpad_index: torch.Tensor | None
+    """[T] long: position of each packed token in the flattened [B * Lq] layout."""
+    batch: int
+    max_q: int
+    key_valid: torch.Tensor | None = None
+    """[B, Lk] bool mask over keys; None: all keys valid."""
+    write_slots: torch.Tensor | None = None
+    """[T] long: pool slot that receives each token's K/V (paged passes)."""
+    read_slots: torch.Tensor | None = None
+    """[B, Lk] long: pool slots each sequence attends over (paged passes)."""
+    kv_pool: "KVPoolTensors | None" = None
+
+    @staticmethod
+    def dense(batch: int, length: int, key_valid: torch.Tensor | None = None) -> "AttnContext":
+        return AttnContext(None, None, None, batch, length, key_valid=key_valid)
+
+    @staticmethod
+    def from_lengths(lengths: list[int], device: torch.device | str) -> "AttnContext":
+        """Self-attention over sequences packed back to back (no cache)."""
+        batch, max_q = len(lengths), max(lengths)
+        if all(n == max_q for n in lengths):
+            return AttnContext.dense(batch, max_q)
+        lens = torch.tensor(lengths, device=device)  # [B]
+        starts = torch.cumsum(lens, 0) - lens  # [B]
+        ar = torch.arange(max_q, device=device)  # [Lq]
+        q_valid = ar[None, :] < lens[:, None]  # [B, Lq]
+        q_index = torch.where(q_valid, starts[:, None] + ar[None, :], 0)  # [B, Lq]
+        unpad = (torch.arange(batch, device=device)[:, None] * max_q + ar[None, :])[q_valid]  # [T]
+        return AttnContext(q_index, q_valid, unpad, batch, max_q, key_valid=q_valid)
+
+
+@dataclass(slots=True)
+class KVPoolTensors:
+    """Per-layer K and V pools: k[layer] and v[layer] are [num_slots, Hkv, D] (pages × page_size slots)."""
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+
+def pad_tokens(x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    """[T, ...] packed -> [B, Lq, ...] padded."""
+    if ctx.q_index is None:
+        return x.view(ctx.batch, ctx.max_q, *x.shape[1:])
+    return x[ctx.q_index]
+
+
+def unpad_tokens(x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    """[B, Lq, ...] padded -> [T, ...] packed."""
+    flat = x.reshape(ctx.batch * ctx.max_q, *x.shape[2:])
+    return flat if ctx.unpad_index is None else flat[ctx.unpad_index]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext, layer: int,
+              scale: float) -> torch.Tensor:
+    """q [T, H, D], k/v [T, Hkv, D] (new tokens, RoPE applied) -> [T, H, D]. Non-causal."""
+    if ctx.kv_pool is not None:
+        pool_k, pool_v = ctx.kv_pool.k[layer], ctx.kv_pool.v[layer]  # [S, Hkv, D]
+        pool_k.index_copy_(0, ctx.write_slots, k.to(pool_k.dtype))
+        pool_v.index_copy_(0, ctx.write_slots, v.to(pool_v.dtype))
+        keys, vals = pool_k[ctx.read_slots], pool_v[ctx.read_slots]  # [B, Lk, Hkv, D]
+    else:
+        keys, vals = pad_tokens(k, ctx), pad_tokens(v, ctx)  # [B, Lq, Hkv, D]
+    qp = pad_tokens(q, ctx).transpose(1, 2)  # [B, H, Lq, D]
+    mask = None if ctx.key_valid is None else ctx.key_valid[:, None, None, :]  # [B, 1, 1, Lk]
+    out = F.scaled_dot_product_attention(qp, keys.transpose(1, 2).to(q.dtype), vals.transpose(1, 2).to(q.dtype),
+                                         attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return unpad_tokens(out.transpose(1, 2), ctx)  # [T, H, D]

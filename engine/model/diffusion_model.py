@@ -1,0 +1,66 @@
+"""DiffusionModel: the loaded network with its config and tokenizer (what load_model returns)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import TokenizerMissingError
+from .attention import AttnContext
+from .transformer import Transformer
+
+
+class DiffusionModel:
+    def __init__(self, net: Transformer, config: ModelConfig, tokenizer: Any | None, device: torch.device,
+                 dtype: torch.dtype, path: Path) -> None:
+        self.net, self.config, self.tokenizer = net, config, tokenizer
+        self.device, self.dtype, self.path = device, dtype, path
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, L] long -> [B, L, V] float32 logits of a full bidirectional forward, unshifted.
+
+        attention_mask [B, L] (1 = token, 0 = padding) packs each row's tokens at positions 0..n-1; padded
+        positions get zero logits. A row's logits do not depend on the rows batched with it.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, L], got shape {list(input_ids.shape)}")
+        input_ids = input_ids.to(self.device)
+        B, L = input_ids.shape
+        if attention_mask is None:
+            ctx = AttnContext.dense(B, L)
+            pos = torch.arange(L, device=self.device).repeat(B)  # [B*L]
+            hidden = self.net(input_ids.reshape(-1), pos, ctx, max_pos=L - 1)  # [B*L, D]
+            return self.net.compute_logits(hidden).view(B, L, -1)
+        mask = attention_mask.to(self.device).bool()  # [B, L]
+        lengths = mask.sum(1).tolist()
+        ctx = AttnContext.from_lengths(lengths, self.device)
+        pos = (torch.cumsum(mask, 1) - 1)[mask]  # [T]
+        hidden = self.net(input_ids[mask], pos, ctx, max_pos=max(lengths) - 1)  # [T, D]
+        out = torch.zeros(B, L, self.config.vocab_size, device=self.device)
+        out[mask] = self.net.compute_logits(hidden)
+        return out
+
+    def encode(self, text: str) -> list[int]:
+        return self._require_tokenizer().encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._require_tokenizer().decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        tok = self._require_tokenizer()
+        if getattr(tok, "chat_template", None) is None:
+            raise ValueError(f"{self.path}: the tokenizer has no chat template; pass a plain prompt instead")
+        out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "input_ids"):
+            out = out["input_ids"]
+        return list(out)
+
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise TokenizerMissingError(
+                f"{self.path}: this checkpoint has no tokenizer files (tokenizer.json or vocab.json + merges.txt); "
+                f"pass prompts as token-id lists")
+        return self.tokenizer

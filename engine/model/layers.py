@@ -1,0 +1,129 @@
+"""Building blocks of the bidirectional transformer: RMSNorm, RoPE, attention block, SwiGLU MLP, MoE."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import AttnContext, attention
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise in fp32, cast back to x's dtype, then scale (the HF/LLaDA order)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """Rotate-half (NeoX) RoPE computed in fp32 from a cos/sin table grown on demand."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.theta = theta
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2]
+        self.register_buffer("cos", torch.empty(0, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(0, head_dim), persistent=False)
+
+    def reset(self) -> None:
+        """Recompute inv_freq (after the module was built on the meta device) and drop the table."""
+        head_dim = self.cos.shape[1]
+        dev = self.inv_freq.device if self.inv_freq.device.type != "meta" else torch.device("cpu")
+        self.inv_freq = 1.0 / (self.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=dev).float() / head_dim))
+        self.cos = torch.empty(0, head_dim, device=dev)
+        self.sin = torch.empty(0, head_dim, device=dev)
+
+    def _grow(self, n: int) -> None:
+        n = max(n, 2 * self.cos.shape[0], 256)
+        t = torch.arange(n, device=self.inv_freq.device, dtype=torch.int64).float()
+        freqs = torch.outer(t, self.inv_freq)  # [n, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [n, D]
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def table(self, positions: torch.Tensor, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, 1, D] fp32. max_pos bounds positions (known host-side, no sync)."""
+        if max_pos >= self.cos.shape[0]:
+            self._grow(max_pos + 1)
+        return self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D]; rotate-half pairing (i, i + D/2)."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer, self.cfg = layer, cfg
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.q_size, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, cfg.kv_size, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, cfg.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.q_size, d, bias=False)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttnContext) -> torch.Tensor:
+        cfg = self.cfg
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, cfg.num_heads, cfg.head_dim)  # [T, H, D]
+        k = self.k_proj(x).view(T, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
+        v = self.v_proj(x).view(T, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = attention(q, k, v, ctx, self.layer, cfg.head_dim ** -0.5)  # [T, H, D]
+        return self.o_proj(out.reshape(T, cfg.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d, inter, bias=False)
+        self.up_proj = nn.Linear(d, inter, bias=False)
+        self.down_proj = nn.Linear(inter, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Softmax top-k routed SwiGLU experts; expert weights stacked as [E, I, D] / [E, D, I]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        e, d, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.top_k, self.norm_topk = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.router = nn.Linear(d, e, bias=False)
+        self.w_gate = nn.Parameter(torch.empty(e, i, d))
+        self.w_up = nn.Parameter(torch.empty(e, i, d))
+        self.w_down = nn.Parameter(torch.empty(e, d, i))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> weights [T, k] (x.dtype), expert ids [T, k]."""
+        probs = torch.softmax(self.router(x).float(), dim=-1)  # [T, E]
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        if self.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights.to(x.dtype), ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from kernels.moe import fused_moe
+        weights, ids = self.route(x)
+        return fused_moe(x, self.w_gate, self.w_up, self.w_down, weights, ids)

@@ -1,0 +1,1 @@
+"""Compute kernels. Each op has a plain-PyTorch reference beside its fast path."""
