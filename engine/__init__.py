@@ -1,6 +1,10 @@
-"""unmask engine: model layer, loaders, diffusion decoding."""
+"""unmask engine: model layer, loaders, diffusion decoding, caches, scheduling."""
 from .config import ModelConfig
 from .errors import CheckpointError, TokenizerMissingError
+from .llm import LLM
 from .loader import load_model
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams, SamplingParamsError
 
-__all__ = ["CheckpointError", "ModelConfig", "TokenizerMissingError", "load_model"]
+__all__ = ["CheckpointError", "LLM", "ModelConfig", "RequestOutput", "SamplingParams", "SamplingParamsError",
+           "TokenizerMissingError", "load_model"]

@@ -43,8 +43,11 @@ class DiffusionModel:
         out[mask] = self.net.compute_logits(hidden)
         return out
 
-    def encode(self, text: str) -> list[int]:
-        return self._require_tokenizer().encode(text, add_special_tokens=False)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Tokenise as the checkpoint's tokenizer does by default (e.g. with its BOS)."""
+        return self._require_tokenizer().encode(text, add_special_tokens=add_special_tokens)
+
+    tokenizer_encode = encode
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._require_tokenizer().decode(ids, skip_special_tokens=skip_special_tokens)

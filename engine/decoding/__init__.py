@@ -1,0 +1,1 @@
+"""Denoising strategies: candidate tokens and scores, transfer schedules, and commit selection."""

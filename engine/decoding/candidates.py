@@ -1,0 +1,85 @@
+"""Candidate tokens and confidence scores at the positions being decoded.
+
+Two scoring conventions (chosen per row by its algorithm):
+- clean (LLaDA): the candidate x0 is drawn from the temperature-scaled, filtered logits (Gumbel-max, float64
+  noise); scores come from the plain softmax of the raw logits.
+- tempered (Dream, RND1): scores come from the softmax of the same temperature-scaled, filtered logits.
+The mask token is never a candidate (its logit is excluded from the argmax only, so scores still use the full
+softmax): the LLaDA reference can "commit" MASK, leaving a hole that later blocks re-decode; we never do.
+Scores: low_confidence p(x0); margin p1 - p2; entropy sum p log p (= -H); random U(0, 1).
+`conf` maps every score into [0, 1] monotonically (entropy -> exp(-H)) for threshold/factor tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import noise
+
+SCORE_CODES = {"low_confidence": 0, "random": 1, "margin": 2, "entropy": 3, "origin": 0}
+
+
+@dataclass(slots=True)
+class CandidateInputs:
+    temperature: torch.Tensor  # [N] float32
+    top_k: torch.Tensor  # [N] int64, 0 = off
+    top_p: torch.Tensor  # [N] float32, 1 = off
+    score: torch.Tensor  # [N] int64 SCORE_CODES
+    tempered: torch.Tensor  # [N] bool: Dream/RND1 scoring
+    noise_keys: torch.Tensor  # [N] int64 per-position noise keys (seed, step, position)
+    mask_id: int
+    any_sampling: bool
+    any_filter: bool
+
+
+def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per-row top-k then top-p (nucleus) filtering; filtered entries become -inf. logits [N, V]."""
+    sorted_l, order = torch.sort(logits, dim=-1, descending=True)  # [N, V]
+    V = logits.shape[-1]
+    ranks = torch.arange(V, device=logits.device)[None, :]  # [1, V]
+    remove = (top_k[:, None] > 0) & (ranks >= top_k[:, None])  # [N, V] in sorted order
+    sorted_l = sorted_l.masked_fill(remove, float("-inf"))
+    cum = torch.cumsum(torch.softmax(sorted_l, dim=-1), dim=-1)  # [N, V]
+    drop = cum > top_p[:, None]
+    drop = torch.cat([torch.zeros_like(drop[:, :1]), drop[:, :-1]], dim=-1)  # always keep the first
+    remove = remove | (drop & (top_p[:, None] < 1))
+    return logits.masked_fill(torch.zeros_like(remove).scatter(-1, order, remove), float("-inf"))
+
+
+def candidates(logits: torch.Tensor, inp: CandidateInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [N, V] float32 -> x0 [N] int64, score [N] float64 (ranking), conf [N] float64 in [0, 1]."""
+    temp = inp.temperature[:, None]  # [N, 1]
+    mask_col = torch.tensor([inp.mask_id], device=logits.device)
+    tempered = torch.where(temp > 0, logits / temp.clamp_min(1e-8), logits)  # [N, V]
+    filtered = _filter(tempered, inp.top_k, inp.top_p) if inp.any_filter else tempered
+    if inp.any_sampling:
+        u = noise.uniform(inp.noise_keys, logits.shape[-1])  # [N, V] float64
+        gumbel = -torch.log(-torch.log(u))
+        perturbed = torch.where(temp > 0, filtered.double() + gumbel, filtered.double())
+        x0 = perturbed.index_fill_(-1, mask_col, float("-inf")).argmax(-1)  # [N]
+    else:
+        x0 = filtered.index_fill(-1, mask_col, float("-inf")).argmax(-1)  # [N]
+    if bool(inp.tempered.any()):
+        score_logits = torch.where(inp.tempered[:, None], filtered, logits)
+    else:
+        score_logits = logits
+    p = torch.softmax(score_logits, dim=-1)  # [N, V], exactly the reference's F.softmax
+    p_x0 = p.gather(-1, x0[:, None])[:, 0].double()  # [N]
+    score, conf = p_x0, p_x0
+    code = inp.score
+    if bool((code == 2).any()):
+        top2 = p.topk(2, dim=-1).values.double()  # [N, 2]
+        margin = top2[:, 0] - top2[:, 1]
+        score = torch.where(code == 2, margin, score)
+        conf = torch.where(code == 2, margin, conf)
+    if bool((code == 3).any()):
+        logp = torch.log_softmax(score_logits, dim=-1)  # [N, V]
+        neg_h = torch.nan_to_num(p * logp, nan=0.0).sum(-1).double()  # [N], -H
+        score = torch.where(code == 3, neg_h, score)
+        conf = torch.where(code == 3, neg_h.exp(), conf)
+    if bool((code == 1).any()):
+        u = noise.uniform(inp.noise_keys ^ noise.STREAM_RANDOM_SCORE)  # [N]
+        score = torch.where(code == 1, u, score)
+        conf = torch.where(code == 1, u, conf)
+    return x0, score, conf

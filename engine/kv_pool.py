@@ -1,0 +1,31 @@
+"""The preallocated KV pool: per layer, K and V of shape [num_pages * page_size + 1, Hkv, D].
+
+Slot s of page p is p * page_size + s. The last slot is scratch: writes that must not land anywhere real
+(the shift position of a block pass) go there. Zero-initialised so padded reads are finite.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+from .model.attention import KVPoolTensors
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+class KVPool:
+    def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.num_pages, self.page_size = num_pages, page_size
+        slots = num_pages * page_size + 1
+        self.scratch_slot = slots - 1
+        shape = (slots, cfg.num_kv_heads, cfg.head_dim)
+        self.tensors = KVPoolTensors(
+            k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
+            v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)])
+
+    @staticmethod
+    def pages_for_memory(cfg: ModelConfig, dtype: torch.dtype, page_size: int, memory_bytes: int) -> int:
+        return memory_bytes // (kv_bytes_per_token(cfg, dtype) * page_size)

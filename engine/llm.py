@@ -1,0 +1,122 @@
+"""LLM: the offline API. `LLM(model_dir).generate(prompts, params)` and `.chat(messages, params)`."""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Sequence as Seq
+
+import torch
+
+from .errors import CheckpointError
+from .llm_engine import CacheConfig, EngineConfig, LLMEngine
+from .loader import load_model
+from .outputs import RequestOutput
+from .sampling_params import GenerationDefaults, ResolvedParams, SamplingParams, model_defaults
+from .scheduler import SchedulerConfig
+
+Prompt = str | list[int]
+Messages = list[dict[str, str]]
+
+
+def default_model_dir() -> Path:
+    from .bundled import DEFAULT_MODEL_DIR
+    return DEFAULT_MODEL_DIR
+
+
+def read_generation_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "generation_config.json"
+    if not path.exists():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable generation config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: generation config must be a JSON object")
+    return cfg
+
+
+class LLM:
+    def __init__(self, model: str | Path | None = None, device: str | torch.device = "cpu",
+                 dtype: str | torch.dtype = "float32", *, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 16384, kv_cache_memory: int | None = None,
+                 page_size: int = 16) -> None:
+        model_dir = Path(model) if model is not None else default_model_dir()
+        self.model = load_model(model_dir, device=device, dtype=dtype)
+        self.defaults: GenerationDefaults = model_defaults(self.model.config.family, read_generation_config(model_dir))
+        self.engine = LLMEngine(self.model, EngineConfig(
+            cache=CacheConfig(kv_cache_memory=kv_cache_memory, page_size=page_size),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
+    def prompt_ids(self, prompt: Prompt, where: str = "prompt") -> list[int]:
+        """Text (tokenised with the checkpoint's tokenizer) or token ids, validated."""
+        cfg = self.model.config
+        if isinstance(prompt, str):
+            ids = list(self.model.tokenizer_encode(prompt))
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise TypeError(f"{where}: must be a string or a list of token ids, got {type(prompt).__name__}")
+        for t in ids:
+            if not 0 <= t < cfg.vocab_size:
+                raise ValueError(f"{where}: token id {t} is outside the vocabulary (size {cfg.vocab_size})")
+        if cfg.mask_id in ids:
+            raise ValueError(f"{where}: contains the mask token id {cfg.mask_id}; infilling is not supported")
+        if not ids and cfg.shift_logits:
+            raise ValueError(f"{where}: is empty; {cfg.family} predicts each position from the one before it, "
+                             f"so it needs at least one prompt token")
+        return ids
+
+    def _params(self, params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[ResolvedParams]:
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            plist = [params] * n
+        else:
+            plist = list(params)
+            if len(plist) != n or not all(isinstance(p, SamplingParams) for p in plist):
+                raise ValueError(f"params: expected one SamplingParams or a list of {n}, got {len(plist)} items")
+        return [p.resolve(self.defaults) for p in plist]
+
+    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:
+        """Generate for each prompt (a string or a list of token ids). Outputs come back in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        ids = [self.prompt_ids(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        resolved = self._params(params, len(prompts))
+        return self._run(ids, resolved, prompts)
+
+    def chat(self, messages: Messages | Seq[Messages],
+             params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Apply the checkpoint's chat template (with the generation prompt) and generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        ids = [self.prompt_ids(self.model.apply_chat_template(list(c)), f"messages[{i}]") for i, c in enumerate(convs)]
+        return self._run(ids, self._params(params, len(convs)), [None] * len(convs))
+
+    def _run(self, ids: list[list[int]], params: list[ResolvedParams], prompts: list[Any]) -> list[RequestOutput]:
+        order = {}
+        try:
+            for i, (p_ids, p) in enumerate(zip(ids, params)):
+                rid = f"gen-{next(self._ids)}"
+                self.engine.add_request(rid, p_ids, p)
+                order[rid] = i
+        except Exception:
+            for rid in order:
+                self.engine.abort(rid)
+            raise
+        results: list[RequestOutput | None] = [None] * len(ids)
+        while any(r is None for r in results):
+            for out in self.engine.step():
+                if out.request_id in order:
+                    i = order[out.request_id]
+                    out.prompt = prompts[i] if isinstance(prompts[i], str) else None
+                    results[i] = out
+        return results  # type: ignore[return-value]

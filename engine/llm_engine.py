@@ -1,0 +1,119 @@
+"""LLMEngine: the step loop (schedule -> run -> update) over the scheduler, the runner and the KV pool."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache_manager import PageAllocator
+from .kv_pool import KVPool, kv_bytes_per_token
+from .model.diffusion_model import DiffusionModel
+from .outputs import RequestOutput, cut_at_stop_string, cut_at_stop_token
+from .runner import ModelRunner
+from .sampling_params import ResolvedParams
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence
+
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    kv_cache_memory: int | None = None
+    """Bytes for the KV pool. None: 1 GiB on CPU; on CUDA, gpu_memory_utilization of free memory."""
+    gpu_memory_utilization: float = 0.9
+    page_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+class LLMEngine:
+    def __init__(self, model: DiffusionModel, cfg: EngineConfig | None = None) -> None:
+        self.model, self.cfg = model, cfg or EngineConfig()
+        cc = self.cfg.cache
+        memory = cc.kv_cache_memory
+        if memory is None:
+            if model.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(model.device)
+                memory = int(free * cc.gpu_memory_utilization)
+            else:
+                memory = DEFAULT_CPU_KV_BYTES
+        num_pages = KVPool.pages_for_memory(model.config, model.dtype, cc.page_size, memory)
+        if num_pages < 1:
+            per_page = kv_bytes_per_token(model.config, model.dtype) * cc.page_size
+            raise ValueError(f"kv_cache_memory {memory} bytes is less than one KV page ({per_page} bytes)")
+        self.allocator = PageAllocator(num_pages, cc.page_size)
+        self.pool = KVPool(model.config, num_pages, cc.page_size, model.dtype, model.device)
+        self.scheduler = Scheduler(self.cfg.scheduler, self.allocator)
+        self.runner = ModelRunner(model, self.pool)
+        self.requests: dict[str, Sequence] = {}
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: ResolvedParams) -> Sequence:
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        seq = Sequence(request_id, list(prompt_ids), params, shift=1 if self.model.config.shift_logits else 0)
+        self.scheduler.add(seq)
+        self.requests[request_id] = seq
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def abort(self, request_id: str) -> None:
+        seq = self.requests.pop(request_id, None)
+        if seq is None or seq.finished:
+            return
+        if id(seq) in self.runner.canvases:
+            self.runner.remove(seq)
+        self.scheduler.finish(seq, "abort")
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step; returns the requests that finished in it."""
+        sched = self.scheduler.schedule()
+        for seq in sched.admitted:
+            self.runner.add(seq)
+        if not sched.seqs:
+            return []
+        result = self.runner.step(sched.seqs)
+        finished = []
+        for seq, committed, eos in zip(sched.seqs, result.committed, result.eos_done):
+            block_done = seq.advance(committed)
+            if eos and not seq.params.ignore_eos:
+                finished.append(self._finish(seq))
+            elif block_done and (self._hit_stop_string(seq) or not seq.next_block()):
+                finished.append(self._finish(seq))
+        return finished
+
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        if not seq.params.stop or self.model.tokenizer is None:
+            return False
+        gen = self.runner.generated(seq)
+        done = gen[:gen.index(self.model.config.mask_id)] if self.model.config.mask_id in gen else gen
+        return cut_at_stop_string(done, seq.params.stop, self.model.tokenizer)[2]
+
+    def _finish(self, seq: Sequence) -> RequestOutput:
+        gen = self.runner.remove(seq)
+        ids, stopped = (gen, False) if seq.params.ignore_eos else cut_at_stop_token(gen, self.model.config.stop_ids)
+        tok = self.model.tokenizer
+        text = None
+        if tok is not None:
+            if seq.params.stop:
+                ids, text, hit = cut_at_stop_string(ids, seq.params.stop, tok)
+                stopped = stopped or hit
+            else:
+                text = tok.decode(ids, skip_special_tokens=True)
+        self.scheduler.finish(seq, "stop" if stopped else "length")
+        self.requests.pop(seq.request_id, None)
+        return RequestOutput(seq.request_id, seq.prompt_ids, ids, text, seq.finish_reason, seq.stats)

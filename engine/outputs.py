@@ -1,0 +1,54 @@
+"""RequestOutput and the cut rules: first stop token (EOS / end-of-turn) unless ignore_eos, then stop strings."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .sequence import SeqStats
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    """Generated ids, cut at the first EOS/end-of-turn token (the whole canvas with ignore_eos=True)."""
+    text: str | None
+    """Decoded token_ids (special tokens skipped), cut at the first stop string; None without a tokenizer."""
+    finish_reason: str
+    """'stop' (EOS, end-of-turn or a stop string) or 'length'."""
+    stats: SeqStats
+    prompt: str | None = None
+    finished: bool = True
+
+    @property
+    def steps(self) -> int:
+        return self.stats.steps
+
+    @property
+    def forward_passes(self) -> int:
+        return self.stats.forward_passes
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.stats.tokens_per_forward
+
+
+def cut_at_stop_token(ids: list[int], stop_ids: tuple[int, ...]) -> tuple[list[int], bool]:
+    stops = set(stop_ids)
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i], True
+    return ids, False
+
+
+def cut_at_stop_string(ids: list[int], stop: tuple[str, ...], tokenizer: Any) -> tuple[list[int], str, bool]:
+    """Shortest prefix of ids whose text contains a stop string; text is cut just before it."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    hits = [text.find(s) for s in stop if s in text]
+    if not hits:
+        return ids, text, False
+    cut = min(hits)
+    n = next(n for n in range(1, len(ids) + 1)
+             if any(s in tokenizer.decode(ids[:n], skip_special_tokens=True) for s in stop))
+    return ids[:n], text[:cut], True

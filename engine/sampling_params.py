@@ -1,0 +1,223 @@
+"""SamplingParams: per-request diffusion decoding options, validated on construction.
+
+Fields left as None take the model's defaults (its family's reference `generate` defaults, overridden by the
+checkpoint's generation_config.json) when the request is resolved against a model.
+
+Graceful rules where the LLaDA reference would assert:
+- max_tokens not a multiple of block_length: the last block is shorter (ceil(max_tokens / block_length) blocks).
+- block_length > max_tokens: one block covering the whole generation (pure diffusion).
+- steps not a multiple of the number of blocks: the first (steps mod blocks) blocks get one extra step;
+  fewer steps than blocks: every block gets one step.
+Everything the reference accepts (e.g. more steps than tokens in a block: some steps commit nothing) is matched.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, fields
+from typing import Any
+
+REMASKING = ("low_confidence", "random", "margin", "entropy", "origin")
+REMASKING_ALIASES = {"maskgit_plus": "low_confidence", "topk_margin": "margin"}
+CACHE_MODES = ("none", "prefix", "dual")
+ALGORITHMS = ("llada", "dream", "rnd1")
+
+
+class SamplingParamsError(ValueError):
+    """A SamplingParams field is invalid; `.field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"SamplingParams.{field}: {message}")
+        self.field = field
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int | None = None
+    """Generation length: the number of masked positions appended to the prompt."""
+    steps: int | None = None
+    """Denoising steps over the whole generation (split over blocks). With threshold/factor: an upper bound."""
+    block_length: int | None = None
+    """Semi-autoregressive block size; blocks are decoded left to right."""
+    temperature: float | None = None
+    """0 = greedy. >0 samples candidates (Gumbel-max with float64 noise)."""
+    top_p: float | None = None
+    top_k: int | None = None
+    remasking: str | None = None
+    """Score that orders commits: low_confidence, random, margin, entropy; origin (Dream algorithm only).
+    Dream's names maskgit_plus and topk_margin are accepted as aliases."""
+    threshold: float | None = None
+    """Parallel decoding: commit every masked position of the block with confidence >= threshold (at least one)."""
+    factor: float | None = None
+    """Parallel decoding: commit the largest n with (n+1)(1-c_n) < factor over sorted confidences (at least one)."""
+    cfg_scale: float = 0.0
+    """Classifier-free guidance weight w: un + (w+1)(cond - un), un = the prompt fully masked."""
+    seed: int | None = None
+    """Seed for sampling noise; None draws a fresh one per request."""
+    stop: str | list[str] | None = None
+    ignore_eos: bool = False
+    """Do not stop at EOS: return the whole generated canvas."""
+    cache: str = "none"
+    """none (reference semantics), prefix or dual (Fast-dLLM block-wise KV caches)."""
+    algorithm: str | None = None
+    """Transfer schedule: llada (even split per block), dream (1 - s/t), rnd1 (entropy-ordered). Default: family's."""
+    alg_temp: float = 0.0
+    """Dream: >0 samples the positions to commit from softmax(confidence / alg_temp)."""
+    eps: float = 1e-3
+    """Dream: final timestep of linspace(1, eps, steps + 1)."""
+
+    def __post_init__(self) -> None:
+        def pos_int(name: str) -> None:
+            v = getattr(self, name)
+            if v is not None and not (_is_int(v) and v >= 1):
+                raise SamplingParamsError(name, f"must be a positive integer, got {v!r}")
+
+        for name in ("max_tokens", "steps", "block_length"):
+            pos_int(name)
+        if self.temperature is not None and not (_is_num(self.temperature) and self.temperature >= 0):
+            raise SamplingParamsError("temperature", f"must be a number >= 0, got {self.temperature!r}")
+        if self.top_p is not None and not (_is_num(self.top_p) and 0 < self.top_p <= 1):
+            raise SamplingParamsError("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and not (_is_int(self.top_k) and self.top_k >= 0):
+            raise SamplingParamsError("top_k", f"must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.remasking is not None:
+            r = REMASKING_ALIASES.get(self.remasking, self.remasking) if isinstance(self.remasking, str) else None
+            if r not in REMASKING:
+                raise SamplingParamsError("remasking", f"must be one of {', '.join(REMASKING)}, got {self.remasking!r}")
+            self.remasking = r
+        if self.threshold is not None and not (_is_num(self.threshold) and 0 < self.threshold <= 1):
+            raise SamplingParamsError("threshold", f"must be in (0, 1], got {self.threshold!r}")
+        if self.factor is not None and not (_is_num(self.factor) and self.factor > 0):
+            raise SamplingParamsError("factor", f"must be a number > 0, got {self.factor!r}")
+        if self.threshold is not None and self.factor is not None:
+            raise SamplingParamsError("factor", "threshold and factor are alternatives; set only one")
+        if not (_is_num(self.cfg_scale) and self.cfg_scale >= 0):
+            raise SamplingParamsError("cfg_scale", f"must be a number >= 0, got {self.cfg_scale!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise SamplingParamsError("seed", f"must be an integer, got {self.seed!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is not None and not (isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop)):
+            raise SamplingParamsError("stop", f"must be a non-empty string or a list of them, got {self.stop!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise SamplingParamsError("ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
+        if self.cache not in CACHE_MODES:
+            raise SamplingParamsError("cache", f"must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}")
+        if self.algorithm is not None and self.algorithm not in ALGORITHMS:
+            raise SamplingParamsError("algorithm", f"must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        if not (_is_num(self.alg_temp) and self.alg_temp >= 0):
+            raise SamplingParamsError("alg_temp", f"must be a number >= 0, got {self.alg_temp!r}")
+        if not (_is_num(self.eps) and 0 < self.eps < 1):
+            raise SamplingParamsError("eps", f"must be in (0, 1), got {self.eps!r}")
+        if self.remasking == "origin" and self.algorithm not in (None, "dream"):
+            raise SamplingParamsError("remasking", "'origin' is Dream's algorithm; it needs algorithm='dream'")
+
+    def resolve(self, defaults: "GenerationDefaults") -> "ResolvedParams":
+        """Fill unset fields from the model's defaults and derive the block plan."""
+        get = lambda name: getattr(self, name) if getattr(self, name) is not None else getattr(defaults, name)  # noqa: E731
+        max_tokens, steps = get("max_tokens"), get("steps")
+        block_length = min(get("block_length"), max_tokens)
+        algorithm = get("algorithm")
+        remasking = self.remasking or (defaults.remasking if algorithm == defaults.algorithm else "low_confidence")
+        if remasking == "origin" and algorithm != "dream":
+            raise SamplingParamsError("remasking", "'origin' is Dream's algorithm; it needs algorithm='dream'")
+        if self.threshold is not None or self.factor is not None:
+            if remasking == "origin":
+                raise SamplingParamsError("remasking", "'origin' reveals positions at random; it cannot be "
+                                                       "combined with threshold or factor")
+        num_blocks = -(-max_tokens // block_length)
+        base, extra = divmod(max(steps, num_blocks), num_blocks)
+        block_steps = tuple(base + (1 if b < extra else 0) for b in range(num_blocks))
+        seed = self.seed if self.seed is not None else random.getrandbits(62)
+        top_k = get("top_k") or 0
+        top_p = get("top_p") or 1.0
+        return ResolvedParams(
+            max_tokens=max_tokens, steps=sum(block_steps), block_length=block_length, block_steps=block_steps,
+            temperature=float(get("temperature")), top_p=float(top_p), top_k=int(top_k), remasking=remasking,
+            threshold=self.threshold, factor=self.factor, cfg_scale=float(self.cfg_scale), seed=seed,
+            stop=tuple(self.stop or ()), ignore_eos=self.ignore_eos, cache=self.cache, algorithm=algorithm,
+            alg_temp=float(self.alg_temp), eps=float(self.eps))
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedParams:
+    max_tokens: int
+    steps: int
+    block_length: int
+    block_steps: tuple[int, ...]
+    temperature: float
+    top_p: float
+    top_k: int
+    remasking: str
+    threshold: float | None
+    factor: float | None
+    cfg_scale: float
+    seed: int
+    stop: tuple[str, ...]
+    ignore_eos: bool
+    cache: str
+    algorithm: str
+    alg_temp: float
+    eps: float
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_steps)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.threshold is not None or self.factor is not None
+
+
+@dataclass(slots=True)
+class GenerationDefaults:
+    """A model's defaults for unset SamplingParams fields."""
+    max_tokens: int = 128
+    steps: int = 128
+    block_length: int = 128
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    remasking: str = "low_confidence"
+    algorithm: str = "llada"
+
+
+FAMILY_DEFAULTS: dict[str, GenerationDefaults] = {
+    # LLaDA generate.py: steps=128, gen_length=128, block_length=128, temperature=0, low_confidence.
+    "llada": GenerationDefaults(),
+    # LLaDA-MoE uses LLaDA's generate; dInfer and the model card decode in blocks of 32.
+    "llada_moe": GenerationDefaults(block_length=32),
+    # Dream diffusion_generate / generation_config.json: steps 512, alg origin, temperature 0, one canvas.
+    "dream": GenerationDefaults(max_tokens=512, steps=512, block_length=512, remasking="origin", algorithm="dream"),
+    # RND1GenerationConfig: 256 new tokens, 256 steps, temperature 0.1, entropy-ordered unmasking.
+    "rnd1": GenerationDefaults(max_tokens=256, steps=256, block_length=256, temperature=0.1, remasking="entropy",
+                               algorithm="rnd1"),
+}
+
+_GEN_CONFIG_KEYS = {"max_new_tokens": "max_tokens", "steps": "steps", "num_diffusion_steps": "steps",
+                    "block_length": "block_length", "temperature": "temperature", "top_p": "top_p",
+                    "top_k": "top_k", "alg": "remasking"}
+
+
+def model_defaults(family: str, generation_config: dict[str, Any] | None) -> GenerationDefaults:
+    """Family defaults overridden by the checkpoint's generation_config.json (known keys only)."""
+    base = FAMILY_DEFAULTS[family]
+    values = {f.name: getattr(base, f.name) for f in fields(GenerationDefaults)}
+    for key, name in _GEN_CONFIG_KEYS.items():
+        v = (generation_config or {}).get(key)
+        if v is None:
+            continue
+        if name == "remasking":
+            v = REMASKING_ALIASES.get(v, v)
+            if v not in REMASKING:
+                continue
+        values[name] = v
+    return GenerationDefaults(**values)

@@ -1,0 +1,151 @@
+"""Host-side state of one request: its canvas geometry, block plan and progress. No torch."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from .decoding import schedule
+from .sampling_params import ResolvedParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class SeqStats:
+    steps: int = 0
+    """Denoising steps taken (each one forward pass for this request, two with CFG)."""
+    forward_passes: int = 0
+    tokens_committed: int = 0
+    positions_computed: int = 0
+    """Query positions this request fed through the network (refresh passes count the whole canvas)."""
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.tokens_committed / self.steps if self.steps else 0.0
+
+
+@dataclass(eq=False, slots=True)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: ResolvedParams
+    shift: int
+    """1 for shifted families: position p is decoded from the output at p - 1."""
+    arrival: int = 0
+    status: Status = Status.WAITING
+    block_idx: int = 0
+    step_in_block: int = 0
+    masked_in_block: int = 0
+    block_masks: int = 0
+    finish_reason: str | None = None
+    pages: list[int] = field(default_factory=list)
+    """KV pages of the conditional canvas, then (with CFG) of the unconditional twin."""
+    stats: SeqStats = field(default_factory=SeqStats)
+    output_ids: list[int] | None = None
+    emitted_blocks: int = 0
+    user_data: Any = None
+
+    def __post_init__(self) -> None:
+        self.masked_in_block = self.block_masks = self.block_len(0)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def gen_len(self) -> int:
+        return self.params.max_tokens
+
+    @property
+    def canvas_len(self) -> int:
+        return self.prompt_len + self.gen_len
+
+    @property
+    def num_rows(self) -> int:
+        """Forward rows: the canvas, plus its unconditional twin under classifier-free guidance."""
+        return 2 if self.params.cfg_scale > 0 else 1
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def block_bounds(self, b: int | None = None) -> tuple[int, int]:
+        """Absolute canvas positions [start, end) of block b (default: the current one)."""
+        b = self.block_idx if b is None else b
+        start = self.prompt_len + b * self.params.block_length
+        return start, min(start + self.params.block_length, self.canvas_len)
+
+    def block_len(self, b: int) -> int:
+        s, e = self.block_bounds(b)
+        return e - s
+
+    @property
+    def block_steps(self) -> int:
+        return self.params.block_steps[self.block_idx]
+
+    @property
+    def is_last_allowed_step(self) -> bool:
+        return self.step_in_block >= self.block_steps - 1
+
+    @property
+    def needs_refresh(self) -> bool:
+        """Cached modes: the block's first step is a full pass that also refills the cache."""
+        return self.params.cache == "none" or self.step_in_block == 0
+
+    def query_range(self) -> tuple[int, int]:
+        """Canvas positions [qa, qb) this step feeds through the network (the same for the CFG twin).
+
+        Refresh passes: the whole canvas. Dual: the block (plus, shifted families, the position before it).
+        Prefix: the block and the whole suffix (plus the shift position).
+        """
+        if self.needs_refresh:
+            return 0, self.canvas_len
+        bs, be = self.block_bounds()
+        return bs - self.shift, be if self.params.cache == "dual" else self.canvas_len
+
+    def step_cost(self) -> int:
+        qa, qb = self.query_range()
+        return (qb - qa) * self.num_rows
+
+    def fixed_count(self) -> int:
+        """Positions this step commits under a fixed schedule; -1 when another rule decides."""
+        p = self.params
+        if p.adaptive or p.remasking == "origin":
+            return -1
+        if p.algorithm == "dream":
+            return schedule.dream_count(self.masked_in_block, self.block_steps, self.step_in_block, p.eps)
+        if p.algorithm == "rnd1":
+            return schedule.rnd1_count(self.block_masks, self.masked_in_block, self.block_steps, self.step_in_block)
+        return schedule.llada_count(self.block_masks, self.block_steps, self.step_in_block)
+
+    def origin_prob(self) -> float | None:
+        if self.params.remasking != "origin":
+            return None
+        return schedule.dream_origin_prob(self.block_steps, self.step_in_block, self.params.eps)
+
+    def advance(self, committed: int) -> bool:
+        """Record one step; returns True when the current block just completed."""
+        self.stats.steps += 1
+        self.stats.forward_passes += self.num_rows
+        self.stats.tokens_committed += committed
+        self.masked_in_block -= committed
+        self.step_in_block += 1
+        if self.params.adaptive:
+            done = self.masked_in_block <= 0
+        else:
+            done = self.step_in_block >= self.block_steps
+        return done
+
+    def next_block(self) -> bool:
+        """Move to the next block; returns False when there is none."""
+        self.block_idx += 1
+        self.step_in_block = 0
+        if self.block_idx >= self.params.num_blocks:
+            return False
+        self.masked_in_block = self.block_masks = self.block_len(self.block_idx)
+        return True
