@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import Any, Sequence as Seq
+from typing import Any, Iterator, Sequence as Seq
 
 import torch
 
@@ -100,6 +100,27 @@ class LLM:
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         ids = [self.prompt_ids(self.model.apply_chat_template(list(c)), f"messages[{i}]") for i, c in enumerate(convs)]
         return self._run(ids, self._params(params, len(convs)), [None] * len(convs))
+
+    def iter_steps(self, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool = False,
+                   ) -> Iterator[tuple[list[int], RequestOutput | None]]:
+        """Generate one prompt step by step: yields (generated canvas with masks, None) after each step, then
+        (final canvas, output) once it finishes. Used by `unmask generate --show-steps`."""
+        if chat:
+            ids = self.prompt_ids(self.model.apply_chat_template([{"role": "user", "content": prompt}]))
+        else:
+            ids = self.prompt_ids(prompt)
+        rid = f"gen-{next(self._ids)}"
+        seq = self.engine.add_request(rid, ids, self._params(params, 1)[0])
+        try:
+            while True:
+                finished = [o for o in self.engine.step() if o.request_id == rid]
+                if finished:
+                    yield self.engine.last_canvas.pop(rid, finished[0].token_ids), finished[0]
+                    return
+                if id(seq) in self.engine.runner.canvases:
+                    yield self.engine.runner.generated(seq), None
+        finally:
+            self.engine.abort(rid)
 
     def _run(self, ids: list[list[int]], params: list[ResolvedParams], prompts: list[Any]) -> list[RequestOutput]:
         order = {}

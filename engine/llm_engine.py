@@ -59,6 +59,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.cfg.scheduler, self.allocator)
         self.runner = ModelRunner(model, self.pool)
         self.requests: dict[str, Sequence] = {}
+        self.keep_last_canvas = False
+        self.last_canvas: dict[str, list[int]] = {}
+        """With keep_last_canvas, each finished request's final generated canvas (for --show-steps)."""
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: ResolvedParams) -> Sequence:
         if request_id in self.requests:
@@ -105,6 +108,8 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence) -> RequestOutput:
         gen = self.runner.remove(seq)
+        if self.keep_last_canvas:
+            self.last_canvas[seq.request_id] = gen
         ids, stopped = (gen, False) if seq.params.ignore_eos else cut_at_stop_token(gen, self.model.config.stop_ids)
         tok = self.model.tokenizer
         text = None

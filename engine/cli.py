@@ -1,0 +1,112 @@
+"""`unmask` command line: `unmask generate "prompt"` prints the completion from the bundled model (or --model)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+MASK_SYMBOL = "░"
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (unset: the model's defaults)")
+    g.add_argument("--max-tokens", type=int, help="generation length (masked positions appended to the prompt)")
+    g.add_argument("--steps", type=int, help="denoising steps over the whole generation")
+    g.add_argument("--block-length", type=int, help="semi-autoregressive block size")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--remasking", help="low_confidence | random | margin | entropy | origin (Dream)")
+    g.add_argument("--threshold", type=float, help="parallel decoding: commit all positions with confidence >= this")
+    g.add_argument("--factor", type=float, help="parallel decoding: factor rule (n+1)(1-c_n) < f")
+    g.add_argument("--cfg-scale", type=float, default=0.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="return the whole canvas, past EOS")
+    g.add_argument("--cache", default="none", help="none | prefix | dual")
+    g.add_argument("--algorithm", help="llada | dream | rnd1 (transfer schedule; default: the family's)")
+    g.add_argument("--alg-temp", type=float, default=0.0)
+
+
+SAMPLING_FIELDS = ("max_tokens", "steps", "block_length", "temperature", "top_p", "top_k", "remasking", "threshold",
+                   "factor", "cfg_scale", "seed", "stop", "ignore_eos", "cache", "algorithm", "alg_temp")
+
+
+def sampling_params(args: argparse.Namespace) -> Any:
+    from .sampling_params import SamplingParams
+    return SamplingParams(**{f: getattr(args, f) for f in SAMPLING_FIELDS})
+
+
+def render_canvas(tokenizer: Any, ids: list[int], mask_id: int) -> str:
+    """Committed runs decoded as text, each masked position shown as MASK_SYMBOL."""
+    out, run = [], []
+    for t in ids + [None]:
+        if t is not None and t != mask_id:
+            run.append(t)
+            continue
+        if run:
+            out.append(tokenizer.decode(run, skip_special_tokens=False) if tokenizer else " ".join(map(str, run)))
+            run = []
+        if t == mask_id:
+            out.append(MASK_SYMBOL)
+    return "".join(out).replace("\n", "⏎")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .llm import LLM
+    params = sampling_params(args)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    prompt: Any = args.prompt
+    if args.token_ids:
+        prompt = [int(t) for t in args.prompt.replace(",", " ").split()]
+    chat = not args.raw and not args.token_ids and getattr(llm.tokenizer, "chat_template", None) is not None
+    llm.engine.keep_last_canvas = True
+    out = None
+    for step, (canvas, final) in enumerate(llm.iter_steps(prompt, params, chat=chat), start=1):
+        if args.show_steps:
+            print(f"step {step:4d} | {render_canvas(llm.tokenizer, canvas, llm.model.config.mask_id)}", flush=True)
+        out = final
+    assert out is not None
+    print(out.text if out.text is not None else " ".join(map(str, out.token_ids)))
+    if args.stats:
+        print(f"[finish={out.finish_reason} steps={out.steps} forward_passes={out.forward_passes} "
+              f"tokens={len(out.token_ids)} tokens/forward={out.tokens_per_forward:.2f}]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unmask", description="Inference engine for masked-diffusion LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate a completion for one prompt")
+    gen.add_argument("prompt", help="prompt text (chat-formatted when the model has a chat template)")
+    gen.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--token-ids", action="store_true", help="the prompt is a list of token ids, e.g. '1 2 3'")
+    gen.add_argument("--show-steps", action="store_true", help=f"print the canvas after every step ({MASK_SYMBOL} = mask)")
+    gen.add_argument("--stats", action="store_true", help="print steps and forward passes to stderr")
+    add_sampling_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .errors import CheckpointError, TokenizerMissingError
+    from .sampling_params import SamplingParamsError
+    try:
+        return args.func(args)
+    except SamplingParamsError as e:
+        parser.exit(2, f"unmask: error: --{e.field.replace('_', '-')}: {str(e).split(': ', 1)[1]}\n")
+    except (CheckpointError, TokenizerMissingError, ValueError, TypeError, MemoryError) as e:
+        parser.exit(2, f"unmask: error: {e}\n")
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
