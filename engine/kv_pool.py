@@ -1,7 +1,9 @@
 """The preallocated KV pool: per layer, K and V of shape [num_pages * page_size + 1, Hkv, D].
 
 Slot s of page p is p * page_size + s. The last slot is scratch: writes that must not land anywhere real
-(the shift position of a block pass) go there. Zero-initialised so padded reads are finite.
+(the shift position of a block pass) go there; padded key reads point at it too, so it is zeroed. The rest is left
+uninitialised (untouched memory costs nothing until used): every request's first step is a full pass that writes
+all of its slots before any block pass reads them.
 """
 from __future__ import annotations
 
@@ -23,8 +25,14 @@ class KVPool:
         self.scratch_slot = slots - 1
         shape = (slots, cfg.num_kv_heads, cfg.head_dim)
         self.tensors = KVPoolTensors(
-            k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
-            v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)])
+            k=[torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
+            v=[torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)])
+        for t in (*self.tensors.k, *self.tensors.v):
+            t[self.scratch_slot].zero_()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.tensors.k, *self.tensors.v))
 
     @staticmethod
     def pages_for_memory(cfg: ModelConfig, dtype: torch.dtype, page_size: int, memory_bytes: int) -> int:
