@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         prompts = [[rng.choice(vocab) for _ in range(args.prompt_len)] for _ in range(n)]
         questions = None
     else:
-        questions = [q for q, _ in task.make_problems(n, seed=1234, split="test")]
+        questions = [q for q, _ in task.make_problems(n, seed=1234, split="held_out")]
         prompts = [llm.model.apply_chat_template(task.messages_for(q)) for q in questions]
     ignore_eos = task is None
 
