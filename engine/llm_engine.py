@@ -59,6 +59,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.cfg.scheduler, self.allocator)
         self.runner = ModelRunner(model, self.pool)
         self.requests: dict[str, Sequence] = {}
+        self.stream_deltas = False
+        """Also return an unfinished output each time a request completes a block (AsyncEngine streaming)."""
         self.keep_last_canvas = False
         self.last_canvas: dict[str, list[int]] = {}
         """With keep_last_canvas, each finished request's final generated canvas (for --show-steps)."""
@@ -83,21 +85,29 @@ class LLMEngine:
         self.scheduler.finish(seq, "abort")
 
     def step(self) -> list[RequestOutput]:
-        """One engine step; returns the requests that finished in it."""
+        """One engine step: schedule, one batched forward, update. Returns the requests that finished in it and,
+        with stream_deltas, one unfinished output for each request that completed a block."""
         sched = self.scheduler.schedule()
         for seq in sched.admitted:
-            self.runner.add(seq)
-        if not sched.seqs:
+            if id(seq) not in self.runner.canvases:
+                self.runner.add(seq)
+        if not sched.scheduled:
             return []
-        result = self.runner.step(sched.seqs)
-        finished = []
-        for seq, committed, eos in zip(sched.seqs, result.committed, result.eos_done):
-            block_done = seq.advance(committed)
-            if eos and not seq.params.ignore_eos:
-                finished.append(self._finish(seq))
-            elif block_done and (self._hit_stop_string(seq) or not seq.next_block()):
-                finished.append(self._finish(seq))
-        return finished
+        upd = self.scheduler.update(sched, self.runner.step(sched.scheduled))
+        outs = [self._finish(seq) for seq in upd.finished]
+        for seq in upd.blocks_done:
+            if self._hit_stop_string(seq):
+                outs.append(self._finish(seq))
+            elif self.stream_deltas:
+                outs.append(self._partial(seq))
+        return outs
+
+    def _partial(self, seq: Sequence) -> RequestOutput:
+        """The completed blocks so far, as an unfinished output."""
+        done = self.runner.generated(seq)[:seq.block_bounds()[0] - seq.prompt_len]
+        ids = done if seq.params.ignore_eos else cut_at_stop_token(done, self.model.config.stop_ids)[0]
+        text = self.model.tokenizer.decode(ids, skip_special_tokens=True) if self.model.tokenizer else None
+        return RequestOutput(seq.request_id, seq.prompt_ids, ids, text, None, seq.stats, finished=False)
 
     def _hit_stop_string(self, seq: Sequence) -> bool:
         if not seq.params.stop or self.model.tokenizer is None:

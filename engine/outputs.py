@@ -15,8 +15,8 @@ class RequestOutput:
     """Generated ids, cut at the first EOS/end-of-turn token (the whole canvas with ignore_eos=True)."""
     text: str | None
     """Decoded token_ids (special tokens skipped), cut at the first stop string; None without a tokenizer."""
-    finish_reason: str
-    """'stop' (EOS, end-of-turn or a stop string) or 'length'."""
+    finish_reason: str | None
+    """'stop' (EOS, end-of-turn or a stop string), 'length', 'abort'; None while unfinished."""
     stats: SeqStats
     prompt: str | None = None
     finished: bool = True

@@ -20,6 +20,7 @@ from .decoding.select import SelectInputs, select
 from .kv_pool import KVPool
 from .model.attention import AttnContext
 from .model.diffusion_model import DiffusionModel
+from .scheduler import RunnerOutput, ScheduledRequest
 from .sequence import Sequence
 
 
@@ -29,12 +30,6 @@ def ranges(starts: list[int], lengths: list[int]) -> torch.Tensor:
     offs = torch.cumsum(lens, 0) - lens  # [R]
     base = torch.repeat_interleave(torch.tensor(starts, dtype=torch.long) - offs, lens)
     return torch.arange(int(lens.sum()), dtype=torch.long) + base
-
-
-@dataclass(slots=True)
-class StepResult:
-    committed: list[int]
-    eos_done: list[bool]
 
 
 class _Members:
@@ -127,11 +122,12 @@ class ModelRunner:
 
     # one step -------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence]) -> StepResult:
+    def step(self, reqs: list[ScheduledRequest]) -> RunnerOutput:
+        seqs = [r.seq for r in reqs]
         m = self._sync_members(seqs)
         dev, B, shift, mask_id = self.device, len(seqs), self.shift, self.cfg.mask_id
-        qr = [s.query_range() for s in seqs]
-        refresh = [s.needs_refresh for s in seqs]
+        qr = [r.query for r in reqs]
+        refresh = [r.refresh for r in reqs]
         rows_q = [qr[i] for i in m.row_seq]
         row_len = [b - a for a, b in rows_q]
         row_off = [m.offsets[i] for i in m.row_seq]
@@ -159,7 +155,7 @@ class ModelRunner:
         hidden = self.net(tokens, pos, ctx, max_pos=max(m.lens) - 1)  # [T, D]
 
         # logits at the current blocks only
-        blocks = [s.block_bounds() for s in seqs]
+        blocks = [r.block for r in reqs]
         blen = [e - b for b, e in blocks]
         row_base = [0, *accumulate(row_len)][:-1]
         dec_pos_cpu = ranges([b for b, _ in blocks], blen)  # [N] canvas positions
@@ -213,4 +209,4 @@ class ModelRunner:
         first_stop = torch.where(is_stop, g, gen.shape[1]).amin(1, keepdim=True)  # [B, 1]
         eos_done = is_stop.any(1) & ~(is_mask & (g < first_stop)).any(1)
         out = torch.stack([commit.sum(1), eos_done.long()]).tolist()
-        return StepResult(committed=out[0], eos_done=[bool(x) for x in out[1]])
+        return RunnerOutput(committed=out[0], eos=[bool(x) for x in out[1]])

@@ -1,12 +1,25 @@
-"""Scheduler: waiting queue -> running set, admission under a batch limit, a per-step token budget and free KV
-pages. First-come-first-served. Plain Python, no torch.
+"""Scheduler: waiting queue -> running set under a batch limit, a per-step token budget and free KV pages.
+Plain Python, no torch.
 
-Each step `schedule()` returns the running requests to step, in arrival order, as many as the token budget allows
-(the oldest always runs, so nobody starves); `update()` takes the runner's results back.
+Each step `schedule()` returns a ScheduleOutput: for every request that runs, a refresh pass (its whole canvas;
+fills the cache) or a block pass (the current block, plus the suffix for prefix caching), with its positions.
+`update()` takes the runner's RunnerOutput back, advances each request and returns what finished.
+
+Policies:
+- First come, first served: running requests are stepped in arrival order and the oldest always runs (the token
+  budget may hold newer ones back for a step); waiting requests are admitted in arrival order, never overtaken.
+- Pages: a request holds pages for its whole canvas (and its CFG twin) from admission to finish; they are freed in
+  the step it finishes or is aborted. A running request never needs more, so running requests never stall.
+- Preemption (pages run out at admission): when the oldest waiting request has been blocked for
+  `preempt_after_steps` steps, running requests that arrived after it and sit at a safe point are preempted,
+  youngest first, until it fits: their pages are freed and they go back to the waiting queue keeping their canvas.
+  Safe points lose nothing: cache="none" requests keep no K/V between steps, and cached requests are preempted
+  only at a block boundary, where their next step is a refresh pass anyway. Older requests always win, so a
+  preempted request is itself readmitted ahead of everything newer: nobody starves.
 """
 from __future__ import annotations
 
-from collections import deque
+import bisect
 from dataclasses import dataclass, field
 
 from .cache_manager import PageAllocator
@@ -19,26 +32,62 @@ class SchedulerConfig:
     """Most requests running at once."""
     max_num_batched_tokens: int = 16384
     """Per-step budget of query positions fed through the network (a refresh pass costs the whole canvas)."""
+    preempt_after_steps: int = 8
+    """Steps the oldest waiting request may be blocked on pages before younger running requests are preempted."""
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "preempt_after_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    seq: Sequence
+    refresh: bool
+    """True: a full pass over the canvas that also refills its K/V; False: a block pass against cached K/V."""
+    query: tuple[int, int]
+    """Canvas positions [start, end) fed through the network (for the CFG twin too)."""
+    block: tuple[int, int]
+    """Canvas positions [start, end) being decoded this step."""
 
 
 @dataclass(slots=True)
 class ScheduleOutput:
-    seqs: list[Sequence] = field(default_factory=list)
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
     admitted: list[Sequence] = field(default_factory=list)
+    """Newly admitted (or readmitted after preemption) this step."""
+    preempted: list[Sequence] = field(default_factory=list)
+    num_tokens: int = 0
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        return [r.seq for r in self.scheduled]
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    committed: list[int]
+    """Per scheduled request: positions committed this step."""
+    eos: list[bool]
+    """Per scheduled request: a stop token is committed with every position before it committed."""
+
+
+@dataclass(slots=True)
+class UpdateResult:
+    finished: list[Sequence] = field(default_factory=list)
+    blocks_done: list[Sequence] = field(default_factory=list)
+    """Requests that completed a block this step and go on (stream a delta)."""
 
 
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, allocator: PageAllocator) -> None:
         self.cfg, self.allocator = cfg, allocator
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: list[Sequence] = []  # sorted by arrival
+        self.running: list[Sequence] = []  # sorted by arrival
         self._arrivals = 0
+        self._blocked_steps = 0
+        self.num_preemptions = 0
 
     def pages_needed(self, seq: Sequence) -> int:
         return self.allocator.pages_for(seq.canvas_len) * seq.num_rows
@@ -58,28 +107,72 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    # schedule -----------------------------------------------------------------------------------------
     def schedule(self) -> ScheduleOutput:
         out = ScheduleOutput()
+        self._admit(out)
         budget = self.cfg.max_num_batched_tokens
         for seq in self.running:
             cost = seq.step_cost()
-            if out.seqs and cost > budget:
+            if out.scheduled and cost > budget:
                 continue
-            out.seqs.append(seq)
-            budget -= cost
-        while self.waiting and len(self.running) < self.cfg.max_num_seqs:
-            seq = self.waiting[0]
-            cost, need = seq.step_cost(), self.pages_needed(seq)
-            if (out.seqs and cost > budget) or not self.allocator.can_allocate(need):
-                break
-            self.waiting.popleft()
-            seq.pages = self.allocator.allocate(need)
-            seq.status = Status.RUNNING
-            self.running.append(seq)
-            out.seqs.append(seq)
-            out.admitted.append(seq)
+            qa, qb = seq.query_range()
+            out.scheduled.append(ScheduledRequest(seq, seq.needs_refresh, (qa, qb), seq.block_bounds()))
+            out.num_tokens += cost
             budget -= cost
         return out
+
+    def _admit(self, out: ScheduleOutput) -> None:
+        while self.waiting and len(self.running) < self.cfg.max_num_seqs:
+            head = self.waiting[0]
+            need = self.pages_needed(head)
+            if not self.allocator.can_allocate(need):
+                self._blocked_steps += 1
+                if self._blocked_steps < self.cfg.preempt_after_steps or not self._preempt_for(head, need, out):
+                    return
+            self._blocked_steps = 0
+            self.waiting.pop(0)
+            head.pages = self.allocator.allocate(need)
+            head.status = Status.RUNNING
+            bisect.insort(self.running, head, key=lambda s: s.arrival)
+            out.admitted.append(head)
+
+    def _preempt_for(self, head: Sequence, need: int, out: ScheduleOutput) -> bool:
+        victims = [s for s in reversed(self.running) if s.arrival > head.arrival and s.at_safe_point]
+        freeable = self.allocator.num_free + sum(len(s.pages) for s in victims)
+        if freeable < need:
+            return False
+        for seq in victims:
+            if self.allocator.can_allocate(need):
+                break
+            self.preempt(seq)
+            out.preempted.append(seq)
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running request's pages and requeue it (by arrival); its canvas is kept."""
+        self.running.remove(seq)
+        self.allocator.free(seq.pages)
+        seq.pages = []
+        seq.status = Status.WAITING
+        seq.stats.preemptions += 1
+        self.num_preemptions += 1
+        bisect.insort(self.waiting, seq, key=lambda s: s.arrival)
+
+    # update -------------------------------------------------------------------------------------------
+    def update(self, sched: ScheduleOutput, result: RunnerOutput) -> UpdateResult:
+        upd = UpdateResult()
+        for req, committed, eos in zip(sched.scheduled, result.committed, result.eos):
+            seq = req.seq
+            block_done = seq.advance(committed)
+            if eos and not seq.params.ignore_eos:
+                upd.finished.append(seq)
+            elif block_done:
+                if seq.next_block():
+                    upd.blocks_done.append(seq)
+                else:
+                    upd.finished.append(seq)
+        return upd
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark finished (or aborted) and free its pages now."""

@@ -23,6 +23,7 @@ class SeqStats:
     tokens_committed: int = 0
     positions_computed: int = 0
     """Query positions this request fed through the network (refresh passes count the whole canvas)."""
+    preemptions: int = 0
 
     @property
     def tokens_per_forward(self) -> float:
@@ -91,6 +92,11 @@ class Sequence:
     @property
     def is_last_allowed_step(self) -> bool:
         return self.step_in_block >= self.block_steps - 1
+
+    @property
+    def at_safe_point(self) -> bool:
+        """Preemptible without losing work: no K/V is kept across this point."""
+        return self.params.cache == "none" or self.step_in_block == 0
 
     @property
     def needs_refresh(self) -> bool:
