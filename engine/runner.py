@@ -80,6 +80,8 @@ class _Members:
         self.threshold = torch.tensor([math.nan if x.threshold is None else x.threshold for x in p], **f64)
         self.factor = torch.tensor([math.nan if x.factor is None else x.factor for x in p], **f64)
         self.alg_temp = torch.tensor([x.alg_temp for x in p], **f64)
+        self.score_codes = frozenset(SCORE_CODES[x.remasking] for x in p)
+        self.any_tempered = any(x.algorithm != "llada" for x in p)
         self.any_sampling = any(x.temperature > 0 for x in p)
         self.any_filter = any(x.top_k > 0 or x.top_p < 1 for x in p)
         self.any_threshold = any(x.threshold is not None for x in p)
@@ -178,7 +180,7 @@ class ModelRunner:
         keys = row_keys(m.seed[dec_seq], step_no, dec_pos, STREAM_GUMBEL)
         x0, score, conf = candidates(logits, CandidateInputs(
             m.temperature[dec_seq], m.top_k[dec_seq], m.top_p[dec_seq], m.score[dec_seq], m.tempered[dec_seq],
-            keys, mask_id, m.any_sampling, m.any_filter))
+            keys, mask_id, m.any_sampling, m.any_filter, m.score_codes, m.any_tempered))
 
         # per-row commit selection in a padded [B, M] layout
         mmax = max(blen)

@@ -31,6 +31,9 @@ class CandidateInputs:
     mask_id: int
     any_sampling: bool
     any_filter: bool
+    codes: frozenset[int] = frozenset({0})
+    """Score codes present in the batch (host-side, so no device sync is needed to branch)."""
+    any_tempered: bool = False
 
 
 def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -60,7 +63,7 @@ def candidates(logits: torch.Tensor, inp: CandidateInputs) -> tuple[torch.Tensor
         x0 = perturbed.index_fill_(-1, mask_col, float("-inf")).argmax(-1)  # [N]
     else:
         x0 = filtered.index_fill(-1, mask_col, float("-inf")).argmax(-1)  # [N]
-    if bool(inp.tempered.any()):
+    if inp.any_tempered:
         score_logits = torch.where(inp.tempered[:, None], filtered, logits)
     else:
         score_logits = logits
@@ -68,17 +71,17 @@ def candidates(logits: torch.Tensor, inp: CandidateInputs) -> tuple[torch.Tensor
     p_x0 = p.gather(-1, x0[:, None])[:, 0].double()  # [N]
     score, conf = p_x0, p_x0
     code = inp.score
-    if bool((code == 2).any()):
+    if 2 in inp.codes:
         top2 = p.topk(2, dim=-1).values.double()  # [N, 2]
         margin = top2[:, 0] - top2[:, 1]
         score = torch.where(code == 2, margin, score)
         conf = torch.where(code == 2, margin, conf)
-    if bool((code == 3).any()):
+    if 3 in inp.codes:
         logp = torch.log_softmax(score_logits, dim=-1)  # [N, V]
         neg_h = torch.nan_to_num(p * logp, nan=0.0).sum(-1).double()  # [N], -H
         score = torch.where(code == 3, neg_h, score)
         conf = torch.where(code == 3, neg_h.exp(), conf)
-    if bool((code == 1).any()):
+    if 1 in inp.codes:
         u = noise.uniform(inp.noise_keys ^ noise.STREAM_RANDOM_SCORE)  # [N]
         score = torch.where(code == 1, u, score)
         conf = torch.where(code == 1, u, conf)
