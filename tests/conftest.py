@@ -22,6 +22,10 @@ FAMILY_DIMS: dict[str, dict[str, Any]] = {
                  moe_intermediate_size=20, vocab_size=157),
 }
 
+# Shared by the decoding tests: the same small shape for every family (MoE: 5 experts, top-2).
+TINY_DIMS: dict[str, Any] = dict(hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=None, head_dim=None,
+                                 intermediate_size=None, num_experts=5, top_k=2, moe_intermediate_size=None)
+
 
 @pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory) -> Callable[..., Path]:

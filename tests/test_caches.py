@@ -6,7 +6,7 @@ import random
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.random_checkpoint import write_random_checkpoint
+from tests.conftest import TINY_DIMS
 from tests.reference_fastdllm import fastdllm_generate
 from tests.test_sampler_exact import random_prompt
 
@@ -14,13 +14,9 @@ FAMILIES = ["llada", "llada_moe", "dream", "rnd1"]
 
 
 @pytest.fixture(scope="module")
-def llms(tmp_path_factory):
-    out = {}
-    for i, fam in enumerate(FAMILIES):
-        d = write_random_checkpoint(tmp_path_factory.mktemp(fam), fam, hidden_size=48, num_layers=2, num_heads=4,
-                                    vocab_size=97, num_experts=5, top_k=2, seed=31 + i, tokenizer=False)
-        out[fam] = LLM(d, page_size=4)
-    return out
+def llms(make_checkpoint):
+    return {fam: LLM(make_checkpoint(fam, **TINY_DIMS, vocab_size=97, seed=31 + i, tokenizer=False), page_size=4)
+            for i, fam in enumerate(FAMILIES)}
 
 
 CASES = [  # (gen, block, steps, threshold, factor)

@@ -7,20 +7,16 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.random_checkpoint import write_random_checkpoint
+from tests.conftest import TINY_DIMS
 from tests.reference_sampler import dream_generate, llada_generate, rnd1_generate
 
 FAMILIES = ["llada", "llada_moe", "dream", "rnd1"]
 
 
 @pytest.fixture(scope="module")
-def llms(tmp_path_factory):
-    out = {}
-    for i, fam in enumerate(FAMILIES):
-        d = write_random_checkpoint(tmp_path_factory.mktemp(fam), fam, hidden_size=48, num_layers=2, num_heads=4,
-                                    vocab_size=131, num_experts=5, top_k=2, seed=11 + i, tokenizer=False)
-        out[fam] = LLM(d)
-    return out
+def llms(make_checkpoint):
+    return {fam: LLM(make_checkpoint(fam, **TINY_DIMS, vocab_size=131, seed=11 + i, tokenizer=False))
+            for i, fam in enumerate(FAMILIES)}
 
 
 def random_prompt(rng: random.Random, llm: LLM, length: int) -> list[int]:
