@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache_manager import PageAllocator
+from .decoding import schedule
 from .decoding.candidates import SCORE_CODES, CandidateInputs, candidates
 from .decoding.noise import STREAM_GUMBEL, row_keys
 from .decoding.select import SelectInputs, select
@@ -189,8 +190,8 @@ class ModelRunner:
         pad_idx = torch.where(pad_valid, flat_start[:, None] + torch.arange(mmax, device=dev)[None, :], 0)  # [B, M]
         current = self.buf[dec_buf]  # [N]
         selectable = (current == mask_id)[pad_idx] & pad_valid
-        counts = [s.fixed_count() for s in seqs]
-        origin = [s.origin_prob() for s in seqs]
+        counts = [schedule.fixed_count(s) for s in seqs]
+        origin = [schedule.origin_prob(s) for s in seqs]
         f64 = dict(dtype=torch.float64, device=dev)
         commit = select(score[pad_idx], conf[pad_idx], selectable, SelectInputs(
             count=torch.tensor(counts, device=dev), max_count=max(counts),

@@ -5,7 +5,6 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from .decoding import schedule
 from .sampling_params import ResolvedParams
 
 
@@ -117,22 +116,6 @@ class Sequence:
     def step_cost(self) -> int:
         qa, qb = self.query_range()
         return (qb - qa) * self.num_rows
-
-    def fixed_count(self) -> int:
-        """Positions this step commits under a fixed schedule; -1 when another rule decides."""
-        p = self.params
-        if p.adaptive or p.remasking == "origin":
-            return -1
-        if p.algorithm == "dream":
-            return schedule.dream_count(self.masked_in_block, self.block_steps, self.step_in_block, p.eps)
-        if p.algorithm == "rnd1":
-            return schedule.rnd1_count(self.block_masks, self.masked_in_block, self.block_steps, self.step_in_block)
-        return schedule.llada_count(self.block_masks, self.block_steps, self.step_in_block)
-
-    def origin_prob(self) -> float | None:
-        if self.params.remasking != "origin":
-            return None
-        return schedule.dream_origin_prob(self.block_steps, self.step_in_block, self.params.eps)
 
     def advance(self, committed: int) -> bool:
         """Record one step; returns True when the current block just completed."""

@@ -7,7 +7,12 @@
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from ..sequence import Sequence
 
 
 def llada_count(block_masks: int, steps: int, step: int) -> int:
@@ -35,3 +40,22 @@ def rnd1_count(block_masks: int, masked_now: int, steps: int, step: int) -> int:
         return masked_now
     keep = int(torch.tensor(block_masks) * ((steps - 1 - step) / steps))
     return max(masked_now - keep, 0)
+
+
+def fixed_count(seq: "Sequence") -> int:
+    """Positions this step of seq commits under its fixed schedule; -1 when another rule decides."""
+    p = seq.params
+    if p.adaptive or p.remasking == "origin":
+        return -1
+    if p.algorithm == "dream":
+        return dream_count(seq.masked_in_block, seq.block_steps, seq.step_in_block, p.eps)
+    if p.algorithm == "rnd1":
+        return rnd1_count(seq.block_masks, seq.masked_in_block, seq.block_steps, seq.step_in_block)
+    return llada_count(seq.block_masks, seq.block_steps, seq.step_in_block)
+
+
+def origin_prob(seq: "Sequence") -> float | None:
+    """Dream 'origin': the probability that each masked position is revealed this step."""
+    if seq.params.remasking != "origin":
+        return None
+    return dream_origin_prob(seq.block_steps, seq.step_in_block, seq.params.eps)
