@@ -7,10 +7,8 @@ from pathlib import Path
 ENGINE = Path(__file__).resolve().parents[1] / "engine"
 
 
-
-
 def runtime_imports(path: Path) -> tuple[set[str], set[Path]]:
-    """Like imports_of, skipping `if TYPE_CHECKING:` blocks."""
+    """(top-level modules, engine files imported relatively) of a module, skipping `if TYPE_CHECKING:` blocks."""
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
