@@ -6,10 +6,18 @@
 Prints one table: mode, tok/s, forward passes, tokens per forward, speedup over the reference, accuracy (trained
 model), peak memory. Tokens counted are generated tokens before the first EOS (all of them for random models,
 which run with ignore_eos so every mode does the same work).
+
+Continuous batching (--concurrency N): N requests with prompts of different lengths (random model: spread evenly
+over [prompt-len / 2, 3 * prompt-len / 2]) go through the AsyncEngine all at once, then the same N requests one
+after another, in the same process on the same weights; prints tok/s of both, the ratio and peak memory.
+
+    python -m benchmarks.throughput --random 256x4 --concurrency 16 --prompt-len 64 --gen-len 64 \
+        --block-length 16 --cache dual
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import random
 import sys
 import tempfile
@@ -23,6 +31,7 @@ from benchmarks.memory import PeakMemory, rss_bytes
 from benchmarks.progress import Progress
 from benchmarks.reference_loop import reference_generate
 from engine import LLM, SamplingParams
+from engine.async_engine import AsyncEngine
 from engine.kv_pool import kv_bytes_per_token
 from engine.llm import read_generation_config
 from engine.loader import read_config, resolve_dtype
@@ -59,7 +68,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--concurrency", type=int, default=0, metavar="N",
+                   help="continuous batching: N concurrent requests (prompts of different lengths) vs one at a time")
+    p.add_argument("--cache", default="dual", metavar="MODE",
+                   help="engine mode for --concurrency, as in --modes (none, prefix, dual, dual+threshold, ...)")
+    args = p.parse_args(argv)
+    if args.concurrency < 0:
+        p.error("--concurrency must be >= 1")
+    if args.concurrency and args.cache == "reference":
+        p.error("--cache: the reference loop has no engine; pick an engine mode")
+    return args
 
 
 def engine_params(mode: str, args: argparse.Namespace, ignore_eos: bool) -> SamplingParams:
@@ -106,6 +124,62 @@ def run_engine(llm: LLM, prompts: list[list[int]], params: SamplingParams, label
     return [done[i] for i in ids], forwards
 
 
+@dataclass
+class ConcurrencyRow:
+    run: str
+    seconds: float
+    tokens: int
+    steps: int
+    mean_latency: float
+    peak_mb: float
+
+
+async def _serve(llm: LLM, prompts: list[list[int]], params: SamplingParams, concurrent: bool,
+                 ) -> tuple[list, list[float], int]:
+    """The requests through one AsyncEngine: all at once, or each awaited before the next is sent."""
+    async with AsyncEngine(llm) as eng:
+        async def one(p: list[int]) -> tuple:
+            t0 = time.perf_counter()
+            out = await eng.generate(p, params)
+            return out, time.perf_counter() - t0
+
+        if concurrent:
+            res = await asyncio.gather(*(one(p) for p in prompts))
+        else:
+            res = [await one(p) for p in prompts]
+        steps = eng.stats.steps
+    return [r[0] for r in res], [r[1] for r in res], steps
+
+
+def run_concurrency(llm: LLM, prompts: list[list[int]], args: argparse.Namespace, ignore_eos: bool,
+                    score) -> None:
+    device = llm.model.device
+    params = engine_params(args.cache, args, ignore_eos)
+    asyncio.run(_serve(llm, prompts[:1], params, False))  # warm-up
+    rows, tokens_of = [], {}
+    for run, concurrent in (("one at a time", False), (f"{len(prompts)} concurrent", True)):
+        sync(device)
+        with PeakMemory(device) as mem:
+            t0 = time.perf_counter()
+            outs, latencies, steps = asyncio.run(_serve(llm, prompts, params, concurrent))
+            sync(device)
+            seconds = time.perf_counter() - t0
+        tokens_of[run] = [o.token_ids for o in outs]
+        tokens, _ = score(tokens_of[run])
+        rows.append(ConcurrencyRow(run, seconds, tokens, steps, sum(latencies) / len(latencies), mem.peak / 2**20))
+    same = sum(a == b for a, b in zip(*tokens_of.values()))
+    print()
+    print("| run | requests | tok/s | seconds | engine steps | mean submit-to-final s | peak memory MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r.run} | {len(prompts)} | {r.tokens / r.seconds:.1f} | {r.seconds:.2f} | {r.steps} | "
+              f"{r.mean_latency:.2f} | {r.peak_mb:.0f} |")
+    seq, conc = rows
+    print(f"\nconcurrent / one at a time: {(conc.tokens / conc.seconds) / (seq.tokens / seq.seconds):.2f}x tok/s; "
+          f"identical outputs {same}/{len(prompts)}")
+    sys.stdout.flush()
+
+
 def _bundled() -> Path:
     from engine.bundled import DEFAULT_MODEL_DIR
     return DEFAULT_MODEL_DIR
@@ -130,13 +204,16 @@ def main(argv: list[str] | None = None) -> None:
         if args.model is None:
             from engine.bundled import task as task_module
             task = task_module
+    if args.concurrency:
+        args.batch_size = args.num_prompts = args.concurrency
     n = args.num_prompts or (args.batch_size if task is None else 200)
     model_path = Path(model_dir) if model_dir else _bundled()
     model_cfg = read_config(model_path)
     defaults = model_defaults(model_cfg.family, read_generation_config(model_path))
     args.gen_len = args.gen_len or defaults.max_tokens
     # a pool sized to the batch's canvases (prompts up to 256 tokens for the task model)
-    canvas = (args.prompt_len if task is None else 256) + args.gen_len
+    max_prompt = args.prompt_len * 3 // 2 if args.concurrency else args.prompt_len
+    canvas = (max_prompt if task is None else 256) + args.gen_len
     kv_bytes = kv_bytes_per_token(model_cfg, resolve_dtype(dtype))
     llm = LLM(model_dir, device=device, dtype=dtype, max_num_seqs=args.batch_size, max_num_batched_tokens=1 << 30,
               kv_cache_memory=kv_bytes * (canvas + 32) * args.batch_size + kv_bytes * 64)
@@ -147,7 +224,12 @@ def main(argv: list[str] | None = None) -> None:
     if task is None:
         banned = {cfg.mask_id, *cfg.stop_ids}
         vocab = [t for t in range(cfg.vocab_size) if t not in banned]
-        prompts = [[rng.choice(vocab) for _ in range(args.prompt_len)] for _ in range(n)]
+        if args.concurrency:  # different lengths, spread evenly around prompt-len
+            lengths = [max(1, args.prompt_len // 2 + (args.prompt_len * i) // max(n - 1, 1)) for i in range(n)]
+            rng.shuffle(lengths)
+        else:
+            lengths = [args.prompt_len] * n
+        prompts = [[rng.choice(vocab) for _ in range(length)] for length in lengths]
         questions = None
     else:
         questions = [q for q, _ in task.make_problems(n, seed=1234, split="held_out")]
@@ -170,6 +252,12 @@ def main(argv: list[str] | None = None) -> None:
             return tokens, None
         texts = [llm.model.decode(c) for c in cut]
         return tokens, sum(task.check(q, t) for q, t in zip(questions, texts)) / len(questions)
+
+    if args.concurrency:
+        print(f"# continuous batching: mode {args.cache}, prompt lengths {min(map(len, prompts))}.."
+              f"{max(map(len, prompts))}")
+        run_concurrency(llm, prompts, args, ignore_eos, score)
+        return
 
     rows: list[Row] = []
     for mode in args.modes.split(","):

@@ -113,7 +113,7 @@ class LLM:
         seq = self.engine.add_request(rid, ids, self._params(params, 1)[0])
         try:
             while True:
-                finished = [o for o in self.engine.step() if o.request_id == rid]
+                finished = [o for o in self.engine.step() if o.request_id == rid and o.finished]
                 if finished:
                     yield self.engine.last_canvas.pop(rid, finished[0].token_ids), finished[0]
                     return
@@ -136,7 +136,7 @@ class LLM:
         results: list[RequestOutput | None] = [None] * len(ids)
         while any(r is None for r in results):
             for out in self.engine.step():
-                if out.request_id in order:
+                if out.request_id in order and out.finished:
                     i = order[out.request_id]
                     out.prompt = prompts[i] if isinstance(prompts[i], str) else None
                     results[i] = out

@@ -65,10 +65,17 @@ class LLMEngine:
         self.last_canvas: dict[str, list[int]] = {}
         """With keep_last_canvas, each finished request's final generated canvas (for --show-steps)."""
 
+    def new_sequence(self, request_id: str, prompt_ids: list[int], params: ResolvedParams) -> Sequence:
+        """A request's host state, checked to fit the KV pool, not queued. Reads no mutable engine state, so any
+        thread may call it (AsyncEngine does, to raise errors on the caller's thread)."""
+        seq = Sequence(request_id, list(prompt_ids), params, shift=1 if self.model.config.shift_logits else 0)
+        self.scheduler.check_fits(seq)
+        return seq
+
     def add_request(self, request_id: str, prompt_ids: list[int], params: ResolvedParams) -> Sequence:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        seq = Sequence(request_id, list(prompt_ids), params, shift=1 if self.model.config.shift_logits else 0)
+        seq = self.new_sequence(request_id, prompt_ids, params)
         self.scheduler.add(seq)
         self.requests[request_id] = seq
         return seq

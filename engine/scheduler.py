@@ -92,13 +92,18 @@ class Scheduler:
     def pages_needed(self, seq: Sequence) -> int:
         return self.allocator.pages_for(seq.canvas_len) * seq.num_rows
 
-    def add(self, seq: Sequence) -> None:
+    def check_fits(self, seq: Sequence) -> None:
+        """Raise MemoryError if the request could never run (its canvas needs more pages than the whole pool).
+        Reads only the pool's fixed size, so any thread may call it."""
         need = self.pages_needed(seq)
         if need > self.allocator.num_pages:
             raise MemoryError(
                 f"request {seq.request_id}: its canvas (prompt {seq.prompt_len} + max_tokens {seq.gen_len} tokens"
                 f"{', x2 for cfg_scale' if seq.num_rows > 1 else ''}) needs {need} KV pages but the pool has "
                 f"{self.allocator.num_pages} in all; lower max_tokens or raise the KV memory")
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(seq)
         seq.arrival = self._arrivals
         self._arrivals += 1
         seq.status = Status.WAITING

@@ -1,0 +1,349 @@
+"""AsyncEngine: continuous batching behind an asyncio API.
+
+    async with AsyncEngine.from_model(model_dir, max_num_seqs=32) as engine:
+        async for out in engine.add_request("Hello", SamplingParams(max_tokens=64, block_length=16)):
+            print(out.finished, out.token_ids)
+
+How it works:
+- One background thread owns the LLMEngine (scheduler, runner, KV pool) and runs its step loop
+  (schedule -> one batched forward -> update), so forward passes never run on the event loop and an asyncio
+  server stays responsive. Requests join and leave the running batch between steps.
+- `add_request` validates on the caller's thread with the same code as `LLM.generate` (`LLM.prompt_ids`,
+  `LLM._params`, the KV-pool size check): a bad request raises there and then and never reaches the engine. The
+  request is handed to the thread through a lock-protected inbox; `abort` goes the same way. The thread drains
+  the inbox before every step, so an aborted request's pages are free before the next step is scheduled.
+- The thread delivers outputs to each request's asyncio.Queue with `loop.call_soon_threadsafe`.
+- With nothing queued or unfinished the thread sleeps on a Condition (no spinning); add/abort/shutdown wake it.
+- An exception raised by a step fails every request that was running in it (its stream raises EngineError, its
+  pages are freed); waiting requests carry on. If nothing was running, every request fails, so a request that
+  breaks admission cannot wedge the loop.
+
+Streams: every completed block that is not the last yields an unfinished RequestOutput (finished=False,
+finish_reason None) whose token_ids are everything generated so far (cumulative, cut at the first stop token);
+the stream then ends with the final output (finished=True, finish_reason 'stop' or 'length'), the same output
+LLM.generate returns for that request. After `abort(request_id)` (or `shutdown()`) the stream ends with a final
+output whose finish_reason is 'abort' and whose token_ids are the completed blocks streamed so far. A consumer
+that stops iterating early (break, cancellation) aborts its request.
+
+While an AsyncEngine runs, its LLM's engine belongs to the background thread: do not call that LLM's generate /
+chat concurrently (after `shutdown()` they are usable again).
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import itertools
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import torch
+
+from .llm import LLM, Prompt
+from .llm_engine import LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import ResolvedParams, SamplingParams
+from .sequence import SeqStats, Sequence
+
+
+class EngineError(RuntimeError):
+    """A step of the engine failed while the request was running (the original exception is the __cause__)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot taken by the engine thread after each step (and after handling requests and aborts)."""
+    running: int = 0
+    waiting: int = 0
+    """Queued in the scheduler (not yet admitted, or preempted)."""
+    kv_pages_used: int = 0
+    kv_pages_total: int = 0
+    steps: int = 0
+    """Engine steps (one batched forward each) since start."""
+    positions_computed: int = 0
+    """Query positions fed through the network, over every request (CFG twins included)."""
+    tokens_committed: int = 0
+    preemptions: int = 0
+    finished: int = 0
+    aborted: int = 0
+    failed: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: ResolvedParams
+    prompt: str | None
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    seq: Sequence | None = None
+    last: RequestOutput | None = None
+    done: bool = False
+
+
+@dataclass(slots=True)
+class _Totals:
+    positions: int = 0
+    tokens: int = 0
+    finished: int = 0
+    aborted: int = 0
+    failed: int = 0
+    steps: int = 0
+
+
+Delivery = tuple[_Request, "RequestOutput | BaseException"]
+
+
+class AsyncEngine:
+    def __init__(self, llm: LLM) -> None:
+        """Serve `llm`'s model and engine (its scheduler, KV pool and options) from a background thread."""
+        self.llm = llm
+        self._engine: LLMEngine = llm.engine
+        if self._engine.has_unfinished():
+            raise RuntimeError("the LLM's engine has unfinished requests")
+        self._saved_stream_deltas = self._engine.stream_deltas
+        self._engine.stream_deltas = True
+        self._cond = threading.Condition()
+        self._inbox: list[tuple[str, Any]] = []
+        self._requests: dict[str, _Request] = {}
+        """Live requests by id: added on the caller's thread, removed by the engine thread (under _cond)."""
+        self._ids = itertools.count()
+        self._closing = False
+        self._dead: BaseException | None = None
+        self._totals = _Totals()
+        self._stats = EngineStats(kv_pages_total=self._engine.allocator.num_pages)
+        self._thread = threading.Thread(target=self._run, name="unmask-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_model(cls, model: str | Path | None = None, device: str | torch.device = "cpu",
+                   dtype: str | torch.dtype = "float32", **engine_options: Any) -> "AsyncEngine":
+        """Load a checkpoint like `LLM(model, device, dtype, **engine_options)` and serve it."""
+        return cls(LLM(model, device, dtype, **engine_options))
+
+    # public API (caller's side) --------------------------------------------------------------------------
+    @property
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._closing
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Queue one request (a string or a list of token ids) and return its stream of outputs. Must be called
+        from a running event loop; the outputs arrive on it. Invalid prompts or params, a canvas larger than the
+        whole KV pool and a request_id already in use raise here, before anything is queued."""
+        if params is not None and not isinstance(params, SamplingParams):
+            raise TypeError(f"params: expected a SamplingParams, got {type(params).__name__}")
+        ids = self.llm.prompt_ids(prompt)
+        resolved = self.llm._params(params, 1)[0]
+        rid = request_id if request_id is not None else f"async-{next(self._ids)}"
+        if not isinstance(rid, str):
+            raise TypeError(f"request_id: expected a string, got {type(rid).__name__}")
+        self._engine.new_sequence(rid, ids, resolved)  # pool-size check
+        loop = asyncio.get_running_loop()
+        req = _Request(rid, ids, resolved, prompt if isinstance(prompt, str) else None, loop, asyncio.Queue())
+        with self._cond:
+            if self._dead is not None:
+                raise RuntimeError("the engine thread has died") from self._dead
+            if self._closing:
+                raise RuntimeError("the AsyncEngine is shut down")
+            if rid in self._requests:
+                raise ValueError(f"request_id {rid!r} is already in use")
+            self._requests[rid] = req
+            self._inbox.append(("add", req))
+            self._cond.notify()
+        return self._stream(req)
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                       request_id: str | None = None) -> RequestOutput:
+        """The final output of one request."""
+        out = None
+        async for out in self.add_request(prompt, params, request_id):
+            pass
+        assert out is not None and out.finished
+        return out
+
+    def abort(self, request_id: str) -> None:
+        """End a request: its pages are freed before the next engine step and its stream ends with a final
+        output whose finish_reason is 'abort'. Unknown or already finished ids are ignored. Any thread."""
+        with self._cond:
+            if request_id in self._requests:
+                self._inbox.append(("abort", request_id))
+                self._cond.notify()
+
+    def shutdown(self) -> None:
+        """Abort every unfinished request, stop the engine thread and wait for it. Idempotent. Blocks for up to
+        one engine step; from a coroutine prefer `await engine.aclose()`."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.shutdown)
+
+    async def __aenter__(self) -> "AsyncEngine":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def _stream(self, req: _Request) -> AsyncIterator[RequestOutput]:
+        ended = False
+        try:
+            while True:
+                item = await req.queue.get()
+                if isinstance(item, BaseException):
+                    ended = True
+                    raise item
+                ended = item.finished
+                yield item
+                if ended:
+                    return
+        finally:
+            if not ended:  # the consumer went away early
+                self.abort(req.request_id)
+
+    # engine thread ---------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        eng = self._engine
+        try:
+            while True:
+                with self._cond:
+                    while not self._inbox and not self._closing and not eng.has_unfinished():
+                        self._cond.wait()
+                    cmds, self._inbox = self._inbox, []
+                    closing = self._closing
+                deliveries: list[Delivery] = []
+                for kind, arg in cmds:
+                    if kind == "add":
+                        self._add(arg, deliveries)
+                    else:
+                        self._abort(arg, deliveries)
+                if closing:
+                    for rid in self._live_ids():
+                        self._abort(rid, deliveries)
+                elif eng.has_unfinished():
+                    self._step(deliveries)
+                self._publish()
+                self._deliver(deliveries)
+                if closing:
+                    return
+        except BaseException as exc:  # a bug in this loop: fail everything rather than hang the callers
+            with self._cond:
+                self._dead = exc
+                reqs = list(self._requests.values())
+                self._requests.clear()
+            err = EngineError(f"the engine thread died: {exc!r}")
+            err.__cause__ = exc
+            self._deliver([(r, err) for r in reqs])
+            raise
+        finally:
+            eng.stream_deltas = self._saved_stream_deltas
+
+    def _add(self, req: _Request, deliveries: list[Delivery]) -> None:
+        if req.done:
+            return
+        try:
+            req.seq = self._engine.add_request(req.request_id, req.prompt_ids, req.params)
+        except Exception as exc:  # validated on the caller's side already; only an engine invariant breaks here
+            self._retire(req)
+            self._totals.failed += 1
+            deliveries.append((req, _error(req, exc)))
+
+    def _abort(self, request_id: str, deliveries: list[Delivery]) -> None:
+        req = self._requests.get(request_id)
+        if req is None or req.done:
+            return
+        self._engine.abort(request_id)
+        self._retire(req)
+        self._totals.aborted += 1
+        last, stats = req.last, copy.copy(req.seq.stats) if req.seq is not None else SeqStats()
+        tok = self._engine.model.tokenizer
+        deliveries.append((req, RequestOutput(
+            request_id, req.prompt_ids, list(last.token_ids) if last else [],
+            last.text if last else ("" if tok is not None else None), "abort", stats, req.prompt, finished=True)))
+
+    def _step(self, deliveries: list[Delivery]) -> None:
+        eng = self._engine
+        try:
+            outs = eng.step()
+        except Exception as exc:
+            self._fail(exc, deliveries)
+            return
+        self._totals.steps += 1
+        for out in outs:
+            req = self._requests.get(out.request_id)
+            if req is None:
+                continue
+            out.prompt = req.prompt
+            if out.finished:
+                self._retire(req)
+                self._totals.finished += 1
+            else:
+                out = dataclasses.replace(out, stats=copy.copy(out.stats))
+                req.last = out
+            deliveries.append((req, out))
+
+    def _fail(self, exc: Exception, deliveries: list[Delivery]) -> None:
+        """A step raised: fail the requests it was running (all requests if none was running)."""
+        eng = self._engine
+        running = {s.request_id for s in eng.scheduler.running}
+        live = [r for r in map(self._requests.get, self._live_ids()) if r is not None and r.seq is not None]
+        victims = [r for r in live if r.request_id in running] or live
+        for req in victims:
+            try:
+                eng.abort(req.request_id)
+            except Exception:  # the step left the request half-updated: drop what is left of it
+                seq = eng.requests.pop(req.request_id, None) or req.seq
+                if seq is not None:
+                    eng.runner.canvases.pop(id(seq), None)
+                    if not seq.finished:
+                        eng.scheduler.finish(seq, "abort")
+            self._retire(req)
+            self._totals.failed += 1
+            deliveries.append((req, _error(req, exc)))
+        eng.runner.members = None  # rebuild the batch layout from scratch next step
+
+    def _live_ids(self) -> list[str]:
+        with self._cond:
+            return list(self._requests)
+
+    def _retire(self, req: _Request) -> None:
+        req.done = True
+        if req.seq is not None:
+            self._totals.positions += req.seq.stats.positions_computed
+            self._totals.tokens += req.seq.stats.tokens_committed
+        with self._cond:
+            self._requests.pop(req.request_id, None)
+
+    def _publish(self) -> None:
+        eng, t = self._engine, self._totals
+        live = list(eng.requests.values())
+        self._stats = EngineStats(
+            running=len(eng.scheduler.running), waiting=len(eng.scheduler.waiting),
+            kv_pages_used=eng.allocator.num_used, kv_pages_total=eng.allocator.num_pages, steps=t.steps,
+            positions_computed=t.positions + sum(s.stats.positions_computed for s in live),
+            tokens_committed=t.tokens + sum(s.stats.tokens_committed for s in live),
+            preemptions=eng.scheduler.num_preemptions, finished=t.finished, aborted=t.aborted, failed=t.failed)
+
+    def _deliver(self, deliveries: list[Delivery]) -> None:
+        for req, item in deliveries:
+            try:
+                req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
+            except RuntimeError:  # the caller's event loop is closed: nobody will read this request
+                if not req.done:
+                    self._abort(req.request_id, [])
+
+
+def _error(req: _Request, exc: BaseException) -> EngineError:
+    err = EngineError(f"request {req.request_id}: engine step failed: {exc!r}")
+    err.__cause__ = exc
+    return err

@@ -1,0 +1,108 @@
+"""Batch invariance: at temperature 0 a request's tokens do not depend on what it is batched with (other
+requests' steps, block lengths, thresholds, CFG, prompt lengths, cache modes) nor on when it joins a running
+batch, in every cache mode, for a dense family (LLaDA) and a shifted one (Dream).
+
+Tokens, not logits: nothing in the runner depends on the batch, but on CPU float32 the kernels do at the last bit
+(a Linear's row differs between 1, 2-3 and 7+ rows in the matmul; SDPA's output moves ~2e-7 with the keys'
+padding), so logits are not bitwise batch invariant; tokens agree unless two candidates tie within that noise."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine import LLM, SamplingParams
+
+CACHES = ("none", "prefix", "dual")
+
+
+@pytest.fixture(scope="module")
+def llms(make_checkpoint):
+    return {fam: LLM(make_checkpoint(fam), kv_cache_memory=1 << 23, page_size=4) for fam in ("llada", "dream")}
+
+
+def random_prompt(rng: random.Random, llm: LLM, n: int) -> list[int]:
+    cfg = llm.model.config
+    banned = {cfg.mask_id, *cfg.stop_ids}
+    return [t for t in (rng.randrange(cfg.vocab_size) for _ in range(3 * n)) if t not in banned][:n]
+
+
+def random_params(rng: random.Random, family: str, cache: str, temperature: float = 0.0) -> SamplingParams:
+    block = rng.choice([2, 4, 5, 8])
+    gen = block * rng.randint(1, 3) - rng.choice([0, 0, 1])
+    adaptive = rng.random() < 0.35
+    remasking = rng.choice(["low_confidence", "margin", "entropy"] + (["origin"] if family == "dream" else []))
+    if adaptive and remasking == "origin":
+        remasking = "low_confidence"
+    kw = dict(max_tokens=gen, block_length=block, steps=rng.choice([gen, max(gen // 2, 1), gen + 3]),
+              remasking=remasking, cache=cache, cfg_scale=rng.choice([0.0, 0.0, 0.0, 1.5]),
+              temperature=temperature, seed=rng.randrange(1 << 30), ignore_eos=rng.random() < 0.7)
+    if adaptive and rng.random() < 0.6:
+        kw["threshold"] = rng.choice([0.3, 0.9])
+    elif adaptive:
+        kw["factor"] = rng.choice([0.5, 1.0])
+    if family == "dream" and remasking != "origin" and rng.random() < 0.5:
+        kw["algorithm"] = "llada"
+    return SamplingParams(**kw)
+
+
+def run_batched(llm: LLM, target: tuple[list[int], SamplingParams], others: list[tuple[list[int], SamplingParams]],
+                rng: random.Random) -> tuple[list[int], int]:
+    """Run target among others, which join before it, with it, and while it runs. Returns its tokens and the
+    engine steps it shared with at least one other request."""
+    eng, resolve = llm.engine, lambda p: p.resolve(llm.defaults)
+    arrivals = sorted((rng.randint(0, 6), i) for i in range(len(others)))
+    t_arrival = rng.randint(0, 4)
+    out, shared, step_no, added = None, 0, 0, set()
+    while out is None:
+        if step_no == t_arrival:
+            eng.add_request("target", target[0], resolve(target[1]))
+        for at, i in arrivals:
+            if at == step_no:
+                eng.add_request(f"other-{i}", others[i][0], resolve(others[i][1]))
+                added.add(i)
+        shared += "target" in eng.requests and len(eng.requests) > 1
+        for o in eng.step():
+            if o.request_id == "target":
+                out = o
+        step_no += 1
+    for i in added:
+        eng.abort(f"other-{i}")
+    assert eng.allocator.num_used == 0 and not eng.has_unfinished()
+    return out.token_ids, shared
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("cache", CACHES)
+def test_tokens_do_not_depend_on_the_batch(llms, family, cache):
+    llm = llms[family]
+    rng = random.Random(f"{family}-{cache}")
+    shared_total = 0
+    for trial in range(6):
+        target = (random_prompt(rng, llm, rng.randint(1, 24)), random_params(rng, family, cache))
+        alone = llm.generate([target[0]], target[1])[0].token_ids
+        # all at once through generate, the target at a random position
+        others = [(random_prompt(rng, llm, rng.randint(1, 40)), random_params(rng, family, rng.choice(CACHES)))
+                  for _ in range(rng.randint(1, 5))]
+        pos = rng.randint(0, len(others))
+        batch = others[:pos] + [target] + others[pos:]
+        together = llm.generate([p for p, _ in batch], [sp for _, sp in batch])[pos].token_ids
+        assert together == alone, (trial, target)
+        # continuous batching: others join before, with and after the target
+        joined, shared = run_batched(llm, target, others, rng)
+        assert joined == alone, (trial, target)
+        shared_total += shared
+    assert shared_total > 0
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(llms):
+    llm, rng = llms["llada"], random.Random(3)
+    for trial in range(4):
+        cache = CACHES[trial % 3]
+        target = (random_prompt(rng, llm, rng.randint(1, 20)), random_params(rng, "llada", cache, temperature=0.8))
+        alone = llm.generate([target[0]], target[1])[0].token_ids
+        others = [(random_prompt(rng, llm, rng.randint(1, 30)),
+                   random_params(rng, "llada", rng.choice(CACHES), temperature=rng.choice([0.0, 1.0])))
+                  for _ in range(3)]
+        joined, _ = run_batched(llm, target, others, rng)
+        assert joined == alone, (trial, target)
