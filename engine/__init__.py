@@ -1,4 +1,5 @@
 """unmask engine: model layer, loaders, diffusion decoding, caches, scheduling."""
+from .async_engine import AsyncEngine
 from .config import ModelConfig
 from .errors import CheckpointError, TokenizerMissingError
 from .llm import LLM
@@ -6,5 +7,5 @@ from .loader import load_model
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams, SamplingParamsError
 
-__all__ = ["CheckpointError", "LLM", "ModelConfig", "RequestOutput", "SamplingParams", "SamplingParamsError",
+__all__ = ["AsyncEngine", "CheckpointError", "LLM", "ModelConfig", "RequestOutput", "SamplingParams", "SamplingParamsError",
            "TokenizerMissingError", "load_model"]

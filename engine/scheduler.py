@@ -6,16 +6,19 @@ fills the cache) or a block pass (the current block, plus the suffix for prefix 
 `update()` takes the runner's RunnerOutput back, advances each request and returns what finished.
 
 Policies:
-- First come, first served: running requests are stepped in arrival order and the oldest always runs (the token
-  budget may hold newer ones back for a step); waiting requests are admitted in arrival order, never overtaken.
+- Running requests are stepped in arrival order and the oldest always runs (the token budget may hold newer ones
+  back for a step).
 - Pages: a request holds pages for its whole canvas (and its CFG twin) from admission to finish; they are freed in
   the step it finishes or is aborted. A running request never needs more, so running requests never stall.
-- Preemption (pages run out at admission): when the oldest waiting request has been blocked for
-  `preempt_after_steps` steps, running requests that arrived after it and sit at a safe point are preempted,
-  youngest first, until it fits: their pages are freed and they go back to the waiting queue keeping their canvas.
-  Safe points lose nothing: cache="none" requests keep no K/V between steps, and cached requests are preempted
-  only at a block boundary, where their next step is a refresh pass anyway. Older requests always win, so a
-  preempted request is itself readmitted ahead of everything newer: nobody starves.
+- Admission in arrival order, with backfill: when the oldest waiting request (the head) does not fit in the free
+  pages, younger waiting requests that do fit may start meanwhile.
+- Preemption guards the head against starvation by backfilled requests: once the head has been blocked for
+  `preempt_after_steps` steps, backfill stops and, as soon as freeing them makes the head fit, running requests
+  younger than the head that sit at a safe point are preempted, youngest first. Their pages are freed and they go
+  back to the waiting queue keeping their canvas. Safe points lose nothing: cache="none" requests keep no K/V
+  between steps, and cached requests are preempted only at a block boundary, where their next step is a refresh
+  pass anyway. Older requests are never preempted for younger ones, so every request eventually becomes the head
+  and runs: nobody starves.
 """
 from __future__ import annotations
 
@@ -86,7 +89,9 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by arrival
         self.running: list[Sequence] = []  # sorted by arrival
         self._arrivals = 0
+        self._blocked_head: Sequence | None = None
         self._blocked_steps = 0
+        """Consecutive steps the current head of the waiting queue has been blocked on pages."""
         self.num_preemptions = 0
 
     def pages_needed(self, seq: Sequence) -> int:
@@ -128,19 +133,33 @@ class Scheduler:
         return out
 
     def _admit(self, out: ScheduleOutput) -> None:
-        while self.waiting and len(self.running) < self.cfg.max_num_seqs:
-            head = self.waiting[0]
-            need = self.pages_needed(head)
+        i = 0  # waiting[:i] were passed over this step
+        while i < len(self.waiting) and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[i]
+            need = self.pages_needed(seq)
+            if seq in out.preempted:  # not back in the same step it left
+                i += 1
+                continue
             if not self.allocator.can_allocate(need):
+                if i > 0:  # a backfill candidate that does not fit either
+                    i += 1
+                    continue
+                if seq is not self._blocked_head:
+                    self._blocked_head, self._blocked_steps = seq, 0
                 self._blocked_steps += 1
-                if self._blocked_steps < self.cfg.preempt_after_steps or not self._preempt_for(head, need, out):
-                    return
-            self._blocked_steps = 0
-            self.waiting.pop(0)
-            head.pages = self.allocator.allocate(need)
-            head.status = Status.RUNNING
-            bisect.insort(self.running, head, key=lambda s: s.arrival)
-            out.admitted.append(head)
+                starving = self._blocked_steps >= self.cfg.preempt_after_steps
+                if not (starving and self._preempt_for(seq, need, out)):
+                    if starving:
+                        return  # the pages that free up are kept for the head: no more backfill
+                    i += 1
+                    continue
+            if seq is self._blocked_head:
+                self._blocked_head, self._blocked_steps = None, 0
+            self.waiting.pop(i)
+            seq.pages = self.allocator.allocate(need)
+            seq.status = Status.RUNNING
+            bisect.insort(self.running, seq, key=lambda s: s.arrival)
+            out.admitted.append(seq)
 
     def _preempt_for(self, head: Sequence, need: int, out: ScheduleOutput) -> bool:
         victims = [s for s in reversed(self.running) if s.arrival > head.arrival and s.at_safe_point]
@@ -185,6 +204,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
+        if seq is self._blocked_head:
+            self._blocked_head, self._blocked_steps = None, 0
         self.allocator.free(seq.pages)
         seq.pages = []
         seq.status, seq.finish_reason = Status.FINISHED, reason

@@ -142,21 +142,39 @@ def test_cached_step_costs_refresh_then_block():
     assert dual.finished and prefix.finished and h.alloc.num_used == 0
 
 
-def test_fcfs_admission_never_overtakes_and_older_requests_are_not_preempted():
-    h = Harness(10, page_size=4, preempt_after_steps=2)
+def test_backfill_then_preemption_guards_the_blocked_head():
+    """The head waits for pages; younger requests that fit start meanwhile (backfill). Once the head has waited
+    preempt_after_steps, backfill stops, and when the older request finishes the youngest backfilled request is
+    preempted (it is at a safe point) so the head fits. The older request is never preempted."""
+    h = Harness(8, page_size=4, preempt_after_steps=2)
+    a = h.add(make_seq("a", 4, max_tokens=12, steps=12, block_length=4))  # 4 pages, 12 steps
+    b = h.add(make_seq("b", 4, max_tokens=20, steps=20, block_length=4))  # 6 pages: blocked
+    c = h.add(make_seq("c", 1, max_tokens=7, steps=28, block_length=7))  # 2 pages: backfill
+    d = h.add(make_seq("d", 1, max_tokens=7, steps=28, block_length=7))  # 2 pages: backfill
+    out, _ = h.step()
+    assert out.admitted == [a, c, d] and b.status is Status.WAITING
+    late = h.add(make_seq("late", 1, max_tokens=2, steps=2, block_length=2))  # 1 page, but the head is starving
+    preempted = []
+    while not b.status is Status.RUNNING:
+        out, _ = h.step()
+        preempted += out.preempted
+        assert late.status is Status.WAITING, "no backfill past a starving head"
+        assert a.status is not Status.WAITING, "older requests are never preempted"
+    assert a.finished and preempted == [d] and out.admitted == [b]
+    assert d.status is Status.WAITING and d.stats.preemptions == 1 and c.status is Status.RUNNING
+    h.run_to_end()
+    assert all(s.finished for s in (a, b, c, d, late)) and h.alloc.num_used == 0
+    assert d.stats.steps == 28 and b.stats.steps == 20  # nothing redone, nothing skipped
+
+
+def test_no_useless_preemption_when_it_would_not_make_the_head_fit():
+    h = Harness(10, page_size=4, preempt_after_steps=3)
     a = h.add(make_seq("a", 4, max_tokens=20, steps=20, block_length=4))  # 6 pages
     b = h.add(make_seq("b", 4, max_tokens=20, steps=20, block_length=4))  # 6 pages: waits for a
-    c = h.add(make_seq("c", 1, max_tokens=2, steps=2, block_length=2))  # 1 page: fits now, but is behind b
-    admitted = []
-    while not a.finished:
-        out, _ = h.step()
-        admitted += out.admitted
-        assert b.status is Status.WAITING and c.status is Status.WAITING or a.finished
-    assert admitted == [a] and a.stats.steps == 20  # b waited 19 steps (> preempt_after_steps): a is older
-    out, _ = h.step()
-    assert out.admitted == [b, c] and h.sched.num_preemptions == 0
+    c = h.add(make_seq("c", 1, max_tokens=2, steps=2, block_length=2))  # 1 page: backfills, done in 2 steps
     h.run_to_end()
-    assert h.alloc.num_used == 0 and [s.request_id for s in h.finished] == ["a", "c", "b"]
+    assert h.sched.num_preemptions == 0  # nothing younger than b could ever free 6 pages while a runs
+    assert [s.request_id for s in h.finished] == ["c", "a", "b"] and h.alloc.num_used == 0
 
 
 @pytest.mark.parametrize("cache", ["none", "dual"])
