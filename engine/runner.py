@@ -126,90 +126,111 @@ class ModelRunner:
     # one step -------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self, reqs: list[ScheduledRequest]) -> RunnerOutput:
-        seqs = [r.seq for r in reqs]
-        m = self._sync_members(seqs)
-        dev, B, shift, mask_id = self.device, len(seqs), self.shift, self.cfg.mask_id
-        qr = [r.query for r in reqs]
-        refresh = [r.refresh for r in reqs]
-        rows_q = [qr[i] for i in m.row_seq]
-        row_len = [b - a for a, b in rows_q]
-        row_off = [m.offsets[i] for i in m.row_seq]
-        for s, (a, b) in zip(seqs, qr):
-            s.stats.positions_computed += (b - a) * s.num_rows
+        m = self._sync_members([r.seq for r in reqs])
+        hidden, row_base = self._forward(reqs, m)  # [T, D]
+        logits, dec = self._block_logits(reqs, m, hidden, row_base)  # [N, V]
+        commit = self._commit(reqs, m, logits, dec)  # [B, M]
+        eos = self._eos(m)  # [B]
+        out = torch.stack([commit.sum(1), eos.long()]).tolist()
+        return RunnerOutput(committed=out[0], eos=[bool(x) for x in out[1]])
 
-        # packed forward over every row's query range
-        tok_idx = ranges([o + a for o, (a, _) in zip(row_off, rows_q)], row_len).to(dev)  # [T]
+    def _forward(self, reqs: list[ScheduledRequest], m: _Members) -> tuple[torch.Tensor, list[int]]:
+        """One packed forward over every row's query range; K/V written to and read from the pool.
+        Returns hidden [T, D] and each row's first index in it."""
+        dev, mask_id = self.device, self.cfg.mask_id
+        rows_q = [reqs[i].query for i in m.row_seq]
+        row_len = [b - a for a, b in rows_q]
+        for r in reqs:
+            r.seq.stats.positions_computed += (r.query[1] - r.query[0]) * r.seq.num_rows
+        tok_idx = ranges([m.offsets[i] + a for i, (a, _) in zip(m.row_seq, rows_q)], row_len).to(dev)  # [T]
         pos = ranges([a for a, _ in rows_q], row_len).to(dev)  # [T]
         row_of_tok = torch.repeat_interleave(torch.arange(len(row_len)), torch.tensor(row_len)).to(dev)  # [T]
         tokens = self.buf[tok_idx]
-        if m.cfg_seqs:
+        if m.cfg_seqs:  # the unconditional twins see their prompt masked
             twin_prompt = m.row_twin[row_of_tok] & (pos < m.row_prompt[row_of_tok])
             tokens = torch.where(twin_prompt, mask_id, tokens)
-        write = m.read_slots[row_of_tok, pos]  # [T]
-        if shift:
-            row_start = torch.tensor([0] + row_len[:-1]).cumsum(0)
-            shift_rows = torch.tensor([not refresh[i] for i in m.row_seq])
-            first = torch.zeros(len(tok_idx), dtype=torch.bool)
-            first[row_start[shift_rows]] = True
-            write = torch.where(first.to(dev), self.pool.scratch_slot, write)
+        write = m.read_slots[row_of_tok, pos]  # [T] pool slot of each token
+        row_base = [0, *accumulate(row_len)][:-1]
+        if self.shift:  # a block pass's first query (the position before the block) keeps its cached K/V
+            shifted_rows = [row_base[r] for r, i in enumerate(m.row_seq) if not reqs[i].refresh]
+            keep = torch.zeros(len(tok_idx), dtype=torch.bool)
+            keep[shifted_rows] = True
+            write = torch.where(keep.to(dev), self.pool.scratch_slot, write)
         ctx = AttnContext.from_lengths(row_len, dev)
         ctx.key_valid, ctx.read_slots, ctx.write_slots = m.key_valid, m.read_slots, write
         ctx.kv_pool = self.pool.tensors
-        hidden = self.net(tokens, pos, ctx, max_pos=max(m.lens) - 1)  # [T, D]
+        return self.net(tokens, pos, ctx, max_pos=max(m.lens) - 1), row_base
 
-        # logits at the current blocks only
+    def _block_logits(self, reqs: list[ScheduledRequest], m: _Members, hidden: torch.Tensor,
+                      row_base: list[int]) -> tuple[torch.Tensor, "_Decode"]:
+        """Logits [N, V] at the current blocks' positions only (CFG combined)."""
+        dev, shift = self.device, self.shift
         blocks = [r.block for r in reqs]
         blen = [e - b for b, e in blocks]
-        row_base = [0, *accumulate(row_len)][:-1]
-        dec_pos_cpu = ranges([b for b, _ in blocks], blen)  # [N] canvas positions
-        dec_pos = dec_pos_cpu.to(dev)
-        dec_buf = ranges([o + b for o, (b, _) in zip(m.offsets, blocks)], blen).to(dev)  # [N]
-        hid_idx = ranges([row_base[i] + b - shift - qr[i][0] for i, (b, _) in enumerate(blocks)], blen).to(dev)
-        logits = self.net.compute_logits(hidden[hid_idx])  # [N, V]
-        dec_seq = torch.repeat_interleave(torch.arange(B), torch.tensor(blen)).to(dev)  # [N]
+        dec = _Decode(
+            pos=ranges([b for b, _ in blocks], blen).to(dev),
+            buf=ranges([o + b for o, (b, _) in zip(m.offsets, blocks)], blen).to(dev),
+            seq=torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(blen)).to(dev), lengths=blen)
+
+        def hidden_rows(rows: list[int], seqs: list[int]) -> torch.Tensor:
+            starts = [row_base[r] + blocks[i][0] - shift - reqs[i].query[0] for r, i in zip(rows, seqs)]
+            return ranges(starts, [blen[i] for i in seqs]).to(dev)
+
+        seq_ids = list(range(len(reqs)))
+        logits = self.net.compute_logits(hidden[hidden_rows(seq_ids, seq_ids)])  # [N, V]
         if m.cfg_seqs:
-            blen_start = [0, *accumulate(blen)]
-            starts = [blen_start[i] for i in m.cfg_seqs]
-            sel = ranges(starts, [blen[i] for i in m.cfg_seqs]).to(dev)
-            twin_idx = ranges([row_base[m.twin_row_of[i]] + blocks[i][0] - shift - qr[i][0] for i in m.cfg_seqs],
-                              [blen[i] for i in m.cfg_seqs]).to(dev)
-            un = self.net.compute_logits(hidden[twin_idx])
-            w = m.cfg_w[dec_seq[sel]][:, None]
+            first = [0, *accumulate(blen)]
+            sel = ranges([first[i] for i in m.cfg_seqs], [blen[i] for i in m.cfg_seqs]).to(dev)
+            un = self.net.compute_logits(hidden[hidden_rows([m.twin_row_of[i] for i in m.cfg_seqs], m.cfg_seqs)])
+            w = m.cfg_w[dec.seq[sel]][:, None]
             logits[sel] = un + (w + 1) * (logits[sel] - un)
+        return logits, dec
 
-        step_no = torch.tensor([s.stats.steps for s in seqs], device=dev)[dec_seq]
-        keys = row_keys(m.seed[dec_seq], step_no, dec_pos, STREAM_GUMBEL)
+    def _commit(self, reqs: list[ScheduledRequest], m: _Members, logits: torch.Tensor, dec: "_Decode"
+                ) -> torch.Tensor:
+        """Candidates and scores, then each row's selection rule; writes the commits into the canvases.
+        Returns the commit mask [B, M] (padded layout)."""
+        dev, mask_id = self.device, self.cfg.mask_id
+        seqs = [r.seq for r in reqs]
+        step_no = torch.tensor([s.stats.steps for s in seqs], device=dev)[dec.seq]
+        keys = row_keys(m.seed[dec.seq], step_no, dec.pos, STREAM_GUMBEL)  # [N]
         x0, score, conf = candidates(logits, CandidateInputs(
-            m.temperature[dec_seq], m.top_k[dec_seq], m.top_p[dec_seq], m.score[dec_seq], m.tempered[dec_seq],
+            m.temperature[dec.seq], m.top_k[dec.seq], m.top_p[dec.seq], m.score[dec.seq], m.tempered[dec.seq],
             keys, mask_id, m.any_sampling, m.any_filter, m.score_codes, m.any_tempered))
-
-        # per-row commit selection in a padded [B, M] layout
-        mmax = max(blen)
-        pad_valid = (torch.arange(mmax)[None, :] < torch.tensor(blen)[:, None]).to(dev)  # [B, M]
-        flat_start = torch.tensor([0] + blen[:-1]).cumsum(0).to(dev)
+        mmax = max(dec.lengths)
+        pad_valid = (torch.arange(mmax)[None, :] < torch.tensor(dec.lengths)[:, None]).to(dev)  # [B, M]
+        flat_start = torch.tensor([0, *accumulate(dec.lengths)][:-1], device=dev)  # [B]
         pad_idx = torch.where(pad_valid, flat_start[:, None] + torch.arange(mmax, device=dev)[None, :], 0)  # [B, M]
-        current = self.buf[dec_buf]  # [N]
+        current = self.buf[dec.buf]  # [N]
         selectable = (current == mask_id)[pad_idx] & pad_valid
         counts = [schedule.fixed_count(s) for s in seqs]
         origin = [schedule.origin_prob(s) for s in seqs]
-        f64 = dict(dtype=torch.float64, device=dev)
         commit = select(score[pad_idx], conf[pad_idx], selectable, SelectInputs(
             count=torch.tensor(counts, device=dev), max_count=max(counts),
             threshold=m.threshold, factor=m.factor,
-            origin_prob=torch.tensor([math.nan if o is None else o for o in origin], **f64),
+            origin_prob=torch.tensor([math.nan if o is None else o for o in origin], dtype=torch.float64,
+                                     device=dev),
             alg_temp=m.alg_temp,
             commit_all=torch.tensor([s.is_last_allowed_step and s.params.adaptive for s in seqs], device=dev),
             noise_keys=keys[pad_idx], any_threshold=m.any_threshold, any_factor=m.any_factor,
             any_origin=any(o is not None for o in origin), any_alg_temp=m.any_alg_temp))  # [B, M]
-        commit_flat = commit[pad_valid]  # [N]
-        self.buf[dec_buf] = torch.where(commit_flat, x0, current)
+        self.buf[dec.buf] = torch.where(commit[pad_valid], x0, current)
+        return commit
 
-        # EOS: a stop token with every generated position before it committed
+    def _eos(self, m: _Members) -> torch.Tensor:
+        """[B] bool: a stop token is committed with every generated position before it committed."""
         gen = self.buf[m.gen_index]  # [B, G]
         is_stop = torch.isin(gen, self.stop_ids) & m.gen_valid
-        is_mask = (gen == mask_id) & m.gen_valid
-        g = torch.arange(gen.shape[1], device=dev)[None, :]
+        is_mask = (gen == self.cfg.mask_id) & m.gen_valid
+        g = torch.arange(gen.shape[1], device=self.device)[None, :]
         first_stop = torch.where(is_stop, g, gen.shape[1]).amin(1, keepdim=True)  # [B, 1]
-        eos_done = is_stop.any(1) & ~(is_mask & (g < first_stop)).any(1)
-        out = torch.stack([commit.sum(1), eos_done.long()]).tolist()
-        return RunnerOutput(committed=out[0], eos=[bool(x) for x in out[1]])
+        return is_stop.any(1) & ~(is_mask & (g < first_stop)).any(1)
+
+
+@dataclass(slots=True)
+class _Decode:
+    """The positions decoded this step, flattened over requests ([N] each)."""
+    pos: torch.Tensor  # canvas position
+    buf: torch.Tensor  # index into the runner's token buffer
+    seq: torch.Tensor  # request index
+    lengths: list[int]  # positions per request (host)
