@@ -98,7 +98,7 @@ def build_tokenizer(out: Path):
 # Model config and checkpoint format
 
 
-def llada_config(tok, d_model: int, n_layers: int, n_heads: int, mlp: int) -> dict:
+def llada_config(tok, d_model: int, n_layers: int, n_heads: int, mlp: int, rope_theta: float) -> dict:
     """config.json in LLaDA's format (the OLMo-derived keys of LLaDAConfig)."""
     ids = tok.get_vocab()
     size = math.ceil(len(ids) / VOCAB_PAD) * VOCAB_PAD
@@ -118,7 +118,7 @@ def llada_config(tok, d_model: int, n_layers: int, n_heads: int, mlp: int) -> di
         "mlp_hidden_size": mlp, "mlp_ratio": mlp // d_model, "model_type": "llada", "multi_query_attention": None,
         "n_heads": n_heads, "n_kv_heads": n_heads, "n_layers": n_layers, "precision": "amp_bf16",
         "residual_dropout": 0.0, "rms_norm_eps": 1e-05, "rope": True, "rope_full_precision": True,
-        "rope_theta": 500000.0, "scale_logits": False, "torch_dtype": "float32", "use_cache": False,
+        "rope_theta": rope_theta, "scale_logits": False, "torch_dtype": "float32", "use_cache": False,
         "vocab_size": size, "weight_tying": False,
     }
 
@@ -274,16 +274,19 @@ def completion_text(tok, row: list[int], stop_ids: set[int]) -> str:
 
 
 def evaluate(net: Transformer, enc: Encoder, problems: list[tuple[str, str]], steps: int, block_length: int,
-             batch: int = 200) -> float:
+             batch: int = 200) -> tuple[float, dict[str, float]]:
+    """Exact-answer accuracy overall and per operation."""
     net.eval()
     questions = [q for q, _ in problems]
     prompts = enc.prompts(questions)
-    correct = 0
+    hits: dict[str, list[int]] = {}
     for i in range(0, len(prompts), batch):
         out = generate(net, prompts[i:i + batch], enc.mask, GEN_LENGTH, steps, block_length)
         for q, row in zip(questions[i:i + batch], out.tolist()):
-            correct += check(q, completion_text(enc.tok, row, {enc.eot, enc.eos}))
-    return correct / len(prompts)
+            ok = check(q, completion_text(enc.tok, row, {enc.eot, enc.eos}))
+            hits.setdefault(q.split()[0], []).append(ok)
+    total = sum(sum(h) for h in hits.values()) / len(prompts)
+    return total, {op: sum(h) / len(h) for op, h in sorted(hits.items())}
 
 
 def report(net: Transformer, enc: Encoder, n: int) -> dict[str, float]:
@@ -292,8 +295,9 @@ def report(net: Transformer, enc: Encoder, n: int) -> dict[str, float]:
                 "steps=16 block=8": (16, 8), "steps=8 block=8": (8, 8)}
     out = {}
     for name, (steps, block) in settings.items():
-        out[name] = evaluate(net, enc, problems, steps, block)
-        print(f"held-out accuracy ({n} problems) {name}: {out[name]:.3f}", flush=True)
+        out[name], per_op = evaluate(net, enc, problems, steps, block)
+        ops = " ".join(f"{op} {acc:.3f}" for op, acc in per_op.items())
+        print(f"held-out accuracy ({n} problems) {name}: {out[name]:.3f}  ({ops})", flush=True)
     return out
 
 
@@ -302,11 +306,11 @@ def report(net: Transformer, enc: Encoder, n: int) -> dict[str, float]:
 
 
 def train(net: Transformer, cfg: ModelConfig, enc: Encoder, args: argparse.Namespace) -> None:
-    problems = make_problems(args.steps * args.batch, seed=0, split="train")
+    problems = make_problems(args.steps * args.batch, seed=args.seed, split="train")
     prompts = enc.prompts([q for q, _ in problems])
     responses = enc.responses([a for _, a in problems])
     held_out = make_problems(200, seed=1, split="held_out")
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(args.seed)
     decay = [p for n, p in net.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in net.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -350,7 +354,7 @@ def train(net: Transformer, cfg: ModelConfig, enc: Encoder, args: argparse.Names
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             msg = f"step {step + 1}/{args.steps} loss {running:.4f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s"
             if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-                msg += f" held-out acc (steps=16) {evaluate(net, enc, held_out, G, G):.3f}"
+                msg += f" held-out acc (steps=16) {evaluate(net, enc, held_out, G, G)[0]:.3f}"
             print(msg, flush=True)
     print(f"training took {time.time() - t0:.0f}s", flush=True)
 
@@ -360,20 +364,22 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
     ap.add_argument("--eval", type=Path, default=None, help="only evaluate this checkpoint directory")
     ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--mlp", type=int, default=384)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--rope-theta", type=float, default=500000.0)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-problems", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    random.seed(0)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
 
     if args.eval is not None:
         from .. import load_model
@@ -386,7 +392,7 @@ def main() -> None:
     tok = build_tokenizer(args.out)
     enc = Encoder(tok)
     enc.check_prompts([q for q, _ in make_problems(500, seed=2, split="train")])
-    config = llada_config(tok, args.d_model, args.layers, args.heads, args.mlp)
+    config = llada_config(tok, args.d_model, args.layers, args.heads, args.mlp, args.rope_theta)
     cfg = parse_config(config, str(args.out / "config.json"))
     net = Transformer(cfg)
     init_weights(net, cfg.num_layers)
