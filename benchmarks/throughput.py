@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     weights_mb = sum(p.numel() * p.element_size() for p in llm.model.net.parameters()) / 2**20
     kv_mb = llm.engine.allocator.num_pages * llm.engine.allocator.page_size * kv_bytes_per_token(
         cfg, llm.model.dtype) / 2**20
-    print(f"# model: {model_dir} ({cfg.family}, d={cfg.hidden_size}, layers={cfg.num_layers}, vocab={cfg.vocab_size}, "
+    print(f"# model: {model_path} ({cfg.family}, d={cfg.hidden_size}, layers={cfg.num_layers}, vocab={cfg.vocab_size}, "
           f"weights {weights_mb:.1f} MB), device {device}, dtype {dtype}, threads {torch.get_num_threads()}")
     print(f"# prompts {n} (mean length {sum(map(len, prompts)) / n:.0f}), batch {args.batch_size}, gen {args.gen_len}, "
           f"block {args.block_length}, steps {args.steps}, threshold {args.threshold}, factor {args.factor}; "
@@ -261,11 +261,13 @@ def main(argv: list[str] | None = None) -> None:
 
     rows: list[Row] = []
     for mode in args.modes.split(","):
-        warm = prompts[:1]
+        warm, blk = prompts[:1], args.block_length  # warm up on one short block
         if mode == "reference":
-            reference_generate(llm.model, warm, args.gen_len, args.block_length, args.steps)
+            reference_generate(llm.model, warm, blk, blk, blk)
         else:
-            run_engine(llm, warm, engine_params(mode, args, ignore_eos), f"warmup-{mode}")
+            wp = engine_params(mode, args, ignore_eos)
+            wp.max_tokens = wp.block_length = wp.steps = blk
+            run_engine(llm, warm, wp, f"warmup-{mode}")
         sync(device)
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
