@@ -163,26 +163,35 @@ class ModelRunner:
 
     def _block_logits(self, reqs: list[ScheduledRequest], m: _Members, hidden: torch.Tensor,
                       row_base: list[int]) -> tuple[torch.Tensor, "_Decode"]:
-        """Logits [N, V] at the current blocks' positions only (CFG combined)."""
+        """Logits [N, V] at the still-masked positions of the current blocks only (CFG combined).
+
+        Each request's masked count is known on the host, so the masked positions are compacted with
+        nonzero_static (fixed output size, no device sync)."""
         dev, shift = self.device, self.shift
         blocks = [r.block for r in reqs]
         blen = [e - b for b, e in blocks]
-        dec = _Decode(
-            pos=ranges([b for b, _ in blocks], blen).to(dev),
-            buf=ranges([o + b for o, (b, _) in zip(m.offsets, blocks)], blen).to(dev),
-            seq=torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(blen)).to(dev), lengths=blen)
+        block_buf = ranges([o + b for o, (b, _) in zip(m.offsets, blocks)], blen).to(dev)  # [Nb]
+        counts = [r.seq.masked_in_block for r in reqs]
+        n = sum(counts)
+        keep = torch.nonzero_static(self.buf[block_buf] == self.cfg.mask_id, size=n)[:, 0]  # [N] into the blocks
+        seq = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(counts)).to(dev)  # [N]
+        block_start = torch.tensor([b for b, _ in blocks], device=dev)
+        flat_block_start = torch.tensor([0, *accumulate(blen)][:-1], device=dev)
+        pos = block_start[seq] + keep - flat_block_start[seq]  # [N] canvas positions
+        dec = _Decode(pos=pos, buf=block_buf[keep], seq=seq, lengths=counts)
 
-        def hidden_rows(rows: list[int], seqs: list[int]) -> torch.Tensor:
-            starts = [row_base[r] + blocks[i][0] - shift - reqs[i].query[0] for r, i in zip(rows, seqs)]
-            return ranges(starts, [blen[i] for i in seqs]).to(dev)
+        def hidden_rows(rows: list[int]) -> torch.Tensor:
+            """Index into hidden of the output that decodes each position, for the given forward rows."""
+            first = torch.tensor([row_base[r] - reqs[i].query[0] - shift for r, i in zip(rows, range(len(reqs)))],
+                                 device=dev)
+            return first[seq] + pos
 
-        seq_ids = list(range(len(reqs)))
-        logits = self.net.compute_logits(hidden[hidden_rows(seq_ids, seq_ids)])  # [N, V]
+        logits = self.net.compute_logits(hidden[hidden_rows(list(range(len(reqs))))])  # [N, V]
         if m.cfg_seqs:
-            first = [0, *accumulate(blen)]
-            sel = ranges([first[i] for i in m.cfg_seqs], [blen[i] for i in m.cfg_seqs]).to(dev)
-            un = self.net.compute_logits(hidden[hidden_rows([m.twin_row_of[i] for i in m.cfg_seqs], m.cfg_seqs)])
-            w = m.cfg_w[dec.seq[sel]][:, None]
+            twin_row = [m.twin_row_of.get(i, i) for i in range(len(reqs))]
+            sel = torch.nonzero_static(m.cfg_w[seq] > 0, size=sum(counts[i] for i in m.cfg_seqs))[:, 0]  # [Nc]
+            un = self.net.compute_logits(hidden[hidden_rows(twin_row)[sel]])
+            w = m.cfg_w[seq[sel]][:, None]
             logits[sel] = un + (w + 1) * (logits[sel] - un)
         return logits, dec
 
@@ -191,13 +200,15 @@ class ModelRunner:
         """Candidates and scores, then each row's selection rule; writes the commits into the canvases.
         Returns the commit mask [B, M] (padded layout)."""
         dev, mask_id = self.device, self.cfg.mask_id
+        mmax = max(dec.lengths)
+        if mmax == 0:  # nothing masked in any block (a fixed schedule's trailing zero-commit steps)
+            return torch.zeros(len(reqs), 0, dtype=torch.bool, device=dev)
         seqs = [r.seq for r in reqs]
         step_no = torch.tensor([s.stats.steps for s in seqs], device=dev)[dec.seq]
         keys = row_keys(m.seed[dec.seq], step_no, dec.pos, STREAM_GUMBEL)  # [N]
         x0, score, conf = candidates(logits, CandidateInputs(
             m.temperature[dec.seq], m.top_k[dec.seq], m.top_p[dec.seq], m.score[dec.seq], m.tempered[dec.seq],
             keys, mask_id, m.any_sampling, m.any_filter, m.score_codes, m.any_tempered))
-        mmax = max(dec.lengths)
         pad_valid = (torch.arange(mmax)[None, :] < torch.tensor(dec.lengths)[:, None]).to(dev)  # [B, M]
         flat_start = torch.tensor([0, *accumulate(dec.lengths)][:-1], device=dev)  # [B]
         pad_idx = torch.where(pad_valid, flat_start[:, None] + torch.arange(mmax, device=dev)[None, :], 0)  # [B, M]
@@ -233,4 +244,4 @@ class _Decode:
     pos: torch.Tensor  # canvas position
     buf: torch.Tensor  # index into the runner's token buffer
     seq: torch.Tensor  # request index
-    lengths: list[int]  # positions per request (host)
+    lengths: list[int]  # positions per request (host): its masked positions in the current block

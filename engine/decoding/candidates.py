@@ -50,19 +50,30 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> t
     return logits.masked_fill(torch.zeros_like(remove).scatter(-1, order, remove), float("-inf"))
 
 
+def _argmax_without(x: torch.Tensor, col: int) -> torch.Tensor:
+    """argmax over the last dim with column `col` excluded, without copying x (the column is restored)."""
+    saved = x[:, col].clone()  # [N]
+    x[:, col] = float("-inf")
+    out = x.argmax(-1)
+    x[:, col] = saved
+    return out
+
+
 def candidates(logits: torch.Tensor, inp: CandidateInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [N, V] float32 -> x0 [N] int64, score [N] float64 (ranking), conf [N] float64 in [0, 1]."""
     temp = inp.temperature[:, None]  # [N, 1]
-    mask_col = torch.tensor([inp.mask_id], device=logits.device)
-    tempered = torch.where(temp > 0, logits / temp.clamp_min(1e-8), logits)  # [N, V]
+    if inp.any_sampling:  # greedy batches skip every pass that only sampling needs
+        tempered = torch.where(temp > 0, logits / temp.clamp_min(1e-8), logits)  # [N, V]
+    else:
+        tempered = logits
     filtered = _filter(tempered, inp.top_k, inp.top_p) if inp.any_filter else tempered
     if inp.any_sampling:
         u = noise.uniform(inp.noise_keys, logits.shape[-1])  # [N, V] float64
-        gumbel = -torch.log(-torch.log(u))
-        perturbed = torch.where(temp > 0, filtered.double() + gumbel, filtered.double())
-        x0 = perturbed.index_fill_(-1, mask_col, float("-inf")).argmax(-1)  # [N]
+        perturbed = torch.where(temp > 0, filtered.double() - torch.log(-torch.log(u)), filtered.double())
+        perturbed[:, inp.mask_id] = float("-inf")
+        x0 = perturbed.argmax(-1)  # [N]
     else:
-        x0 = filtered.index_fill(-1, mask_col, float("-inf")).argmax(-1)  # [N]
+        x0 = _argmax_without(filtered, inp.mask_id)  # [N]
     if inp.any_tempered:
         score_logits = torch.where(inp.tempered[:, None], filtered, logits)
     else:
