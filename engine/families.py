@@ -156,9 +156,9 @@ class Target:
     """Expert index for a stacked expert parameter."""
 
 
-_LLADA_GLOBAL = {"model.transformer.wte.weight": "embed.weight", "model.transformer.ln_f.weight": "norm.weight",
+LLADA_GLOBAL_NAMES = {"model.transformer.wte.weight": "embed.weight", "model.transformer.ln_f.weight": "norm.weight",
                  "model.transformer.ff_out.weight": "lm_head.weight"}
-_LLADA_LAYER = {"attn_norm.weight": "attn_norm.weight", "ff_norm.weight": "mlp_norm.weight",
+LLADA_LAYER_NAMES = {"attn_norm.weight": "attn_norm.weight", "ff_norm.weight": "mlp_norm.weight",
                 "q_proj.weight": "attn.q_proj.weight", "k_proj.weight": "attn.k_proj.weight",
                 "v_proj.weight": "attn.v_proj.weight", "q_proj.bias": "attn.q_proj.bias",
                 "k_proj.bias": "attn.k_proj.bias", "v_proj.bias": "attn.v_proj.bias",
@@ -181,7 +181,7 @@ _HF_EXPERT_RE = re.compile(r"mlp\.experts\.(\d+)\.(.+)")
 def tensor_mapper(family: str) -> Callable[[str], Target | None]:
     """Returns f(checkpoint_name) -> Target, or None for a name this family does not know."""
     llada = family == "llada"
-    glob, layer, layer_re = (_LLADA_GLOBAL, _LLADA_LAYER, _LLADA_LAYER_RE) if llada else (_HF_GLOBAL, _HF_LAYER, _HF_LAYER_RE)
+    glob, layer, layer_re = (LLADA_GLOBAL_NAMES, LLADA_LAYER_NAMES, _LLADA_LAYER_RE) if llada else (_HF_GLOBAL, _HF_LAYER, _HF_LAYER_RE)
 
     def mapper(name: str) -> Target | None:
         if name in glob:

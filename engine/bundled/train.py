@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from ..config import ModelConfig
-from ..families import parse_config
+from ..families import LLADA_GLOBAL_NAMES, LLADA_LAYER_NAMES, parse_config
 from ..model.attention import AttnContext
 from ..model.transformer import Transformer
 from . import DEFAULT_MODEL_DIR
@@ -124,14 +124,9 @@ def llada_config(tok, d_model: int, n_layers: int, n_heads: int, mlp: int, rope_
 
 
 def llada_state_dict(net: Transformer) -> dict[str, torch.Tensor]:
-    """Internal parameter names -> LLaDA checkpoint tensor names."""
-    names = {"embed.weight": "model.transformer.wte.weight", "norm.weight": "model.transformer.ln_f.weight",
-             "lm_head.weight": "model.transformer.ff_out.weight"}
-    layer = {"attn_norm.weight": "attn_norm.weight", "mlp_norm.weight": "ff_norm.weight",
-             "attn.q_proj.weight": "q_proj.weight", "attn.k_proj.weight": "k_proj.weight",
-             "attn.v_proj.weight": "v_proj.weight", "attn.o_proj.weight": "attn_out.weight",
-             "mlp.gate_proj.weight": "ff_proj.weight", "mlp.up_proj.weight": "up_proj.weight",
-             "mlp.down_proj.weight": "ff_out.weight"}
+    """Internal parameter names -> LLaDA checkpoint tensor names (the loader's own table, inverted)."""
+    names = {v: k for k, v in LLADA_GLOBAL_NAMES.items()}
+    layer = {v: k for k, v in LLADA_LAYER_NAMES.items()}
     out = {}
     for name, p in net.state_dict().items():
         if name.startswith("layers."):
