@@ -7,6 +7,9 @@ import sys
 from typing import Any
 
 MASK_SYMBOL = "░"
+EOS_SYMBOL = "·"
+"""EOS (padding after the answer) in --show-steps; other stop tokens (end-of-turn) show as STOP_SYMBOL."""
+STOP_SYMBOL = "⏹"
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -38,18 +41,20 @@ def sampling_params(args: argparse.Namespace) -> Any:
     return SamplingParams(**{f: getattr(args, f) for f in SAMPLING_FIELDS})
 
 
-def render_canvas(tokenizer: Any, ids: list[int], mask_id: int) -> str:
-    """Committed runs decoded as text, each masked position shown as MASK_SYMBOL."""
+def render_canvas(tokenizer: Any, ids: list[int], mask_id: int, eos_id: int, stop_ids: tuple[int, ...]) -> str:
+    """Committed runs decoded as text; each masked position shown as MASK_SYMBOL, EOS as EOS_SYMBOL and other stop
+    tokens as STOP_SYMBOL."""
+    symbols = {mask_id: MASK_SYMBOL, eos_id: EOS_SYMBOL, **{t: STOP_SYMBOL for t in stop_ids if t != eos_id}}
     out, run = [], []
     for t in ids + [None]:
-        if t is not None and t != mask_id:
+        if t is not None and t not in symbols:
             run.append(t)
             continue
         if run:
             out.append(tokenizer.decode(run, skip_special_tokens=False) if tokenizer else " ".join(map(str, run)))
             run = []
-        if t == mask_id:
-            out.append(MASK_SYMBOL)
+        if t is not None:
+            out.append(symbols[t])
     return "".join(out).replace("\n", "⏎")
 
 
@@ -65,7 +70,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = None
     for step, (canvas, final) in enumerate(llm.iter_steps(prompt, params, chat=chat), start=1):
         if args.show_steps:
-            print(f"step {step:4d} | {render_canvas(llm.tokenizer, canvas, llm.model.config.mask_id)}", flush=True)
+            cfg = llm.model.config
+            print(f"step {step:4d} | {render_canvas(llm.tokenizer, canvas, cfg.mask_id, cfg.eos_id, cfg.stop_ids)}",
+                  flush=True)
         out = final
     assert out is not None
     print(out.text if out.text is not None else " ".join(map(str, out.token_ids)))
@@ -85,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument("--token-ids", action="store_true", help="the prompt is a list of token ids, e.g. '1 2 3'")
-    gen.add_argument("--show-steps", action="store_true", help=f"print the canvas after every step ({MASK_SYMBOL} = mask)")
+    gen.add_argument("--show-steps", action="store_true", help=f"print the canvas after every step ({MASK_SYMBOL} mask, {EOS_SYMBOL} EOS, {STOP_SYMBOL} end of turn)")
     gen.add_argument("--stats", action="store_true", help="print steps and forward passes to stderr")
     add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
