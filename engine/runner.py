@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache_manager import PageAllocator
 from .decoding import schedule
 from .decoding.candidates import SCORE_CODES, CandidateInputs, candidates
 from .decoding.noise import STREAM_GUMBEL, row_keys

@@ -40,7 +40,10 @@ def test_stream_yields_one_delta_per_block_then_the_generate_output(llm, cache):
 
     async def main():
         async with AsyncEngine(llm) as eng:
-            return [[o async for o in eng.add_request(pr, p)] for pr in ("hello there", [5, 6, 7])]
+            streams = []
+            for pr in ("hello there", [5, 6, 7]):
+                streams.append([o async for o in eng.add_request(pr, p)])
+            return streams
 
     for outs, exp in zip(run(main()), expected):
         assert [o.finished for o in outs] == [False, False, False, True]

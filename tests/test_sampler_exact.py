@@ -4,7 +4,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from engine import LLM, SamplingParams
 from tests.conftest import TINY_DIMS

@@ -174,7 +174,7 @@ def test_no_useless_preemption_when_it_would_not_make_the_head_fit():
     c = h.add(make_seq("c", 1, max_tokens=2, steps=2, block_length=2))  # 1 page: backfills, done in 2 steps
     h.run_to_end()
     assert h.sched.num_preemptions == 0  # nothing younger than b could ever free 6 pages while a runs
-    assert [s.request_id for s in h.finished] == ["c", "a", "b"] and h.alloc.num_used == 0
+    assert h.finished == [c, a, b] and h.alloc.num_used == 0
 
 
 @pytest.mark.parametrize("cache", ["none", "dual"])
