@@ -9,7 +9,7 @@ How it works:
   (schedule -> one batched forward -> update), so forward passes never run on the event loop and an asyncio
   server stays responsive. Requests join and leave the running batch between steps.
 - `add_request` validates on the caller's thread with the same code as `LLM.generate` (`LLM.prompt_ids`,
-  `LLM._params`, the KV-pool size check): a bad request raises there and then and never reaches the engine. The
+  `LLM.resolve_params`, the KV-pool size check): a bad request raises there and then and never reaches the engine. The
   request is handed to the thread through a lock-protected inbox; `abort` goes the same way. The thread drains
   the inbox before every step, so an aborted request's pages are free before the next step is scheduled.
 - The thread delivers outputs to each request's asyncio.Queue with `loop.call_soon_threadsafe`.
@@ -141,7 +141,7 @@ class AsyncEngine:
         if params is not None and not isinstance(params, SamplingParams):
             raise TypeError(f"params: expected a SamplingParams, got {type(params).__name__}")
         ids = self.llm.prompt_ids(prompt)
-        resolved = self.llm._params(params, 1)[0]
+        resolved = self.llm.resolve_params(params, 1)[0]
         rid = request_id if request_id is not None else f"async-{next(self._ids)}"
         if not isinstance(rid, str):
             raise TypeError(f"request_id: expected a string, got {type(rid).__name__}")

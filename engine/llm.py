@@ -73,7 +73,8 @@ class LLM:
                              f"so it needs at least one prompt token")
         return ids
 
-    def _params(self, params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[ResolvedParams]:
+    def resolve_params(self, params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[ResolvedParams]:
+        """One SamplingParams, or one per prompt (n of them), resolved against this model's defaults."""
         if params is None:
             params = SamplingParams()
         if isinstance(params, SamplingParams):
@@ -91,7 +92,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         ids = [self.prompt_ids(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
-        resolved = self._params(params, len(prompts))
+        resolved = self.resolve_params(params, len(prompts))
         return self._run(ids, resolved, prompts)
 
     def chat(self, messages: Messages | Seq[Messages],
@@ -99,7 +100,7 @@ class LLM:
         """Apply the checkpoint's chat template (with the generation prompt) and generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         ids = [self.prompt_ids(self.model.apply_chat_template(list(c)), f"messages[{i}]") for i, c in enumerate(convs)]
-        return self._run(ids, self._params(params, len(convs)), [None] * len(convs))
+        return self._run(ids, self.resolve_params(params, len(convs)), [None] * len(convs))
 
     def iter_steps(self, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool = False,
                    ) -> Iterator[tuple[list[int], RequestOutput | None]]:
@@ -110,7 +111,7 @@ class LLM:
         else:
             ids = self.prompt_ids(prompt)
         rid = f"gen-{next(self._ids)}"
-        seq = self.engine.add_request(rid, ids, self._params(params, 1)[0])
+        seq = self.engine.add_request(rid, ids, self.resolve_params(params, 1)[0])
         try:
             while True:
                 finished = [o for o in self.engine.step() if o.request_id == rid and o.finished]
