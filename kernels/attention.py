@@ -1,0 +1,213 @@
+"""Non-causal flash attention over packed variable-length queries, keys read through the paged KV pool.
+
+One launch serves every request of an engine step: queries are packed back to back ([T, H, D] with cu_seqlens
+offsets, no padding to the longest row); each row's keys and values are read straight out of the pool
+([slots, Hkv, D]) through its block table, so no gathered [B, Lk, Hkv, D] copy exists. Refresh passes (queries =
+the whole canvas) and block passes (a few queries against a long cached prefix) are the same kernel. GQA/MHA by
+head grouping; softmax is online in fp32 whatever the input dtype (fp32 dots run in IEEE precision, not TF32).
+`store_kv` is the companion kernel that writes the step's new K/V rows into the pool before attention reads it.
+
+`paged_attention_ref` / `varlen_attention_ref` are the plain-PyTorch references (per-row loops, fp32 by default).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# kernels
+
+@triton.jit
+def _attn_fwd_kernel(
+    # pointers
+    Q, K, V, Out, CU_Q, CU_K, SEQ_LENS_K, BLOCK_TABLE,
+    # sizes
+    sm_scale_log2, head_dim, group,
+    # strides
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_bt,
+    # meta-parameters
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m, row, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start = tl.load(CU_Q + row)
+    q_len = tl.load(CU_Q + row + 1) - q_start
+    if pid_m * BLOCK_M >= q_len:
+        return
+    k_len = tl.load(SEQ_LENS_K + row)
+    kv_head = head // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] query index within the row
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask, d_mask = offs_m < q_len, offs_d < head_dim
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [BM, BD]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if not PAGED:
+        k_start = tl.load(CU_K + row).to(tl.int64)
+    for start_n in range(0, k_len, BLOCK_N):
+        kn = start_n + offs_n  # [BN] key index within the row
+        n_mask = kn < k_len
+        if PAGED:
+            page = tl.load(BLOCK_TABLE + row * stride_bt + kn // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+            k_rows = page * PAGE_SIZE + kn % PAGE_SIZE  # [BN] pool slots
+        else:
+            k_rows = k_start + kn
+        k = tl.load(K + k_rows[None, :] * stride_kt + kv_head * stride_kh + offs_d[:, None],
+                    mask=n_mask[None, :] & d_mask[:, None], other=0.0).to(q.dtype)  # [BD, BN]
+        qk = tl.dot(q, k, input_precision=PRECISION) * sm_scale_log2  # [BM, BN] fp32, log2 units
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + k_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(q.dtype)  # [BN, BD]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(Out + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _store_kv_kernel(
+    # pointers
+    K, V, PoolK, PoolV, Slots,
+    # sizes
+    row_size,
+    # strides
+    stride_kt, stride_vt, stride_pk, stride_pv,
+    # meta-parameters
+    BLOCK: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(Slots + t).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < row_size
+    k = tl.load(K + t * stride_kt + offs, mask=mask)
+    v = tl.load(V + t * stride_vt + offs, mask=mask)
+    tl.store(PoolK + slot * stride_pk + offs, k.to(PoolK.dtype.element_ty), mask=mask)
+    tl.store(PoolV + slot * stride_pv + offs, v.to(PoolV.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# launchers
+
+def _tiles(head_dim: int, max_q: int) -> tuple[int, int, int, int]:
+    """BLOCK_M, BLOCK_N, BLOCK_D, num_warps. Block passes have few queries per row: smaller M tiles."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m = 16 if max_q <= 16 else (32 if max_q <= 32 else 64)
+    block_n = 64 if block_d <= 64 else 32
+    return block_m, block_n, block_d, 4 if block_d <= 64 else 8
+
+
+def _check_heads(q: torch.Tensor, k: torch.Tensor) -> int:
+    if q.dim() != 3 or k.dim() != 3 or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q must be [T, H, D] and keys [*, Hkv, D] with the same D; got {list(q.shape)}, "
+                         f"{list(k.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads {q.shape[1]} not a multiple of kv heads {k.shape[1]}")
+    assert q.stride(2) == 1 and k.stride(2) == 1, "head_dim must be contiguous"
+    return q.shape[1] // k.shape[1]
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+            seq_lens_k: torch.Tensor, block_table: torch.Tensor | None, page_size: int, max_q: int,
+            scale: float) -> torch.Tensor:
+    group = _check_heads(q, k)
+    assert v.shape == k.shape and v.stride(2) == 1
+    T, H, D = q.shape
+    B = seq_lens_k.shape[0]
+    out = torch.empty_like(q)
+    if T == 0 or B == 0:
+        return out
+    bm, bn, bd, warps = _tiles(D, max_q)
+    paged = block_table is not None
+    table = block_table if paged else seq_lens_k  # unused pointer when not paged
+    grid = (triton.cdiv(max_q, bm), B, H)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, cu_q, cu_k, seq_lens_k, table,
+        scale * _LOG2E, D, group,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        table.stride(0),
+        PAGED=paged, PAGE_SIZE=page_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps)
+    return out
+
+
+def paged_attention(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    block_table: torch.Tensor, seq_lens_k: torch.Tensor, page_size: int, max_q: int,
+                    scale: float) -> torch.Tensor:
+    """q [T, H, D] packed rows (row b = q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]]); pool_k/pool_v [S, Hkv, D];
+    block_table [B, P] int32 page ids; seq_lens_k [B] int32 keys per row (slot j of row b is
+    block_table[b, j // page_size] * page_size + j % page_size). Non-causal. -> [T, H, D] in q.dtype.
+    max_q: the longest row (host-known, sizes the grid)."""
+    assert block_table.dim() == 2 and block_table.stride(1) == 1 and cu_seqlens_q.shape[0] == block_table.shape[0] + 1
+    return _launch(q, pool_k, pool_v, cu_seqlens_q, cu_seqlens_q, seq_lens_k, block_table, page_size, max_q, scale)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_q: int,
+                     scale: float) -> torch.Tensor:
+    """Self-attention of packed rows without a cache: q [T, H, D], k/v [T, Hkv, D], cu_seqlens [B + 1] int32."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int32)  # [B]
+    return _launch(q, k, v, cu_seqlens, cu_seqlens, lens, None, 1, max_q, scale)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """pool_k[slots[t]] = k[t] (and v): k/v [T, Hkv, D], pools [S, Hkv, D] with contiguous rows, slots [T]."""
+    T = k.shape[0]
+    assert k.shape[1:] == pool_k.shape[1:] and v.shape == k.shape and slots.shape == (T,)
+    for t in (k, v, pool_k, pool_v):
+        assert t.stride(2) == 1 and t.stride(1) == t.shape[2], "rows must be contiguous [Hkv, D]"
+    if T == 0:
+        return
+    row = k.shape[1] * k.shape[2]
+    block = min(1024, triton.next_power_of_2(row))
+    _store_kv_kernel[(T, triton.cdiv(row, block))](
+        k, v, pool_k, pool_v, slots, row, k.stride(0), v.stride(0), pool_k.stride(0), pool_v.stride(0),
+        BLOCK=block)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# references
+
+def _row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [Lq, H, D], k/v [Lk, Hkv, D] -> [Lq, H, D]; plain softmax attention in the inputs' dtype."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # [Lk, H, D]
+    s = torch.einsum("qhd,khd->hqk", q, k) * scale  # [H, Lq, Lk]
+    return torch.einsum("hqk,khd->qhd", torch.softmax(s, dim=-1), v)
+
+
+def paged_attention_ref(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                        block_table: torch.Tensor, seq_lens_k: torch.Tensor, page_size: int, scale: float,
+                        upcast: bool = True) -> torch.Tensor:
+    """paged_attention's contract, one row at a time (fp32 when upcast, else in q.dtype)."""
+    dt = torch.float32 if upcast else q.dtype
+    out = torch.empty_like(q)
+    cu, lens = cu_seqlens_q.tolist(), seq_lens_k.tolist()
+    for b, n in enumerate(lens):
+        j = torch.arange(n, device=q.device)
+        slots = block_table[b].long()[j // page_size] * page_size + j % page_size  # [Lk]
+        qb = q[cu[b]:cu[b + 1]].to(dt)
+        out[cu[b]:cu[b + 1]] = _row_attention(qb, pool_k[slots].to(dt), pool_v[slots].to(dt), scale).to(q.dtype)
+    return out
+
+
+def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                         scale: float, upcast: bool = True) -> torch.Tensor:
+    dt = torch.float32 if upcast else q.dtype
+    out = torch.empty_like(q)
+    cu = cu_seqlens.tolist()
+    for a, b in zip(cu[:-1], cu[1:]):
+        out[a:b] = _row_attention(q[a:b].to(dt), k[a:b].to(dt), v[a:b].to(dt), scale).to(q.dtype)
+    return out
