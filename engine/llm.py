@@ -41,9 +41,11 @@ class LLM:
     def __init__(self, model: str | Path | None = None, device: str | torch.device = "cpu",
                  dtype: str | torch.dtype = "float32", *, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 16384, kv_cache_memory: int | None = None,
-                 page_size: int = 16) -> None:
+                 page_size: int = 16, kernels: str | None = None) -> None:
+        """kernels: "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch"; None reads $UNMASK_KERNELS,
+        else auto. "triton" on CPU runs the interpreted kernels and needs TRITON_INTERPRET=1."""
         model_dir = Path(model) if model is not None else default_model_dir()
-        self.model = load_model(model_dir, device=device, dtype=dtype)
+        self.model = load_model(model_dir, device=device, dtype=dtype, kernels=kernels)
         self.defaults: GenerationDefaults = model_defaults(self.model.config.family, read_generation_config(model_dir))
         self.engine = LLMEngine(self.model, EngineConfig(
             cache=CacheConfig(kv_cache_memory=kv_cache_memory, page_size=page_size),

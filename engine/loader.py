@@ -130,9 +130,12 @@ def _checkpoint_name(cfg: ModelConfig, internal: str, expert: int | None) -> str
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype = "float32") -> DiffusionModel:
-    """Load a LLaDA / LLaDA-MoE / Dream / RND1 checkpoint directory (config.json, safetensors, tokenizer files)."""
+               dtype: str | torch.dtype = "float32", kernels: str | None = None) -> DiffusionModel:
+    """Load a LLaDA / LLaDA-MoE / Dream / RND1 checkpoint directory (config.json, safetensors, tokenizer files).
+    kernels: "auto" | "triton" | "torch" (None: $UNMASK_KERNELS, else auto); see kernels/dispatch.py."""
+    from kernels.dispatch import resolve_kernels
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+    backend = resolve_kernels(kernels, dev)
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: checkpoint directory does not exist")
@@ -148,4 +151,6 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     load_weights(net, cfg, files, model_dir)
     net.rotary.reset()
     net = net.to(dev).eval().requires_grad_(False)
-    return DiffusionModel(net, cfg, tokenizer, dev, torch_dtype, model_dir)
+    model = DiffusionModel(net, cfg, tokenizer, dev, torch_dtype, model_dir)
+    model.kernels = backend
+    return model

@@ -60,6 +60,8 @@ class _Members:
         slots = table[:, ar // ps] * ps + ar % ps  # [R, Lk]
         self.read_slots = torch.where(key_valid, slots, pool.scratch_slot).to(dev)
         self.key_valid = key_valid.to(dev)
+        self.block_table = table.to(device=dev, dtype=torch.int32)  # [R, P] (triton attention)
+        self.seq_lens_k = torch.tensor(row_lens, dtype=torch.int32, device=dev)  # [R]
         self.row_prompt = torch.tensor([seqs[i].prompt_len for i in self.row_seq], device=dev)  # [R]
         self.row_twin = torch.tensor([r >= len(seqs) for r in range(len(self.row_seq))], device=dev)  # [R]
         gen = [s.gen_len for s in seqs]
@@ -97,6 +99,7 @@ class ModelRunner:
         self.buf = torch.empty(0, dtype=torch.long, device=self.device)
         self.members: _Members | None = None
         self.stop_ids = torch.tensor(self.cfg.stop_ids, device=self.device)
+        self.kernels = model.kernels
         self.shift = 1 if self.cfg.shift_logits else 0
 
     # canvases -------------------------------------------------------------------------------------------
@@ -155,9 +158,14 @@ class ModelRunner:
             keep = torch.zeros(len(tok_idx), dtype=torch.bool)
             keep[shifted_rows] = True
             write = torch.where(keep.to(dev), self.pool.scratch_slot, write)
-        ctx = AttnContext.from_lengths(row_len, dev)
-        ctx.key_valid, ctx.read_slots, ctx.write_slots = m.key_valid, m.read_slots, write
-        ctx.kv_pool = self.pool.tensors
+        if self.kernels == "triton":  # packed layout: no padded query index, keys through the block table
+            ctx = AttnContext(None, None, None, len(row_len), max(row_len), backend="triton",
+                              cu_seqlens_q=torch.tensor([0, *accumulate(row_len)], dtype=torch.int32).to(dev),
+                              block_table=m.block_table, seq_lens_k=m.seq_lens_k, page_size=self.pool.page_size)
+        else:
+            ctx = AttnContext.from_lengths(row_len, dev)
+            ctx.key_valid, ctx.read_slots = m.key_valid, m.read_slots
+        ctx.write_slots, ctx.kv_pool = write, self.pool.tensors
         return self.net(tokens, pos, ctx, max_pos=max(m.lens) - 1), row_base
 
     def _block_logits(self, reqs: list[ScheduledRequest], m: _Members, hidden: torch.Tensor,
@@ -207,7 +215,7 @@ class ModelRunner:
         keys = row_keys(m.seed[dec.seq], step_no, dec.pos, STREAM_GUMBEL)  # [N]
         x0, score, conf = candidates(logits, CandidateInputs(
             m.temperature[dec.seq], m.top_k[dec.seq], m.top_p[dec.seq], m.score[dec.seq], m.tempered[dec.seq],
-            keys, mask_id, m.any_sampling, m.any_filter, m.score_codes, m.any_tempered))
+            keys, mask_id, m.any_sampling, m.any_filter, m.score_codes, m.any_tempered, self.kernels))
         pad_valid = (torch.arange(mmax)[None, :] < torch.tensor(dec.lengths)[:, None]).to(dev)  # [B, M]
         flat_start = torch.tensor([0, *accumulate(dec.lengths)][:-1], device=dev)  # [B]
         pad_idx = torch.where(pad_valid, flat_start[:, None] + torch.arange(mmax, device=dev)[None, :], 0)  # [B, M]

@@ -82,20 +82,22 @@ def _store_kv_kernel(
     # pointers
     K, V, PoolK, PoolV, Slots,
     # sizes
-    row_size,
+    num_tokens, row_size,
     # strides
     stride_kt, stride_vt, stride_pk, stride_pv,
     # meta-parameters
-    BLOCK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    slot = tl.load(Slots + t).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < row_size
-    k = tl.load(K + t * stride_kt + offs, mask=mask)
-    v = tl.load(V + t * stride_vt + offs, mask=mask)
-    tl.store(PoolK + slot * stride_pk + offs, k.to(PoolK.dtype.element_ty), mask=mask)
-    tl.store(PoolV + slot * stride_pv + offs, v.to(PoolV.dtype.element_ty), mask=mask)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT] tokens
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR] elements of a [Hkv * D] row
+    t_mask = offs_t < num_tokens
+    mask = t_mask[:, None] & (offs_r < row_size)[None, :]
+    slot = tl.load(Slots + offs_t, mask=t_mask, other=0).to(tl.int64)
+    src = offs_t.to(tl.int64)[:, None]
+    k = tl.load(K + src * stride_kt + offs_r[None, :], mask=mask)
+    v = tl.load(V + src * stride_vt + offs_r[None, :], mask=mask)
+    tl.store(PoolK + slot[:, None] * stride_pk + offs_r[None, :], k.to(PoolK.dtype.element_ty), mask=mask)
+    tl.store(PoolV + slot[:, None] * stride_pv + offs_r[None, :], v.to(PoolV.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -171,10 +173,11 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, pool_k: torch.Tensor, pool_v: tor
     if T == 0:
         return
     row = k.shape[1] * k.shape[2]
-    block = min(1024, triton.next_power_of_2(row))
-    _store_kv_kernel[(T, triton.cdiv(row, block))](
-        k, v, pool_k, pool_v, slots, row, k.stride(0), v.stride(0), pool_k.stride(0), pool_v.stride(0),
-        BLOCK=block)
+    block_r = min(1024, triton.next_power_of_2(row))
+    block_t = max(1, 4096 // block_r)
+    _store_kv_kernel[(triton.cdiv(T, block_t), triton.cdiv(row, block_r))](
+        k, v, pool_k, pool_v, slots, T, row, k.stride(0), v.stride(0), pool_k.stride(0), pool_v.stride(0),
+        BLOCK_T=block_t, BLOCK_R=block_r)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ Scores: low_confidence p(x0); margin p1 - p2; entropy sum p log p (= -H); random
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -34,6 +35,8 @@ class CandidateInputs:
     codes: frozenset[int] = frozenset({0})
     """Score codes present in the batch (host-side, so no device sync is needed to branch)."""
     any_tempered: bool = False
+    backend: str = "torch"
+    """"triton": x0 and the scores from kernels/vocab.py's one pass (unless the batch filters top-k/top-p)."""
 
 
 def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -61,6 +64,11 @@ def _argmax_without(x: torch.Tensor, col: int) -> torch.Tensor:
 
 def candidates(logits: torch.Tensor, inp: CandidateInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [N, V] float32 -> x0 [N] int64, score [N] float64 (ranking), conf [N] float64 in [0, 1]."""
+    if inp.backend == "triton" and not inp.any_filter:
+        from kernels.vocab import vocab_scores
+        x0, p_x0, margin, neg_h = vocab_scores(logits, inp.temperature, inp.noise_keys, inp.tempered, inp.mask_id,
+                                               inp.any_sampling)
+        return _combine(inp, x0, p_x0, lambda: margin, lambda: neg_h)
     temp = inp.temperature[:, None]  # [N, 1]
     if inp.any_sampling:  # greedy batches skip every pass that only sampling needs
         tempered = torch.where(temp > 0, logits / temp.clamp_min(1e-8), logits)  # [N, V]
@@ -80,16 +88,29 @@ def candidates(logits: torch.Tensor, inp: CandidateInputs) -> tuple[torch.Tensor
         score_logits = logits
     p = torch.softmax(score_logits, dim=-1)  # [N, V], exactly the reference's F.softmax
     p_x0 = p.gather(-1, x0[:, None])[:, 0].double()  # [N]
+
+    def margin() -> torch.Tensor:
+        top2 = p.topk(2, dim=-1).values.double()  # [N, 2]
+        return top2[:, 0] - top2[:, 1]
+
+    def neg_entropy() -> torch.Tensor:
+        logp = torch.log_softmax(score_logits, dim=-1)  # [N, V]
+        return torch.nan_to_num(p * logp, nan=0.0).sum(-1).double()  # [N], -H
+
+    return _combine(inp, x0, p_x0, margin, neg_entropy)
+
+
+def _combine(inp: CandidateInputs, x0: torch.Tensor, p_x0: torch.Tensor, margin_fn: Callable[[], torch.Tensor],
+             neg_h_fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's score (and its [0, 1] confidence) by its score code; margin/entropy computed only if used."""
     score, conf = p_x0, p_x0
     code = inp.score
     if 2 in inp.codes:
-        top2 = p.topk(2, dim=-1).values.double()  # [N, 2]
-        margin = top2[:, 0] - top2[:, 1]
+        margin = margin_fn()
         score = torch.where(code == 2, margin, score)
         conf = torch.where(code == 2, margin, conf)
     if 3 in inp.codes:
-        logp = torch.log_softmax(score_logits, dim=-1)  # [N, V]
-        neg_h = torch.nan_to_num(p * logp, nan=0.0).sum(-1).double()  # [N], -H
+        neg_h = neg_h_fn()
         score = torch.where(code == 3, neg_h, score)
         conf = torch.where(code == 3, neg_h.exp(), conf)
     if 1 in inp.codes:

@@ -29,6 +29,15 @@ class AttnContext:
     read_slots: torch.Tensor | None = None
     """[B, Lk] long: pool slots each sequence attends over (paged passes)."""
     kv_pool: "KVPoolTensors | None" = None
+    backend: str = "torch"
+    """"torch" (SDPA over a padded layout) or "triton" (kernels/attention.py over the packed layout)."""
+    cu_seqlens_q: torch.Tensor | None = None
+    """[B + 1] int32 offsets of each row's packed queries (triton; built on first use when None)."""
+    block_table: torch.Tensor | None = None
+    """[B, P] int32 page ids of each row's keys (triton, paged passes)."""
+    seq_lens_k: torch.Tensor | None = None
+    """[B] int32 keys per row (triton, paged passes)."""
+    page_size: int = 0
 
     @staticmethod
     def dense(batch: int, length: int, key_valid: torch.Tensor | None = None) -> "AttnContext":
@@ -72,6 +81,8 @@ def unpad_tokens(x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext, layer: int,
               scale: float) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D] (new tokens, RoPE applied) -> [T, H, D]. Non-causal."""
+    if ctx.backend == "triton":
+        return _attention_triton(q, k, v, ctx, layer, scale)
     if ctx.kv_pool is not None:
         pool_k, pool_v = ctx.kv_pool.k[layer], ctx.kv_pool.v[layer]  # [S, Hkv, D]
         pool_k.index_copy_(0, ctx.write_slots, k.to(pool_k.dtype))
@@ -84,3 +95,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContex
     out = F.scaled_dot_product_attention(qp, keys.transpose(1, 2).to(q.dtype), vals.transpose(1, 2).to(q.dtype),
                                          attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return unpad_tokens(out.transpose(1, 2), ctx)  # [T, H, D]
+
+
+def _cu_seqlens(ctx: AttnContext, device: torch.device) -> torch.Tensor:
+    """[B + 1] int32 packed-query offsets, derived once per forward from the padded layout."""
+    if ctx.cu_seqlens_q is None:
+        if ctx.q_valid is None:
+            lens = torch.full((ctx.batch,), ctx.max_q, dtype=torch.int32, device=device)
+        else:
+            lens = ctx.q_valid.sum(1, dtype=torch.int32)
+        ctx.cu_seqlens_q = F.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0))
+    return ctx.cu_seqlens_q
+
+
+def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext, layer: int,
+                      scale: float) -> torch.Tensor:
+    from kernels.attention import paged_attention, store_kv, varlen_attention
+    cu = _cu_seqlens(ctx, q.device)
+    if ctx.kv_pool is None:
+        return varlen_attention(q, k, v, cu, ctx.max_q, scale)
+    pool_k, pool_v = ctx.kv_pool.k[layer], ctx.kv_pool.v[layer]  # [S, Hkv, D]
+    store_kv(k, v, pool_k, pool_v, ctx.write_slots)
+    return paged_attention(q, pool_k, pool_v, cu, ctx.block_table, ctx.seq_lens_k, ctx.page_size, ctx.max_q, scale)

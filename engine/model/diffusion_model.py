@@ -17,6 +17,8 @@ class DiffusionModel:
                  dtype: torch.dtype, path: Path) -> None:
         self.net, self.config, self.tokenizer = net, config, tokenizer
         self.device, self.dtype, self.path = device, dtype, path
+        self.kernels = "torch"
+        """Resolved kernel backend, "torch" or "triton" (kernels/dispatch.py); set by load_model / LLM."""
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -31,12 +33,14 @@ class DiffusionModel:
         B, L = input_ids.shape
         if attention_mask is None:
             ctx = AttnContext.dense(B, L)
+            ctx.backend = self.kernels
             pos = torch.arange(L, device=self.device).repeat(B)  # [B*L]
             hidden = self.net(input_ids.reshape(-1), pos, ctx, max_pos=L - 1)  # [B*L, D]
             return self.net.compute_logits(hidden).view(B, L, -1)
         mask = attention_mask.to(self.device).bool()  # [B, L]
         lengths = mask.sum(1).tolist()
         ctx = AttnContext.from_lengths(lengths, self.device)
+        ctx.backend = self.kernels
         pos = (torch.cumsum(mask, 1) - 1)[mask]  # [T]
         hidden = self.net(input_ids[mask], pos, ctx, max_pos=max(lengths) - 1)  # [T, D]
         out = torch.zeros(B, L, self.config.vocab_size, device=self.device)

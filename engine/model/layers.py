@@ -117,13 +117,12 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> weights [T, k] (x.dtype), expert ids [T, k]."""
-        probs = torch.softmax(self.router(x).float(), dim=-1)  # [T, E]
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
-        if self.norm_topk:
-            weights = weights / weights.sum(-1, keepdim=True)
+        from kernels.moe import route
+        weights, ids = route(self.router(x), self.top_k, self.norm_topk)
         return weights.to(x.dtype), ids
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from kernels.moe import fused_moe
+    def forward(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+        from kernels.moe import fused_moe, fused_moe_triton
         weights, ids = self.route(x)
-        return fused_moe(x, self.w_gate, self.w_up, self.w_down, weights, ids)
+        run = fused_moe_triton if backend == "triton" else fused_moe
+        return run(x, self.w_gate, self.w_up, self.w_down, weights, ids)

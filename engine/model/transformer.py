@@ -23,7 +23,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttnContext) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope, ctx)
         h = self.mlp_norm(x)
-        return x + (self.moe(h) if self.moe is not None else self.mlp(h))
+        return x + (self.moe(h, ctx.backend) if self.moe is not None else self.mlp(h))
 
 
 class Transformer(nn.Module):
