@@ -85,5 +85,7 @@ class LocalExecutor:
     def check(self) -> None:
         """Raise if the model can no longer run (a lost worker); a single process always can."""
 
+    healthy = True
+
     def shutdown(self) -> None:
         pass

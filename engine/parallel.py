@@ -186,8 +186,8 @@ class TPExecutor:
                     self._send(("stop",))
                 except Exception:  # noqa: BLE001 - a worker already gone; kill below
                     pass
-            for p in self.procs:
-                p.join(timeout=10)
+            for p in self.procs:  # a broken group's workers may be stuck in a collective: don't wait long
+                p.join(timeout=10 if self.broken is None else 1)
             for p in self.procs:
                 if p.is_alive():
                     p.kill()
