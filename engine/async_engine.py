@@ -112,6 +112,8 @@ class AsyncEngine:
         """Live requests by id: added on the caller's thread, removed by the engine thread (under _cond)."""
         self._ids = itertools.count()
         self._closing = False
+        self._owns_llm = False
+        """Created by from_model: shutdown() also stops the LLM (its tensor-parallel workers)."""
         self._dead: BaseException | None = None
         self._totals = _Totals()
         self._stats = EngineStats(kv_pages_total=self._engine.allocator.num_pages)
@@ -121,8 +123,16 @@ class AsyncEngine:
     @classmethod
     def from_model(cls, model: str | Path | None = None, device: str | torch.device = "cpu",
                    dtype: str | torch.dtype = "float32", **engine_options: Any) -> "AsyncEngine":
-        """Load a checkpoint like `LLM(model, device, dtype, **engine_options)` and serve it."""
-        return cls(LLM(model, device, dtype, **engine_options))
+        """Load a checkpoint like `LLM(model, device, dtype, **engine_options)` (including tensor_parallel_size,
+        expert_parallel) and serve it; shutdown() then also stops the LLM's tensor-parallel workers."""
+        llm = LLM(model, device, dtype, **engine_options)
+        try:
+            engine = cls(llm)
+        except BaseException:
+            llm.shutdown()
+            raise
+        engine._owns_llm = True
+        return engine
 
     # public API (caller's side) --------------------------------------------------------------------------
     @property
@@ -133,6 +143,11 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread.is_alive() and not self._closing
 
+    @property
+    def healthy(self) -> bool:
+        """Running, and able to run the model (False once a tensor-parallel worker is lost): what /health reports."""
+        return self.is_running and self._dead is None and self.llm.model.executor.healthy
+
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Queue one request (a string or a list of token ids) and return its stream of outputs. Must be called
@@ -140,6 +155,7 @@ class AsyncEngine:
         whole KV pool and a request_id already in use raise here, before anything is queued."""
         if params is not None and not isinstance(params, SamplingParams):
             raise TypeError(f"params: expected a SamplingParams, got {type(params).__name__}")
+        self.llm.model.executor.check()  # a lost tensor-parallel worker fails new requests at once
         ids = self.llm.prompt_ids(prompt)
         resolved = self.llm.resolve_params(params, 1)[0]
         rid = request_id if request_id is not None else f"async-{next(self._ids)}"
@@ -185,6 +201,8 @@ class AsyncEngine:
             self._cond.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join()
+            if self._owns_llm:
+                self.llm.shutdown()
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.shutdown)

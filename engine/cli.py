@@ -32,6 +32,26 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alg-temp", type=float, default=0.0)
 
 
+def add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    """--tensor-parallel-size / --expert-parallel / --parallel-timeout (shared by `generate` and `serve`); pass
+    `parallel_options(args)` on to LLM(...) or AsyncEngine.from_model(...)."""
+    g = p.add_argument_group("parallelism (one model over several processes / GPUs)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="shard the model over N ranks (N-1 worker processes are started; under torchrun, the "
+                        "world size)")
+    g.add_argument("--expert-parallel", action="store_true",
+                   help="MoE models: partition whole experts over the ranks instead of splitting each expert")
+    g.add_argument("--parallel-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="a rank silent this long inside a step fails it (default 120)")
+
+
+PARALLEL_FIELDS = ("tensor_parallel_size", "expert_parallel", "parallel_timeout")
+
+
+def parallel_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {f: getattr(args, f) for f in PARALLEL_FIELDS}
+
+
 SAMPLING_FIELDS = ("max_tokens", "steps", "block_length", "temperature", "top_p", "top_k", "remasking", "threshold",
                    "factor", "cfg_scale", "seed", "stop", "ignore_eos", "cache", "algorithm", "alg_temp")
 
@@ -61,7 +81,14 @@ def render_canvas(tokenizer: Any, ids: list[int], mask_id: int, eos_id: int, sto
 def cmd_generate(args: argparse.Namespace) -> int:
     from .llm import LLM
     params = sampling_params(args)
-    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, **parallel_options(args))
+    try:
+        return _generate(llm, args, params)
+    finally:
+        llm.shutdown()
+
+
+def _generate(llm: Any, args: argparse.Namespace, params: Any) -> int:
     prompt: Any = args.prompt
     if args.token_ids:
         prompt = [int(t) for t in args.prompt.replace(",", " ").split()]
@@ -95,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--show-steps", action="store_true", help=f"print the canvas after every step ({MASK_SYMBOL} mask, {EOS_SYMBOL} EOS, {STOP_SYMBOL} end of turn)")
     gen.add_argument("--stats", action="store_true", help="print steps and forward passes to stderr")
     add_sampling_flags(gen)
+    add_parallel_flags(gen)
     gen.set_defaults(func=cmd_generate)
     return parser
 
@@ -103,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .errors import CheckpointError, TokenizerMissingError
+    from .errors import CheckpointError, ParallelError, TokenizerMissingError
     from .sampling_params import SamplingParamsError
     try:
         return args.func(args)
@@ -111,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"unmask: error: --{e.field.replace('_', '-')}: {str(e).split(': ', 1)[1]}\n")
     except (CheckpointError, TokenizerMissingError, ValueError, TypeError, MemoryError) as e:
         parser.exit(2, f"unmask: error: {e}\n")
+    except ParallelError as e:
+        parser.exit(1, f"unmask: error: {e}\n")
     except KeyboardInterrupt:
         return 130
 

@@ -7,3 +7,7 @@ class CheckpointError(ValueError):
 
 class TokenizerMissingError(RuntimeError):
     """A text prompt was given but the checkpoint ships no tokenizer files."""
+
+
+class ParallelError(RuntimeError):
+    """A tensor-parallel worker died, raised, or stopped answering: the model can no longer run."""

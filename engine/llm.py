@@ -10,7 +10,7 @@ import torch
 
 from .errors import CheckpointError
 from .llm_engine import CacheConfig, EngineConfig, LLMEngine
-from .loader import load_model
+from .loader import load_model, resolve_device, resolve_dtype
 from .outputs import RequestOutput
 from .sampling_params import GenerationDefaults, ResolvedParams, SamplingParams, model_defaults
 from .scheduler import SchedulerConfig
@@ -41,16 +41,49 @@ class LLM:
     def __init__(self, model: str | Path | None = None, device: str | torch.device = "cpu",
                  dtype: str | torch.dtype = "float32", *, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 16384, kv_cache_memory: int | None = None,
-                 page_size: int = 16, kernels: str | None = None) -> None:
+                 page_size: int = 16, kernels: str | None = None, tensor_parallel_size: int = 1, expert_parallel: bool = False,
+                 parallel_timeout: float = 120.0) -> None:
         """kernels: "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch"; None reads $UNMASK_KERNELS,
-        else auto. "triton" on CPU runs the interpreted kernels and needs TRITON_INTERPRET=1."""
+        else auto. "triton" on CPU runs the interpreted kernels and needs TRITON_INTERPRET=1.
+        tensor_parallel_size N > 1 shards the model over N processes (this one is rank 0, the engine starts
+        N-1 workers; under torchrun every rank calls this and ranks > 0 serve, then exit). expert_parallel: MoE
+        experts partitioned over the ranks. parallel_timeout: seconds before a silent rank fails a step.
+        Call shutdown() (or use `with LLM(...) as llm:`) to stop the workers; they also stop at exit."""
+        from .parallel import ParallelConfig, start_parallel, torchrun_rank
         model_dir = Path(model) if model is not None else default_model_dir()
-        self.model = load_model(model_dir, device=device, dtype=dtype, kernels=kernels)
-        self.defaults: GenerationDefaults = model_defaults(self.model.config.family, read_generation_config(model_dir))
-        self.engine = LLMEngine(self.model, EngineConfig(
-            cache=CacheConfig(kv_cache_memory=kv_cache_memory, page_size=page_size),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)))
+        self.parallel = ParallelConfig(tensor_parallel_size, expert_parallel, parallel_timeout)
+        if self.parallel.tensor_parallel_size > 1 or torchrun_rank() is not None:
+            resolve_dtype(dtype)
+            self.model = start_parallel(model_dir, resolve_device(device), dtype, self.parallel, kernels)
+        else:
+            self.model = load_model(model_dir, device=device, dtype=dtype, kernels=kernels)
+        try:
+            self.defaults: GenerationDefaults = model_defaults(self.model.config.family,
+                                                               read_generation_config(model_dir))
+            self.engine = LLMEngine(self.model, EngineConfig(
+                cache=CacheConfig(kv_cache_memory=kv_cache_memory, page_size=page_size),
+                scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)))
+        except BaseException:
+            self.model.executor.shutdown()
+            raise
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (no-op for one process). Idempotent; the LLM cannot generate after."""
+        self.model.executor.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def memory_report(self) -> list[dict[str, int]]:
+        """Per rank (one entry per process): param_bytes, kv_pool_bytes and rss_bytes (the process's resident set)."""
+        if self.model.executor.world_size == 1:
+            from .parallel import memory_of
+            return [memory_of(0, self.model.net, self.engine.pool.nbytes)]
+        return self.model.executor.memory_report(self.engine.pool.nbytes)
 
     @property
     def tokenizer(self) -> Any:

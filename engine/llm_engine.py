@@ -20,7 +20,8 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 @dataclass(slots=True)
 class CacheConfig:
     kv_cache_memory: int | None = None
-    """Bytes for the KV pool. None: 1 GiB on CPU; on CUDA, gpu_memory_utilization of free memory."""
+    """Bytes for the KV pool (per rank under tensor parallelism, each rank holding its KV heads). None: 1 GiB on
+    CPU; on CUDA, gpu_memory_utilization of free memory."""
     gpu_memory_utilization: float = 0.9
     page_size: int = 16
 
@@ -50,12 +51,14 @@ class LLMEngine:
                 memory = int(free * cc.gpu_memory_utilization)
             else:
                 memory = DEFAULT_CPU_KV_BYTES
-        num_pages = KVPool.pages_for_memory(model.config, model.dtype, cc.page_size, memory)
+        shard = model.net.shard
+        num_pages = KVPool.pages_for_memory(model.config, model.dtype, cc.page_size, memory, shard)
         if num_pages < 1:
-            per_page = kv_bytes_per_token(model.config, model.dtype) * cc.page_size
+            per_page = kv_bytes_per_token(model.config, model.dtype, shard) * cc.page_size
             raise ValueError(f"kv_cache_memory {memory} bytes is less than one KV page ({per_page} bytes)")
         self.allocator = PageAllocator(num_pages, cc.page_size)
-        self.pool = KVPool(model.config, num_pages, cc.page_size, model.dtype, model.device)
+        self.pool = KVPool(model.config, num_pages, cc.page_size, model.dtype, model.device, shard)
+        model.executor.init_pool(num_pages, cc.page_size)
         self.scheduler = Scheduler(self.cfg.scheduler, self.allocator)
         self.runner = ModelRunner(model, self.pool)
         self.requests: dict[str, Sequence] = {}

@@ -11,6 +11,7 @@ from .config import ModelConfig
 from .errors import CheckpointError
 from .families import parse_config, tensor_mapper
 from .model.diffusion_model import DiffusionModel
+from .model.parallel import SINGLE, Shard, shard_range
 from .model.transformer import Transformer
 from .tokenizer import end_of_turn_ids, load_tokenizer
 
@@ -66,15 +67,49 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_weights(net: Transformer, cfg: ModelConfig, files: list[Path], model_dir: Path) -> None:
+def shard_slice(name: str, cfg: ModelConfig, shard: Shard) -> tuple[int, int, int] | None:
+    """(dim, start, end) of the checkpoint tensor behind internal parameter `name` that this rank holds (for a
+    stacked expert parameter: of one expert's tensor); None: the whole tensor (replicated)."""
+    if not shard.active:
+        return None
+    hd, leaf = cfg.head_dim, name.rsplit(".", 2)
+    part = ".".join(leaf[-2:])
+    if name in ("embed.weight", "lm_head.weight"):
+        return (0, *shard.vocab(cfg.vocab_size))
+    if part in ("q_proj.weight", "q_proj.bias"):
+        h0, h1 = shard.heads(cfg.num_heads)
+        return 0, h0 * hd, h1 * hd
+    if part in ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"):
+        k0, k1 = shard.kv_heads(cfg.num_kv_heads)
+        return 0, k0 * hd, k1 * hd
+    if part == "o_proj.weight":
+        h0, h1 = shard.heads(cfg.num_heads)
+        return 1, h0 * hd, h1 * hd
+    if part in ("gate_proj.weight", "up_proj.weight"):
+        return (0, *shard_range(cfg.intermediate_size, shard.rank, shard.size))
+    if part == "down_proj.weight":
+        return (1, *shard_range(cfg.intermediate_size, shard.rank, shard.size))
+    if part in ("moe.w_gate", "moe.w_up", "moe.w_down"):
+        i0, i1 = shard.moe_inter(cfg.moe_intermediate_size)
+        return 1 if part == "moe.w_down" else 0, i0, i1
+    return None
+
+
+def load_weights(net: Transformer, cfg: ModelConfig, files: list[Path], model_dir: Path,
+                 shard: Shard = SINGLE) -> None:
+    """Copy every checkpoint tensor into `net`; a sharded net reads only its rank's slices (safetensors get_slice),
+    so no rank holds the whole model. Shapes are checked against the full (unsharded) model."""
     mapper = tensor_mapper(cfg.family)
     params = dict(net.named_parameters())
     if cfg.tie_embeddings:
         params.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        full = dict(Transformer(cfg).named_parameters()) if shard.active else params
+    e0, e1 = shard.experts(cfg.num_experts)
     expected: set[tuple[str, int | None]] = set()
     for name, p in params.items():
         stacked = name.endswith((".moe.w_gate", ".moe.w_up", ".moe.w_down"))
-        expected.update((name, e) for e in range(p.shape[0])) if stacked else expected.add((name, None))
+        expected.update((name, e) for e in range(e0, e1)) if stacked else expected.add((name, None))
     seen: dict[tuple[str, int | None], str] = {}
     for file in files:
         try:
@@ -88,17 +123,29 @@ def load_weights(net: Transformer, cfg: ModelConfig, files: list[Path], model_di
                 if slot not in expected:
                     if cfg.tie_embeddings and target is not None and target.name == "lm_head.weight":
                         continue
+                    if target is not None and target.expert is not None and target.name in params \
+                            and 0 <= target.expert < cfg.num_experts:
+                        continue  # another rank's expert (expert parallel)
                     raise CheckpointError(f"{file}: unexpected tensor '{key}' for a {cfg.family} checkpoint "
                                           f"with this config")
                 if slot in seen:
                     raise CheckpointError(f"{file}: tensor '{key}' also appears in {seen[slot]}")
                 param = params[target.name]
-                dest = param.data if target.expert is None else param.data[target.expert]
-                tensor = handle.get_tensor(key)
-                if tuple(tensor.shape) != tuple(dest.shape):
-                    raise CheckpointError(f"{file}: tensor '{key}' has shape {list(tensor.shape)} but config.json "
-                                          f"implies {list(dest.shape)}")
-                dest.copy_(tensor)
+                dest = param.data if target.expert is None else param.data[target.expert - e0]
+                full_shape = full[target.name].shape[1:] if target.expert is not None else full[target.name].shape
+                view = handle.get_slice(key)
+                if tuple(view.get_shape()) != tuple(full_shape):
+                    raise CheckpointError(f"{file}: tensor '{key}' has shape {list(view.get_shape())} but "
+                                          f"config.json implies {list(full_shape)}")
+                cut = shard_slice(target.name, cfg, shard)
+                if cut is None:
+                    dest.copy_(view[:])
+                else:
+                    dim, a, b = cut
+                    part = view[a:b] if dim == 0 else view[:, a:b]
+                    dest.narrow(dim, 0, b - a).copy_(part)
+                    if dest.shape[dim] > b - a:  # vocabulary padding of the last rank's chunk
+                        dest.narrow(dim, b - a, dest.shape[dim] - (b - a)).zero_()
                 seen[slot] = file.name
     missing = sorted(expected - seen.keys(), key=str)
     if missing:
@@ -130,8 +177,9 @@ def _checkpoint_name(cfg: ModelConfig, internal: str, expert: int | None) -> str
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype = "float32", kernels: str | None = None) -> DiffusionModel:
+               dtype: str | torch.dtype = "float32", shard: Shard = SINGLE, kernels: str | None = None) -> DiffusionModel:
     """Load a LLaDA / LLaDA-MoE / Dream / RND1 checkpoint directory (config.json, safetensors, tokenizer files).
+    With a Shard, only this rank's slices are read (torch.distributed must already be initialised).
     kernels: "auto" | "triton" | "torch" (None: $UNMASK_KERNELS, else auto); see kernels/dispatch.py."""
     from kernels.dispatch import resolve_kernels
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
@@ -145,10 +193,12 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     if tokenizer is not None:
         extra = [i for i in end_of_turn_ids(tokenizer) if i < cfg.vocab_size and i != cfg.eos_id]
         cfg.stop_ids = (cfg.eos_id, *extra)
+    if shard.active:
+        shard.check(cfg.num_heads, cfg.num_kv_heads, cfg.num_experts, str(model_dir))
     with torch.device("meta"):
-        net = Transformer(cfg)
+        net = Transformer(cfg, shard)
     net = net.to_empty(device="cpu").to(torch_dtype)
-    load_weights(net, cfg, files, model_dir)
+    load_weights(net, cfg, files, model_dir, shard)
     net.rotary.reset()
     net = net.to(dev).eval().requires_grad_(False)
     model = DiffusionModel(net, cfg, tokenizer, dev, torch_dtype, model_dir)

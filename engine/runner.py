@@ -17,8 +17,8 @@ from .decoding import schedule
 from .decoding.candidates import SCORE_CODES, CandidateInputs, candidates
 from .decoding.noise import STREAM_GUMBEL, row_keys
 from .decoding.select import SelectInputs, select
+from .forward_batch import ForwardBatch
 from .kv_pool import KVPool
-from .model.attention import AttnContext
 from .model.diffusion_model import DiffusionModel
 from .scheduler import RunnerOutput, ScheduledRequest
 from .sequence import Sequence
@@ -129,17 +129,20 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, reqs: list[ScheduledRequest]) -> RunnerOutput:
         m = self._sync_members([r.seq for r in reqs])
-        hidden, row_base = self._forward(reqs, m)  # [T, D]
-        logits, dec = self._block_logits(reqs, m, hidden, row_base)  # [N, V]
+        batch, dec = self._inputs(reqs, m)
+        logits = self.model.executor.run(batch, self.pool.tensors)  # [N, V] (CFG combined)
         commit = self._commit(reqs, m, logits, dec)  # [B, M]
         eos = self._eos(m)  # [B]
         out = torch.stack([commit.sum(1), eos.long()]).tolist()
         return RunnerOutput(committed=out[0], eos=[bool(x) for x in out[1]])
 
-    def _forward(self, reqs: list[ScheduledRequest], m: _Members) -> tuple[torch.Tensor, list[int]]:
-        """One packed forward over every row's query range; K/V written to and read from the pool.
-        Returns hidden [T, D] and each row's first index in it."""
-        dev, mask_id = self.device, self.cfg.mask_id
+    def _inputs(self, reqs: list[ScheduledRequest], m: _Members) -> tuple[ForwardBatch, "_Decode"]:
+        """The step's forward inputs: one packed forward over every row's query range (K/V written to and read
+        from the pool), with logits wanted at the still-masked positions of the current blocks only.
+
+        Each request's masked count is known on the host, so the masked positions are compacted with
+        nonzero_static (fixed output size, no device sync)."""
+        dev, mask_id, shift = self.device, self.cfg.mask_id, self.shift
         rows_q = [reqs[i].query for i in m.row_seq]
         row_len = [b - a for a, b in rows_q]
         for r in reqs:
@@ -153,54 +156,43 @@ class ModelRunner:
             tokens = torch.where(twin_prompt, mask_id, tokens)
         write = m.read_slots[row_of_tok, pos]  # [T] pool slot of each token
         row_base = [0, *accumulate(row_len)][:-1]
-        if self.shift:  # a block pass's first query (the position before the block) keeps its cached K/V
+        if shift:  # a block pass's first query (the position before the block) keeps its cached K/V
             shifted_rows = [row_base[r] for r, i in enumerate(m.row_seq) if not reqs[i].refresh]
             keep = torch.zeros(len(tok_idx), dtype=torch.bool)
             keep[shifted_rows] = True
             write = torch.where(keep.to(dev), self.pool.scratch_slot, write)
-        if self.kernels == "triton":  # packed layout: no padded query index, keys through the block table
-            ctx = AttnContext(None, None, None, len(row_len), max(row_len), backend="triton",
-                              cu_seqlens_q=torch.tensor([0, *accumulate(row_len)], dtype=torch.int32).to(dev),
-                              block_table=m.block_table, seq_lens_k=m.seq_lens_k, page_size=self.pool.page_size)
-        else:
-            ctx = AttnContext.from_lengths(row_len, dev)
-            ctx.key_valid, ctx.read_slots = m.key_valid, m.read_slots
-        ctx.write_slots, ctx.kv_pool = write, self.pool.tensors
-        return self.net(tokens, pos, ctx, max_pos=max(m.lens) - 1), row_base
 
-    def _block_logits(self, reqs: list[ScheduledRequest], m: _Members, hidden: torch.Tensor,
-                      row_base: list[int]) -> tuple[torch.Tensor, "_Decode"]:
-        """Logits [N, V] at the still-masked positions of the current blocks only (CFG combined).
-
-        Each request's masked count is known on the host, so the masked positions are compacted with
-        nonzero_static (fixed output size, no device sync)."""
-        dev, shift = self.device, self.shift
         blocks = [r.block for r in reqs]
         blen = [e - b for b, e in blocks]
         block_buf = ranges([o + b for o, (b, _) in zip(m.offsets, blocks)], blen).to(dev)  # [Nb]
         counts = [r.seq.masked_in_block for r in reqs]
         n = sum(counts)
-        keep = torch.nonzero_static(self.buf[block_buf] == self.cfg.mask_id, size=n)[:, 0]  # [N] into the blocks
+        keep_b = torch.nonzero_static(self.buf[block_buf] == mask_id, size=n)[:, 0]  # [N] into the blocks
         seq = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(counts)).to(dev)  # [N]
         block_start = torch.tensor([b for b, _ in blocks], device=dev)
         flat_block_start = torch.tensor([0, *accumulate(blen)][:-1], device=dev)
-        pos = block_start[seq] + keep - flat_block_start[seq]  # [N] canvas positions
-        dec = _Decode(pos=pos, buf=block_buf[keep], seq=seq, lengths=counts)
+        dpos = block_start[seq] + keep_b - flat_block_start[seq]  # [N] canvas positions
+        dec = _Decode(pos=dpos, buf=block_buf[keep_b], seq=seq, lengths=counts)
 
         def hidden_rows(rows: list[int]) -> torch.Tensor:
             """Index into hidden of the output that decodes each position, for the given forward rows."""
             first = torch.tensor([row_base[r] - reqs[i].query[0] - shift for r, i in zip(rows, range(len(reqs)))],
                                  device=dev)
-            return first[seq] + pos
+            return first[seq] + dpos
 
-        logits = self.net.compute_logits(hidden[hidden_rows(list(range(len(reqs))))])  # [N, V]
+        batch = ForwardBatch(tokens, pos, row_len, max_pos=max(m.lens) - 1,
+                             logit_rows=hidden_rows(list(range(len(reqs)))), write_slots=write,
+                             read_slots=m.read_slots, key_valid=m.key_valid, backend=self.kernels)
+        if self.kernels == "triton":  # packed layout: no padded query index, keys through the block table
+            batch.cu_seqlens_q = torch.tensor([0, *accumulate(row_len)], dtype=torch.int32).to(dev)
+            batch.block_table, batch.seq_lens_k = m.block_table, m.seq_lens_k
+            batch.page_size = self.pool.page_size
         if m.cfg_seqs:
             twin_row = [m.twin_row_of.get(i, i) for i in range(len(reqs))]
             sel = torch.nonzero_static(m.cfg_w[seq] > 0, size=sum(counts[i] for i in m.cfg_seqs))[:, 0]  # [Nc]
-            un = self.net.compute_logits(hidden[hidden_rows(twin_row)[sel]])
-            w = m.cfg_w[seq[sel]][:, None]
-            logits[sel] = un + (w + 1) * (logits[sel] - un)
-        return logits, dec
+            batch.twin_rows, batch.cfg_sel = hidden_rows(twin_row)[sel], sel
+            batch.cfg_w = m.cfg_w[seq[sel]][:, None]
+        return batch, dec
 
     def _commit(self, reqs: list[ScheduledRequest], m: _Members, logits: torch.Tensor, dec: "_Decode"
                 ) -> torch.Tensor:

@@ -8,15 +8,17 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import TokenizerMissingError
-from .attention import AttnContext
 from .transformer import Transformer
 
 
 class DiffusionModel:
     def __init__(self, net: Transformer, config: ModelConfig, tokenizer: Any | None, device: torch.device,
                  dtype: torch.dtype, path: Path) -> None:
+        from ..forward_batch import LocalExecutor
         self.net, self.config, self.tokenizer = net, config, tokenizer
         self.device, self.dtype, self.path = device, dtype, path
+        self.executor: Any = LocalExecutor(net)
+        """Runs a ForwardBatch (engine/forward_batch.py): in this process, or across tensor-parallel ranks."""
         self.kernels = "torch"
         """Resolved kernel backend, "torch" or "triton" (kernels/dispatch.py); set by load_model / LLM."""
 
@@ -29,22 +31,19 @@ class DiffusionModel:
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, L], got shape {list(input_ids.shape)}")
+        from ..forward_batch import ForwardBatch
         input_ids = input_ids.to(self.device)
         B, L = input_ids.shape
         if attention_mask is None:
-            ctx = AttnContext.dense(B, L)
-            ctx.backend = self.kernels
             pos = torch.arange(L, device=self.device).repeat(B)  # [B*L]
-            hidden = self.net(input_ids.reshape(-1), pos, ctx, max_pos=L - 1)  # [B*L, D]
-            return self.net.compute_logits(hidden).view(B, L, -1)
+            batch = ForwardBatch(input_ids.reshape(-1), pos, [L] * B, max_pos=L - 1, backend=self.kernels)
+            return self.executor.run(batch, None).view(B, L, -1)
         mask = attention_mask.to(self.device).bool()  # [B, L]
         lengths = mask.sum(1).tolist()
-        ctx = AttnContext.from_lengths(lengths, self.device)
-        ctx.backend = self.kernels
         pos = (torch.cumsum(mask, 1) - 1)[mask]  # [T]
-        hidden = self.net(input_ids[mask], pos, ctx, max_pos=max(lengths) - 1)  # [T, D]
+        batch = ForwardBatch(input_ids[mask], pos, lengths, max_pos=max(lengths) - 1, backend=self.kernels)
         out = torch.zeros(B, L, self.config.vocab_size, device=self.device)
-        out[mask] = self.net.compute_logits(hidden)
+        out[mask] = self.executor.run(batch, None)
         return out
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

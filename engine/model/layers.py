@@ -7,6 +7,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import AttnContext, attention
+from .parallel import SINGLE, Shard, shard_range
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -68,49 +69,66 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    """Heads split over ranks: q/k/v column-parallel (this rank's heads), o_proj row-parallel + all-reduce."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, shard: Shard = SINGLE) -> None:
         super().__init__()
-        self.layer, self.cfg = layer, cfg
+        self.layer, self.cfg, self.shard = layer, cfg, shard
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(d, cfg.q_size, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(d, cfg.kv_size, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(d, cfg.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.q_size, d, bias=False)
+        h0, h1 = shard.heads(cfg.num_heads)
+        k0, k1 = shard.kv_heads(cfg.num_kv_heads)
+        self.num_heads, self.num_kv_heads = h1 - h0, k1 - k0
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttnContext) -> torch.Tensor:
         cfg = self.cfg
         T = x.shape[0]
-        q = self.q_proj(x).view(T, cfg.num_heads, cfg.head_dim)  # [T, H, D]
-        k = self.k_proj(x).view(T, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
-        v = self.v_proj(x).view(T, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
+        q = self.q_proj(x).view(T, self.num_heads, cfg.head_dim)  # [T, H, D] (this rank's heads)
+        k = self.k_proj(x).view(T, self.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
+        v = self.v_proj(x).view(T, self.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         out = attention(q, k, v, ctx, self.layer, cfg.head_dim ** -0.5)  # [T, H, D]
-        return self.o_proj(out.reshape(T, cfg.q_size))
+        return self.shard.all_reduce(self.o_proj(out.reshape(T, self.num_heads * cfg.head_dim)))
 
 
 class MLP(nn.Module):
-    def __init__(self, d: int, inter: int) -> None:
+    """SwiGLU; gate/up column-parallel, down row-parallel + all-reduce."""
+
+    def __init__(self, d: int, inter: int, shard: Shard = SINGLE) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(d, inter, bias=False)
-        self.up_proj = nn.Linear(d, inter, bias=False)
-        self.down_proj = nn.Linear(inter, d, bias=False)
+        i0, i1 = shard_range(inter, shard.rank, shard.size)
+        self.shard = shard
+        self.gate_proj = nn.Linear(d, i1 - i0, bias=False)
+        self.up_proj = nn.Linear(d, i1 - i0, bias=False)
+        self.down_proj = nn.Linear(i1 - i0, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.shard.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class MoE(nn.Module):
-    """Softmax top-k routed SwiGLU experts; expert weights stacked as [E, I, D] / [E, D, I]."""
+    """Softmax top-k routed SwiGLU experts; expert weights stacked as [E, I, D] / [E, D, I].
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    Sharded: the router is replicated (every rank routes every token); each rank holds either every expert's slice
+    of the intermediate size (tensor parallel) or whole experts [e0, e1) (expert parallel), and its partial output
+    is combined by one all-reduce."""
+
+    def __init__(self, cfg: ModelConfig, shard: Shard = SINGLE) -> None:
         super().__init__()
-        e, d, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        d = cfg.hidden_size
+        self.shard = shard
+        self.e0, e1 = shard.experts(cfg.num_experts)
+        i0, i1 = shard.moe_inter(cfg.moe_intermediate_size)
+        e, i = e1 - self.e0, i1 - i0
         self.top_k, self.norm_topk = cfg.num_experts_per_tok, cfg.norm_topk_prob
-        self.router = nn.Linear(d, e, bias=False)
+        self.router = nn.Linear(d, cfg.num_experts, bias=False)
         self.w_gate = nn.Parameter(torch.empty(e, i, d))
         self.w_up = nn.Parameter(torch.empty(e, i, d))
         self.w_down = nn.Parameter(torch.empty(e, d, i))
@@ -125,4 +143,15 @@ class MoE(nn.Module):
         from kernels.moe import fused_moe, fused_moe_triton
         weights, ids = self.route(x)
         run = fused_moe_triton if backend == "triton" else fused_moe
-        return run(x, self.w_gate, self.w_up, self.w_down, weights, ids)
+        if not self.shard.expert_parallel or not self.shard.active:
+            return self.shard.all_reduce(run(x, self.w_gate, self.w_up, self.w_down, weights, ids))
+        # expert parallel: only the (token, slot) pairs routed to this rank's experts, one slot each
+        local = ids - self.e0  # [T, k]
+        pair = torch.nonzero((local >= 0) & (local < self.w_gate.shape[0]))  # [P, 2] (token, slot)
+        tok, slot = pair[:, 0], pair[:, 1]
+        out = torch.zeros_like(x)
+        if tok.numel():
+            y = run(x[tok], self.w_gate, self.w_up, self.w_down, weights[tok, slot, None],
+                    local[tok, slot, None])  # [P, D]
+            out.index_add_(0, tok, y)
+        return self.shard.all_reduce(out)

@@ -7,18 +7,19 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import AttnContext
 from .layers import MLP, Attention, MoE, RMSNorm, Rotary
+from .parallel import SINGLE, Shard
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, shard: Shard = SINGLE) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg, layer)
+        self.attn = Attention(cfg, layer, shard)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.moe_layers[layer]:
-            self.moe, self.mlp = MoE(cfg), None
+            self.moe, self.mlp = MoE(cfg, shard), None
         else:
-            self.moe, self.mlp = None, MLP(cfg.hidden_size, cfg.intermediate_size)
+            self.moe, self.mlp = None, MLP(cfg.hidden_size, cfg.intermediate_size, shard)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttnContext) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope, ctx)
@@ -27,15 +28,20 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """forward(input_ids [T], positions [T], ctx) -> final-normed hidden [T, D]; compute_logits(h) -> [N, V] fp32."""
+    """forward(input_ids [T], positions [T], ctx) -> final-normed hidden [T, D]; compute_logits(h) -> [N, V] fp32.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    With a Shard of size > 1 the embedding and lm_head hold this rank's vocabulary rows (equal chunks of
+    ceil(V / size), zero-padded) and compute_logits gathers the full logits to rank 0 (other ranks get None)."""
+
+    def __init__(self, cfg: ModelConfig, shard: Shard = SINGLE) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.cfg, self.shard = cfg, shard
+        rows = shard.vocab_chunk(cfg.vocab_size)
+        self.vocab_start = shard.vocab(cfg.vocab_size)[0]
+        self.embed = nn.Embedding(rows, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i, shard) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, rows, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
@@ -45,11 +51,31 @@ class Transformer(nn.Module):
         if max_pos is None:
             max_pos = int(positions.max()) if positions.numel() else 0
         rope = self.rotary.table(positions, max_pos)
-        x = self.embed(input_ids)  # [T, D]
+        x = self._embed(input_ids)  # [T, D]
         for block in self.layers:
             x = block(x, rope, ctx)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, D] -> logits [N, V] float32."""
-        return self.lm_head(hidden).float()
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.shard.active:
+            return self.embed(input_ids)
+        local = input_ids - self.vocab_start  # [T]
+        mine = (local >= 0) & (local < self.embed.num_embeddings)
+        x = self.embed(torch.where(mine, local, 0)) * mine[:, None].to(self.embed.weight.dtype)  # [T, D]
+        return self.shard.all_reduce(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [N, D] -> logits [N, V] float32 (sharded: on rank 0; None on the other ranks)."""
+        local = self.lm_head(hidden).float()  # [N, V / size]
+        if not self.shard.active:
+            return local
+        import torch.distributed as dist
+        parts = [torch.empty_like(local) for _ in range(self.shard.size)] if self.shard.rank == 0 else None
+        dist.gather(local, parts, dst=_group_rank0(self.shard), group=self.shard.group)
+        return None if parts is None else torch.cat(parts, dim=-1)[:, :self.cfg.vocab_size]
+
+
+def _group_rank0(shard: Shard) -> int:
+    """Global rank of the group's rank 0 (gather's dst is a global rank)."""
+    import torch.distributed as dist
+    return 0 if shard.group is None else dist.get_global_rank(shard.group, 0)

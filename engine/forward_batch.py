@@ -1,0 +1,113 @@
+"""ForwardBatch: one step's model inputs as plain tensors, and run_batch, the forward every rank runs on them.
+
+The runner (rank 0) builds a ForwardBatch from its host state; a single process runs it directly, tensor-parallel
+ranks receive it in one broadcast and run the same function on their shards (engine/parallel.py). Nothing in it
+refers to requests, so workers need no scheduler or canvas state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from .model.attention import AttnContext, KVPoolTensors
+from .model.transformer import Transformer
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    tokens: torch.Tensor
+    """[T] long: query tokens of every forward row, packed."""
+    positions: torch.Tensor
+    """[T] long: their canvas positions (RoPE)."""
+    lengths: list[int]
+    """Query tokens per forward row."""
+    max_pos: int
+    """Upper bound of positions (host-known, so RoPE needs no device sync)."""
+    logit_rows: torch.Tensor | None = None
+    """[N] long: hidden rows whose logits are wanted; None: all."""
+    twin_rows: torch.Tensor | None = None
+    """[Nc] long: hidden rows of the unconditional (CFG) twins of the logit rows cfg_sel."""
+    cfg_sel: torch.Tensor | None = None
+    """[Nc] long: which of the N logit rows get classifier-free guidance."""
+    cfg_w: torch.Tensor | None = None
+    """[Nc, 1] float32 guidance scale per guided row: un + (w + 1)(cond - un)."""
+    write_slots: torch.Tensor | None = None
+    """[T] long: KV pool slot each token's K/V is written to (paged passes); None: no pool."""
+    read_slots: torch.Tensor | None = None
+    """[R, Lk] long: pool slots each forward row attends over."""
+    key_valid: torch.Tensor | None = None
+    """[R, Lk] bool."""
+    backend: str = "torch"
+    """Kernel backend (kernels/dispatch.py): "torch" (SDPA over a padded layout) or "triton" (packed layout)."""
+    cu_seqlens_q: torch.Tensor | None = None
+    """[R + 1] int32 packed-query offsets (triton)."""
+    block_table: torch.Tensor | None = None
+    """[R, P] int32 page ids of each row's keys (triton, paged passes)."""
+    seq_lens_k: torch.Tensor | None = None
+    """[R] int32 keys per row (triton, paged passes)."""
+    page_size: int = 0
+
+    def to(self, device: torch.device | str) -> "ForwardBatch":
+        out = ForwardBatch(**{f.name: getattr(self, f.name) for f in fields(self)})
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                setattr(out, f.name, v.to(device, non_blocking=True))
+        return out
+
+
+def run_batch(net: Transformer, kv: KVPoolTensors | None, batch: ForwardBatch) -> torch.Tensor | None:
+    """Forward + logits at batch.logit_rows (CFG combined) -> [N, V] float32. Sharded nets: every rank must call it
+    with the same batch; rank 0 gets the logits, the others None."""
+    ctx = _attn_context(batch, kv)
+    hidden = net(batch.tokens, batch.positions, ctx, max_pos=batch.max_pos)  # [T, D]
+    logits = net.compute_logits(hidden if batch.logit_rows is None else hidden[batch.logit_rows])  # [N, V]
+    if batch.twin_rows is not None:
+        un = net.compute_logits(hidden[batch.twin_rows])  # [Nc, V]
+        if logits is not None:
+            sel = batch.cfg_sel
+            logits[sel] = un + (batch.cfg_w + 1) * (logits[sel] - un)
+    return logits
+
+
+def _attn_context(batch: ForwardBatch, kv: KVPoolTensors | None) -> AttnContext:
+    """The attention context of a batch: packed offsets + block tables (triton) or a padded layout (torch)."""
+    paged = batch.write_slots is not None
+    if batch.backend == "triton" and paged:
+        ctx = AttnContext(None, None, None, len(batch.lengths), max(batch.lengths), backend="triton",
+                          cu_seqlens_q=batch.cu_seqlens_q, block_table=batch.block_table,
+                          seq_lens_k=batch.seq_lens_k, page_size=batch.page_size)
+    else:
+        ctx = AttnContext.from_lengths(batch.lengths, batch.tokens.device)
+        ctx.backend = batch.backend
+        if paged:
+            ctx.key_valid, ctx.read_slots = batch.key_valid, batch.read_slots
+    if paged:
+        ctx.write_slots, ctx.kv_pool = batch.write_slots, kv
+    return ctx
+
+
+class LocalExecutor:
+    """One process holds the whole model: run_batch directly."""
+
+    world_size = 1
+
+    def __init__(self, net: Transformer) -> None:
+        self.net = net
+
+    def run(self, batch: ForwardBatch, kv: KVPoolTensors | None) -> torch.Tensor:
+        out = run_batch(self.net, kv, batch)
+        assert out is not None
+        return out
+
+    def init_pool(self, num_pages: int, page_size: int) -> None:
+        pass
+
+    def check(self) -> None:
+        """Raise if the model can no longer run (a lost worker); a single process always can."""
+
+    healthy = True
+
+    def shutdown(self) -> None:
+        pass
