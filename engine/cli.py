@@ -52,6 +52,13 @@ def parallel_options(args: argparse.Namespace) -> dict[str, Any]:
     return {f: getattr(args, f) for f in PARALLEL_FIELDS}
 
 
+def add_kernel_flag(p: argparse.ArgumentParser) -> None:
+    """--kernels, shared by every command that loads a model (generate, serve)."""
+    p.add_argument("--kernels", choices=("auto", "triton", "torch"),
+                   help="auto: Triton on CUDA, torch on CPU (default: $UNMASK_KERNELS, else auto); "
+                        "triton on CPU needs TRITON_INTERPRET=1")
+
+
 SAMPLING_FIELDS = ("max_tokens", "steps", "block_length", "temperature", "top_p", "top_k", "remasking", "threshold",
                    "factor", "cfg_scale", "seed", "stop", "ignore_eos", "cache", "algorithm", "alg_temp")
 
@@ -81,7 +88,7 @@ def render_canvas(tokenizer: Any, ids: list[int], mask_id: int, eos_id: int, sto
 def cmd_generate(args: argparse.Namespace) -> int:
     from .llm import LLM
     params = sampling_params(args)
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, **parallel_options(args))
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, kernels=args.kernels, **parallel_options(args))
     try:
         return _generate(llm, args, params)
     finally:
@@ -121,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--token-ids", action="store_true", help="the prompt is a list of token ids, e.g. '1 2 3'")
     gen.add_argument("--show-steps", action="store_true", help=f"print the canvas after every step ({MASK_SYMBOL} mask, {EOS_SYMBOL} EOS, {STOP_SYMBOL} end of turn)")
     gen.add_argument("--stats", action="store_true", help="print steps and forward passes to stderr")
+    add_kernel_flag(gen)
     add_sampling_flags(gen)
     add_parallel_flags(gen)
     gen.set_defaults(func=cmd_generate)

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_utils import dot_settings
+
 _LOG2E = 1.4426950408889634
 
 
@@ -31,7 +33,7 @@ def _attn_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_bt,
     # meta-parameters
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m, row, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(CU_Q + row)
@@ -47,6 +49,8 @@ def _attn_fwd_kernel(
     q_rows = (q_start + offs_m).to(tl.int64)
     q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [BM, BD]
+    if UPCAST:
+        q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -70,7 +74,8 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + k_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(q.dtype)  # [BN, BD]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        p_in = p.to(Q.dtype.element_ty).to(q.dtype)  # probabilities rounded to the input dtype, as FA does
+        acc = acc * alpha[:, None] + tl.dot(p_in, v, input_precision=PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(Out + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
@@ -132,6 +137,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tenso
     if T == 0 or B == 0:
         return out
     bm, bn, bd, warps = _tiles(D, max_q)
+    precision, upcast = dot_settings(q.dtype)
     paged = block_table is not None
     table = block_table if paged else seq_lens_k  # unused pointer when not paged
     grid = (triton.cdiv(max_q, bm), B, H)
@@ -141,7 +147,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tenso
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         table.stride(0),
         PAGED=paged, PAGE_SIZE=page_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps)
+        PRECISION=precision, UPCAST=upcast, num_warps=warps)
     return out
 
 

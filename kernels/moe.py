@@ -16,6 +16,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .triton_utils import dot_settings
+
 
 def moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
             weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -100,7 +102,7 @@ def _moe_gemm_kernel(
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
     # meta-parameters
     GATED: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Out[id] = f(A[id // a_div] @ W[e].T) for the ids of one padded tile of expert e.
     GATED: f = silu(A W1^T) * (A W2^T); WEIGHTED: times RouteW[id]."""
@@ -124,11 +126,13 @@ def _moe_gemm_kernel(
         k_mask = kk < k_dim
         a = tl.load(A + a_rows[:, None] * stride_am + kk[None, :] * stride_ak,
                     mask=valid[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
+        if UPCAST:
+            a = a.to(tl.float32)
         w_mask = n_mask[None, :] & k_mask[:, None]
-        w1 = tl.load(W1 + w_base + kk[:, None] * stride_wk, mask=w_mask, other=0.0)  # [BK, BN]
+        w1 = tl.load(W1 + w_base + kk[:, None] * stride_wk, mask=w_mask, other=0.0).to(a.dtype)  # [BK, BN]
         acc1 += tl.dot(a, w1, input_precision=PRECISION)
         if GATED:
-            w2 = tl.load(W2 + w_base + kk[:, None] * stride_wk, mask=w_mask, other=0.0)
+            w2 = tl.load(W2 + w_base + kk[:, None] * stride_wk, mask=w_mask, other=0.0).to(a.dtype)
             acc2 += tl.dot(a, w2, input_precision=PRECISION)
     if GATED:
         acc1 = acc1 * tl.sigmoid(acc1) * acc2
@@ -149,6 +153,7 @@ def _gemm(a: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, out: torch
           block_expert: torch.Tensor, num_padded: torch.Tensor, route_w: torch.Tensor | None, a_div: int,
           cfg: dict[str, int]) -> None:
     E, n_out, k_dim = w1.shape
+    precision, upcast = dot_settings(a.dtype)
     grid = (block_expert.shape[0] * triton.cdiv(n_out, cfg["BLOCK_N"]),)
     _moe_gemm_kernel[grid](
         a, w1, w1 if w2 is None else w2, out, sorted_ids, block_expert, num_padded,
@@ -156,7 +161,7 @@ def _gemm(a: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, out: torch
         n_out, k_dim, out.shape[0], a_div,
         a.stride(0), a.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), out.stride(0), out.stride(1),
         GATED=w2 is not None, WEIGHTED=route_w is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        BLOCK_K=cfg["BLOCK_K"], PRECISION=precision, UPCAST=upcast,
         num_warps=cfg["num_warps"])
 
 
