@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .decoding.candidates import shard_stats
 from .model.attention import AttnContext, KVPoolTensors
 from .model.transformer import Transformer
 
@@ -38,6 +39,11 @@ class ForwardBatch:
     """[R, Lk] long: pool slots each forward row attends over."""
     key_valid: torch.Tensor | None = None
     """[R, Lk] bool."""
+    vocab_stats: bool = False
+    """Greedy batch without top-k/top-p over a sharded vocabulary: return each shard's decoding statistics
+    [R, N, 7] (decoding/candidates.shard_stats) instead of gathering the full logits."""
+    mask_id: int = -1
+    """The mask token (excluded from candidates) for vocab_stats."""
 
     def to(self, device: torch.device | str) -> "ForwardBatch":
         out = ForwardBatch(**{f.name: getattr(self, f.name) for f in fields(self)})
@@ -49,21 +55,24 @@ class ForwardBatch:
 
 
 def run_batch(net: Transformer, kv: KVPoolTensors | None, batch: ForwardBatch) -> torch.Tensor | None:
-    """Forward + logits at batch.logit_rows (CFG combined) -> [N, V] float32. Sharded nets: every rank must call it
-    with the same batch; rank 0 gets the logits, the others None."""
+    """Forward + logits at batch.logit_rows (CFG combined) -> [N, V] float32, or with vocab_stats [R, N, 7].
+    Sharded nets: every rank must call it with the same batch; rank 0 gets the result, the others None."""
     device = batch.tokens.device
     ctx = AttnContext.from_lengths(batch.lengths, device)
     if batch.write_slots is not None:
         ctx.key_valid, ctx.read_slots, ctx.write_slots = batch.key_valid, batch.read_slots, batch.write_slots
         ctx.kv_pool = kv
     hidden = net(batch.tokens, batch.positions, ctx, max_pos=batch.max_pos)  # [T, D]
-    logits = net.compute_logits(hidden if batch.logit_rows is None else hidden[batch.logit_rows])  # [N, V]
-    if batch.twin_rows is not None:
-        un = net.compute_logits(hidden[batch.twin_rows])  # [Nc, V]
-        if logits is not None:
-            sel = batch.cfg_sel
-            logits[sel] = un + (batch.cfg_w + 1) * (logits[sel] - un)
-    return logits
+    logits = net.local_logits(hidden if batch.logit_rows is None else hidden[batch.logit_rows])  # [N, Vc]
+    if batch.twin_rows is not None:  # elementwise, so each rank combines its own columns
+        un = net.local_logits(hidden[batch.twin_rows])  # [Nc, Vc]
+        sel = batch.cfg_sel
+        logits[sel] = un + (batch.cfg_w + 1) * (logits[sel] - un)
+    if batch.vocab_stats:
+        v0, v1 = net.shard.vocab(net.cfg.vocab_size)
+        parts = net.gather_to_rank0(shard_stats(logits[:, :v1 - v0], v0, batch.mask_id))  # R x [N, 7]
+        return None if parts is None else torch.stack(parts)
+    return net.gather_logits(logits)
 
 
 class LocalExecutor:
