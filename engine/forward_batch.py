@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .decoding.candidates import shard_stats
 from .model.attention import AttnContext, KVPoolTensors
 from .model.transformer import Transformer
 
@@ -47,6 +48,11 @@ class ForwardBatch:
     seq_lens_k: torch.Tensor | None = None
     """[R] int32 keys per row (triton, paged passes)."""
     page_size: int = 0
+    vocab_stats: bool = False
+    """Greedy batch without top-k/top-p over a sharded vocabulary: return each shard's decoding statistics
+    [R, N, 7] (decoding/candidates.shard_stats) instead of gathering the full logits."""
+    mask_id: int = -1
+    """The mask token (excluded from candidates) for vocab_stats."""
 
     def to(self, device: torch.device | str) -> "ForwardBatch":
         out = ForwardBatch(**{f.name: getattr(self, f.name) for f in fields(self)})
@@ -58,17 +64,20 @@ class ForwardBatch:
 
 
 def run_batch(net: Transformer, kv: KVPoolTensors | None, batch: ForwardBatch) -> torch.Tensor | None:
-    """Forward + logits at batch.logit_rows (CFG combined) -> [N, V] float32. Sharded nets: every rank must call it
-    with the same batch; rank 0 gets the logits, the others None."""
+    """Forward + logits at batch.logit_rows (CFG combined) -> [N, V] float32, or with vocab_stats [R, N, 7].
+    Sharded nets: every rank must call it with the same batch; rank 0 gets the result, the others None."""
     ctx = _attn_context(batch, kv)
     hidden = net(batch.tokens, batch.positions, ctx, max_pos=batch.max_pos)  # [T, D]
-    logits = net.compute_logits(hidden if batch.logit_rows is None else hidden[batch.logit_rows])  # [N, V]
-    if batch.twin_rows is not None:
-        un = net.compute_logits(hidden[batch.twin_rows])  # [Nc, V]
-        if logits is not None:
-            sel = batch.cfg_sel
-            logits[sel] = un + (batch.cfg_w + 1) * (logits[sel] - un)
-    return logits
+    logits = net.local_logits(hidden if batch.logit_rows is None else hidden[batch.logit_rows])  # [N, Vc]
+    if batch.twin_rows is not None:  # elementwise, so each rank combines its own columns
+        un = net.local_logits(hidden[batch.twin_rows])  # [Nc, Vc]
+        sel = batch.cfg_sel
+        logits[sel] = un + (batch.cfg_w + 1) * (logits[sel] - un)
+    if batch.vocab_stats:
+        v0, v1 = net.shard.vocab(net.cfg.vocab_size)
+        parts = net.gather_to_rank0(shard_stats(logits[:, :v1 - v0], v0, batch.mask_id))  # R x [N, 7]
+        return None if parts is None else torch.stack(parts)
+    return net.gather_logits(logits)
 
 
 def _attn_context(batch: ForwardBatch, kv: KVPoolTensors | None) -> AttnContext:

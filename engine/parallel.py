@@ -141,7 +141,7 @@ class TPExecutor:
         if self.broken is None:
             for rank, p in enumerate(self.procs, start=1):
                 if not p.is_alive():
-                    self.broken = self._describe(f"rank {rank} exited with code {p.exitcode}")
+                    self.broken = self._describe("")
                     break
         if self.broken is not None:
             raise ParallelError(self.broken)
@@ -208,19 +208,23 @@ class TPExecutor:
         return ParallelError(self.broken)
 
     def _describe(self, fallback: str) -> str:
-        """The first worker error reported on the queue (waiting briefly for it), else `fallback`."""
+        """What happened to the workers: the first error a worker reported on the queue, else a worker that exited
+        (waiting briefly for either: a worker that raised needs a moment to report and exit), else `fallback`."""
         deadline = time.monotonic() + 2.0
-        while self.errors is not None:
-            try:
-                if not self.errors.empty():
-                    rank, text = self.errors.get()
-                    return f"tensor-parallel worker rank {rank} failed: {text}"
-            except (OSError, EOFError, ValueError):
-                break
-            if time.monotonic() > deadline:
-                break
+        while True:
+            if self.errors is not None:
+                try:
+                    if not self.errors.empty():
+                        rank, text = self.errors.get()
+                        return f"tensor-parallel worker rank {rank} failed: {text}"
+                except (OSError, EOFError, ValueError):
+                    pass
+            dead = [(r, p.exitcode) for r, p in enumerate(self.procs, start=1) if not p.is_alive()]
+            if time.monotonic() > deadline or (dead and time.monotonic() > deadline - 1.5):
+                if dead:
+                    return f"tensor-parallel worker rank {dead[0][0]} exited with code {dead[0][1]}"
+                return f"tensor-parallel execution failed: {fallback}"
             time.sleep(0.05)
-        return f"tensor-parallel execution failed: {fallback}"
 
 
 def start_parallel(model_dir: Path, device: torch.device, dtype: str | torch.dtype, cfg: ParallelConfig,
@@ -431,6 +435,8 @@ def _report(errors: Any, rank: int, text: str) -> None:
     if errors is not None:
         try:
             errors.put((rank, last))
+            errors.close()
+            errors.join_thread()  # flushed before the worker exits
         except Exception:  # noqa: BLE001
             pass
 
@@ -453,6 +459,8 @@ class _Worker:
 
     def run(self, batch: ForwardBatch, reuse: bool) -> None:
         assert self.model is not None
+        if self.fault == "hang":
+            time.sleep(3600)
         if self.fault is not None:
             raise RuntimeError(self.fault)
         batch = batch.to(self.device)
@@ -468,7 +476,8 @@ class _Worker:
         return memory_of(self.shard.rank, self.model.net, 0 if self.pool is None else self.pool.nbytes)
 
     def inject_fault(self, message: str) -> None:
-        """Testing hook: the next run raises RuntimeError(message) in this worker (mid-step for rank 0)."""
+        """Testing hook: the next run raises RuntimeError(message) in this worker (mid-step for rank 0), or with
+        message "hang", sleeps instead of taking part in the step's collectives."""
         self.fault = message
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .decoding import schedule
-from .decoding.candidates import SCORE_CODES, CandidateInputs, candidates
+from .decoding.candidates import SCORE_CODES, CandidateInputs, candidates, candidates_from_stats
 from .decoding.noise import STREAM_GUMBEL, row_keys
 from .decoding.select import SelectInputs, select
 from .forward_batch import ForwardBatch
@@ -130,8 +130,9 @@ class ModelRunner:
     def step(self, reqs: list[ScheduledRequest]) -> RunnerOutput:
         m = self._sync_members([r.seq for r in reqs])
         batch, dec = self._inputs(reqs, m)
-        logits = self.model.executor.run(batch, self.pool.tensors)  # [N, V] (CFG combined)
-        commit = self._commit(reqs, m, logits, dec)  # [B, M]
+        batch.vocab_stats = self.model.executor.world_size > 1 and not m.any_sampling and not m.any_filter
+        logits = self.model.executor.run(batch, self.pool.tensors)  # [N, V] (CFG combined), vocab_stats: [R, N, 7]
+        commit = self._commit(reqs, m, logits, dec, batch.vocab_stats)  # [B, M]
         eos = self._eos(m)  # [B]
         out = torch.stack([commit.sum(1), eos.long()]).tolist()
         return RunnerOutput(committed=out[0], eos=[bool(x) for x in out[1]])
@@ -182,7 +183,8 @@ class ModelRunner:
 
         batch = ForwardBatch(tokens, pos, row_len, max_pos=max(m.lens) - 1,
                              logit_rows=hidden_rows(list(range(len(reqs)))), write_slots=write,
-                             read_slots=m.read_slots, key_valid=m.key_valid, backend=self.kernels)
+                             read_slots=m.read_slots, key_valid=m.key_valid, mask_id=mask_id,
+                             backend=self.kernels)
         if self.kernels == "triton":  # packed layout: no padded query index, keys through the block table
             batch.cu_seqlens_q = torch.tensor([0, *accumulate(row_len)], dtype=torch.int32).to(dev)
             batch.block_table, batch.seq_lens_k = m.block_table, m.seq_lens_k
@@ -194,9 +196,10 @@ class ModelRunner:
             batch.cfg_w = m.cfg_w[seq[sel]][:, None]
         return batch, dec
 
-    def _commit(self, reqs: list[ScheduledRequest], m: _Members, logits: torch.Tensor, dec: "_Decode"
-                ) -> torch.Tensor:
-        """Candidates and scores, then each row's selection rule; writes the commits into the canvases.
+    def _commit(self, reqs: list[ScheduledRequest], m: _Members, logits: torch.Tensor, dec: "_Decode",
+                vocab_stats: bool = False) -> torch.Tensor:
+        """Candidates and scores (from the logits [N, V], or with vocab_stats from the vocabulary shards'
+        statistics [R, N, 7]), then each row's selection rule; writes the commits into the canvases.
         Returns the commit mask [B, M] (padded layout)."""
         dev, mask_id = self.device, self.cfg.mask_id
         mmax = max(dec.lengths)
@@ -205,9 +208,10 @@ class ModelRunner:
         seqs = [r.seq for r in reqs]
         step_no = torch.tensor([s.stats.steps for s in seqs], device=dev)[dec.seq]
         keys = row_keys(m.seed[dec.seq], step_no, dec.pos, STREAM_GUMBEL)  # [N]
-        x0, score, conf = candidates(logits, CandidateInputs(
+        inputs = CandidateInputs(
             m.temperature[dec.seq], m.top_k[dec.seq], m.top_p[dec.seq], m.score[dec.seq], m.tempered[dec.seq],
-            keys, mask_id, m.any_sampling, m.any_filter, m.score_codes, m.any_tempered, self.kernels))
+            keys, mask_id, m.any_sampling, m.any_filter, m.score_codes, m.any_tempered, self.kernels)
+        x0, score, conf = candidates_from_stats(logits, inputs) if vocab_stats else candidates(logits, inputs)
         pad_valid = (torch.arange(mmax)[None, :] < torch.tensor(dec.lengths)[:, None]).to(dev)  # [B, M]
         flat_start = torch.tensor([0, *accumulate(dec.lengths)][:-1], device=dev)  # [B]
         pad_idx = torch.where(pad_valid, flat_start[:, None] + torch.arange(mmax, device=dev)[None, :], 0)  # [B, M]

@@ -8,6 +8,7 @@ processes, so the module is marked slow.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -88,6 +89,21 @@ def test_same_tokens_batched_mixed_params(pair, cache):
     b = [o.token_ids for o in one.generate(prompts, params)]
     assert a == b
     assert all(len(x) == p.max_tokens for x, p in zip(a, params))
+
+
+@pytest.mark.parametrize("cache", CACHES)
+def test_greedy_batches_decode_from_vocab_shards(pair, cache, monkeypatch):
+    """Greedy batches (no top-k/top-p) never gather the full logits: each rank reduces its vocabulary shard."""
+    _, tp, one = pair
+    prompts, params = mixed_requests(one, cache, seed=7 + len(cache))
+    params = [dataclasses.replace(p, temperature=0.0, top_p=None) for p in params]
+    ex, seen = tp.model.executor, []
+    run = ex.run
+    monkeypatch.setattr(ex, "run", lambda batch, kv: (seen.append(batch.vocab_stats), run(batch, kv))[1])
+    a = [o.token_ids for o in tp.generate(prompts, params)]
+    b = [o.token_ids for o in one.generate(prompts, params)]
+    assert a == b
+    assert seen and all(seen)
 
 
 def test_each_rank_holds_its_share(pair):

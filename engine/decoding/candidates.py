@@ -113,8 +113,80 @@ def _combine(inp: CandidateInputs, x0: torch.Tensor, p_x0: torch.Tensor, margin_
         neg_h = neg_h_fn()
         score = torch.where(code == 3, neg_h, score)
         conf = torch.where(code == 3, neg_h.exp(), conf)
+    return x0, *_random_scores(score, conf, inp)
+
+
+def _random_scores(score: torch.Tensor, conf: torch.Tensor, inp: CandidateInputs
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     if 1 in inp.codes:
         u = noise.uniform(inp.noise_keys ^ noise.STREAM_RANDOM_SCORE)  # [N]
-        score = torch.where(code == 1, u, score)
-        conf = torch.where(code == 1, u, conf)
-    return x0, score, conf
+        score = torch.where(inp.score == 1, u, score)
+        conf = torch.where(inp.score == 1, u, conf)
+    return score, conf
+
+
+# Vocabulary-parallel greedy decoding -----------------------------------------------------------------------------
+# With the vocabulary split over tensor-parallel ranks, a greedy batch without top-k/top-p needs from each rank only
+# a few numbers per position, never the full logits: the best candidate (mask excluded), the shard's max m_r, its
+# softmax partition s_r = sum exp(l - m_r), t_r = sum exp(l - m_r)(l - m_r), and its top-2 logits. Combined:
+# m = max m_r, S = sum s_r e^(m_r - m), p(x0) = e^(l_x0 - m) / S, sum p log p = T / S - log S with
+# T = sum e^(m_r - m)(t_r + (m_r - m) s_r), margin from the global top-2.
+STAT_COLS = 7
+
+
+def shard_stats(logits: torch.Tensor, vocab_start: int, mask_id: int) -> torch.Tensor:
+    """logits [N, Vs] float32 of vocabulary columns [vocab_start, vocab_start + Vs) -> [N, 7] float64:
+    (best logit, its global id, m_r, s_r, t_r, top1, top2), the best excluding the mask column."""
+    N, Vs = logits.shape
+    m = logits.max(-1).values  # [N]
+    z = logits - m[:, None]  # [N, Vs]
+    e = z.exp()
+    s = e.sum(-1)  # [N]
+    t = torch.nan_to_num(e * z, nan=0.0).sum(-1)  # [N]
+    col = mask_id - vocab_start
+    if 0 <= col < Vs:
+        best_v, best_i = _max_without(logits, col)
+    else:
+        best_v, best_i = logits.max(-1)
+    top = logits.topk(min(2, Vs), dim=-1).values  # [N, <=2]
+    if Vs < 2:
+        top = torch.cat([top, torch.full_like(top, float("-inf"))], dim=-1)
+    cols = [best_v, (best_i + vocab_start).to(logits.dtype), m, s, t, top[:, 0], top[:, 1]]
+    out = torch.stack([c.double() for c in cols], dim=-1)  # [N, 7]
+    out[:, 1] = (best_i + vocab_start).double()  # exact ids (float32 holds integers only up to 2^24)
+    return out
+
+
+def _max_without(x: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
+    saved = x[:, col].clone()
+    x[:, col] = float("-inf")
+    v, i = x.max(-1)
+    x[:, col] = saved
+    return v, i
+
+
+def candidates_from_stats(stats: torch.Tensor, inp: CandidateInputs) -> tuple[torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor]:
+    """stats [R, N, 7] (one shard_stats per vocabulary shard, in vocabulary order) -> x0, score, conf as
+    `candidates` computes them for a greedy batch without top-k/top-p (float64 instead of float32 softmax)."""
+    best_v, best_id, m_r, s_r, t_r = stats[..., 0], stats[..., 1], stats[..., 2], stats[..., 3], stats[..., 4]
+    m = m_r.max(0).values  # [N]
+    w = torch.exp(m_r - m)  # [R, N]
+    S = (s_r * w).sum(0)  # [N]
+    shard = best_v.argmax(0)  # [N] first shard holding the max: the lowest id on ties, as argmax
+    ar = torch.arange(stats.shape[1], device=stats.device)
+    x0 = best_id[shard, ar].long()
+    p_x0 = torch.exp(best_v[shard, ar] - m) / S
+    score, conf = p_x0, p_x0
+    code = inp.score
+    if 2 in inp.codes:
+        top2 = stats[..., 5:7].permute(1, 0, 2).reshape(stats.shape[1], -1).topk(2, dim=-1).values  # [N, 2]
+        margin = (torch.exp(top2[:, 0] - m) - torch.exp(top2[:, 1] - m)) / S
+        score = torch.where(code == 2, margin, score)
+        conf = torch.where(code == 2, margin, conf)
+    if 3 in inp.codes:
+        T = ((t_r + (m_r - m) * s_r) * w).sum(0)  # [N]
+        neg_h = T / S - torch.log(S)
+        score = torch.where(code == 3, neg_h, score)
+        conf = torch.where(code == 3, neg_h.exp(), conf)
+    return x0, *_random_scores(score, conf, inp)

@@ -64,15 +64,28 @@ class Transformer(nn.Module):
         x = self.embed(torch.where(mine, local, 0)) * mine[:, None].to(self.embed.weight.dtype)  # [T, D]
         return self.shard.all_reduce(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """hidden [N, D] -> logits [N, V] float32 (sharded: on rank 0; None on the other ranks)."""
-        local = self.lm_head(hidden).float()  # [N, V / size]
+    def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, D] -> [N, Vc] float32: this rank's vocabulary columns (all of them for one rank; sharded:
+        columns [vocab_start, vocab_start + Vc), zero past the vocabulary in the last chunk)."""
+        return self.lm_head(hidden).float()
+
+    def gather_logits(self, local: torch.Tensor) -> torch.Tensor | None:
+        """Every rank's local_logits -> the full [N, V] on rank 0 (None on the other ranks)."""
         if not self.shard.active:
             return local
-        import torch.distributed as dist
-        parts = [torch.empty_like(local) for _ in range(self.shard.size)] if self.shard.rank == 0 else None
-        dist.gather(local, parts, dst=_group_rank0(self.shard), group=self.shard.group)
+        parts = self.gather_to_rank0(local)
         return None if parts is None else torch.cat(parts, dim=-1)[:, :self.cfg.vocab_size]
+
+    def gather_to_rank0(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """Each rank's same-shape x -> the list of them on rank 0 (rank order), None elsewhere."""
+        import torch.distributed as dist
+        parts = [torch.empty_like(x) for _ in range(self.shard.size)] if self.shard.rank == 0 else None
+        dist.gather(x.contiguous(), parts, dst=_group_rank0(self.shard), group=self.shard.group)
+        return parts
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [N, D] -> logits [N, V] float32 (sharded: on rank 0; None on the other ranks)."""
+        return self.gather_logits(self.local_logits(hidden))
 
 
 def _group_rank0(shard: Shard) -> int:
