@@ -139,6 +139,6 @@ async def _announce(server: Any, client: Any, config: Any) -> None:
             shown = f"[{host}]" if ":" in host else host
             print(f"unmask serve: model {config.model_name!r} (family {info.family}, {info.dtype} on {info.device}, "
                   f"context {info.max_model_len}) from {info.path}", flush=True)
-            print(f"unmask serve: listening on http://{shown}:{port} (docs at /docs){'; API key required' if config.api_key else ''}",
-                  flush=True)
+            auth = "; API key required" if config.api_key else ""
+            print(f"unmask serve: listening on http://{shown}:{port} (docs at /docs){auth}", flush=True)
             return

@@ -266,7 +266,8 @@ def test_models_health_version_metrics_and_openapi(app, engine):
                  "unmask:denoising_steps_total", "unmask:positions_computed_total", "unmask:tokens_committed_total"):
         assert f'{name}{{' in text, name
     assert 'model_name="tiny"' in text and 'finished_reason="stop"' in text
-    steps = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("unmask:denoising_steps_total")))
+    steps = float(next(line.split()[-1] for line in text.splitlines()
+                       if line.startswith("unmask:denoising_steps_total")))
     assert steps == engine.stats().steps > 0
     schemas = openapi.json()["components"]["schemas"]
     chat = schemas["ChatCompletionRequest"]["properties"]
