@@ -32,7 +32,7 @@ def parse_bytes(text: str) -> int:
 
 
 def add_serve_parser(sub: Any) -> None:
-    from engine.cli import add_sampling_flags
+    from engine.cli import add_kernel_flag, add_parallel_flags, add_sampling_flags
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (default: the bundled model on CPU)",
                        description="OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, "
                                    "/health, /version, /metrics, /docs. The sampling flags set server-wide "
@@ -58,12 +58,14 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/Ctrl-C, seconds in-flight requests get to finish (default 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_kernel_flag(p)
     add_sampling_flags(p)
+    add_parallel_flags(p)
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from engine.cli import SAMPLING_FIELDS, sampling_params
+    from engine.cli import SAMPLING_FIELDS, parallel_options, sampling_params
     from engine.llm import default_model_dir
 
     from .config import ServerConfig
@@ -83,7 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                           drain_timeout=args.drain_timeout, sampling_defaults=defaults)
     client = LocalEngineClient.from_model(args.model, device=args.device, dtype=args.dtype,
-                                          max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
+                                          max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
+                                          kernels=args.kernels, **parallel_options(args))
     return asyncio.run(serve(client, config, args.host, args.port, args.log_level))
 
 

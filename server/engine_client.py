@@ -94,7 +94,7 @@ class LocalEngineClient:
         return self.engine.stats
 
     def healthy(self) -> bool:
-        return self.engine.is_running
+        return self.engine.healthy
 
     async def shutdown(self) -> None:
         await self.engine.aclose()
