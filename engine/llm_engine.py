@@ -73,6 +73,8 @@ class LLMEngine:
         self.keep_last_canvas = False
         self.last_canvas: dict[str, list[int]] = {}
         """With keep_last_canvas, each finished request's final generated canvas (for --show-steps)."""
+        self.owner: object | None = None
+        """The AsyncEngine serving this engine from its thread, if any (then nobody else may step it)."""
         self.fault_hook: Callable[[str, str | None], None] | None = None
         """Fault-injection hook for tests: step() calls it at each phase, ("schedule", None), ("forward", None),
         ("update", None), then ("output", request_id) before each output; whatever it raises is a step fault."""
