@@ -7,6 +7,7 @@ refers to requests, so workers need no scheduler or canvas state.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 
@@ -48,6 +49,10 @@ class ForwardBatch:
     seq_lens_k: torch.Tensor | None = None
     """[R] int32 keys per row (triton, paged passes)."""
     page_size: int = 0
+    logit_chunk: int = 0
+    """Logit rows computed (and handed to run_batch's consume) at once; 0: all of them."""
+    cfg_splits: list[int] | None = None
+    """Host-known index into cfg_sel at each chunk boundary (len = chunks + 1); None: one chunk."""
     vocab_stats: bool = False
     """Greedy batch without top-k/top-p over a sharded vocabulary: return each shard's decoding statistics
     [R, N, 7] (decoding/candidates.shard_stats) instead of gathering the full logits."""
@@ -63,21 +68,52 @@ class ForwardBatch:
         return out
 
 
-def run_batch(net: Transformer, kv: KVPoolTensors | None, batch: ForwardBatch) -> torch.Tensor | None:
-    """Forward + logits at batch.logit_rows (CFG combined) -> [N, V] float32, or with vocab_stats [R, N, 7].
-    Sharded nets: every rank must call it with the same batch; rank 0 gets the result, the others None."""
+Consume = Callable[[int, int, torch.Tensor], None]
+"""consume(a, b, out): rank 0 receives the logits [b - a, V] (or the shard statistics [R, b - a, 7]) of logit rows
+[a, b) as soon as they are computed."""
+
+
+def run_batch(net: Transformer, kv: KVPoolTensors | None, batch: ForwardBatch,
+              consume: Consume | None = None) -> torch.Tensor | None:
+    """Forward, then the logits at batch.logit_rows (CFG combined) in chunks of batch.logit_chunk rows, each handed
+    to `consume` on rank 0 (so the [N, V] working set stays bounded). Without consume, rank 0 gets them all at once:
+    [N, V] float32, or with vocab_stats [R, N, 7]. Sharded nets: every rank must call it with the same batch (the
+    chunks are collective); the other ranks get None."""
     ctx = _attn_context(batch, kv)
     hidden = net(batch.tokens, batch.positions, ctx, max_pos=batch.max_pos)  # [T, D]
-    logits = net.local_logits(hidden if batch.logit_rows is None else hidden[batch.logit_rows])  # [N, Vc]
-    if batch.twin_rows is not None:  # elementwise, so each rank combines its own columns
-        un = net.local_logits(hidden[batch.twin_rows])  # [Nc, Vc]
-        sel = batch.cfg_sel
-        logits[sel] = un + (batch.cfg_w + 1) * (logits[sel] - un)
-    if batch.vocab_stats:
-        v0, v1 = net.shard.vocab(net.cfg.vocab_size)
-        parts = net.gather_to_rank0(shard_stats(logits[:, :v1 - v0], v0, batch.mask_id))  # R x [N, 7]
-        return None if parts is None else torch.stack(parts)
-    return net.gather_logits(logits)
+    rows = batch.logit_rows if batch.logit_rows is not None else torch.arange(hidden.shape[0], device=hidden.device)
+    n = rows.shape[0]
+    chunk = batch.logit_chunk if batch.logit_chunk > 0 else max(n, 1)
+    parts: list[torch.Tensor] = []
+    for c, a in enumerate(range(0, n, chunk)):
+        b = min(a + chunk, n)
+        logits = net.local_logits(hidden[rows[a:b]])  # [n, Vc]
+        if batch.twin_rows is not None:  # elementwise, so each rank combines its own columns
+            s0, s1 = (batch.cfg_splits[c], batch.cfg_splits[c + 1]) if batch.cfg_splits else (0, len(batch.cfg_sel))
+            if s1 > s0:
+                un = net.local_logits(hidden[batch.twin_rows[s0:s1]])  # [nc, Vc]
+                sel = batch.cfg_sel[s0:s1] - a
+                logits[sel] = un + (batch.cfg_w[s0:s1] + 1) * (logits[sel] - un)
+        if batch.vocab_stats:
+            v0, v1 = net.shard.vocab(net.cfg.vocab_size)
+            shards = net.gather_to_rank0(shard_stats(logits[:, :v1 - v0], v0, batch.mask_id))  # R x [n, 7]
+            out = None if shards is None else torch.stack(shards)
+        else:
+            out = net.gather_logits(logits)
+        if out is not None:
+            if consume is not None:
+                consume(a, b, out)
+            else:
+                parts.append(out)
+    if consume is not None or parts == [] and not _is_rank0(net):
+        return None
+    if not parts:
+        return torch.zeros(0, net.cfg.vocab_size, device=hidden.device)
+    return torch.cat(parts, dim=1 if batch.vocab_stats else 0)
+
+
+def _is_rank0(net: Transformer) -> bool:
+    return not net.shard.active or net.shard.rank == 0
 
 
 def _attn_context(batch: ForwardBatch, kv: KVPoolTensors | None) -> AttnContext:
@@ -105,10 +141,9 @@ class LocalExecutor:
     def __init__(self, net: Transformer) -> None:
         self.net = net
 
-    def run(self, batch: ForwardBatch, kv: KVPoolTensors | None) -> torch.Tensor:
-        out = run_batch(self.net, kv, batch)
-        assert out is not None
-        return out
+    def run(self, batch: ForwardBatch, kv: KVPoolTensors | None, consume: Consume | None = None
+            ) -> torch.Tensor | None:
+        return run_batch(self.net, kv, batch, consume)
 
     def init_pool(self, num_pages: int, page_size: int) -> None:
         pass

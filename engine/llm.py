@@ -42,13 +42,14 @@ class LLM:
                  dtype: str | torch.dtype = "auto", *, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 16384, kv_cache_memory: int | None = None,
                  page_size: int = 16, kernels: str | None = None, tensor_parallel_size: int = 1, expert_parallel: bool = False,
-                 parallel_timeout: float = 120.0) -> None:
+                 parallel_timeout: float = 120.0, logits_memory: int | None = None) -> None:
         """kernels: "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch"; None reads $UNMASK_KERNELS,
         else auto. "triton" on CPU runs the interpreted kernels and needs TRITON_INTERPRET=1.
         tensor_parallel_size N > 1 shards the model over N processes (this one is rank 0, the engine starts
         N-1 workers; under torchrun every rank calls this and ranks > 0 serve, then exit). expert_parallel: MoE
         experts partitioned over the ranks. parallel_timeout: seconds before a silent rank fails a step.
-        Call shutdown() (or use `with LLM(...) as llm:`) to stop the workers; they also stop at exit."""
+        Call shutdown() (or use `with LLM(...) as llm:`) to stop the workers; they also stop at exit.
+        logits_memory: bytes the per-step candidate pass may use (the decoded positions are scored in chunks)."""
         from .parallel import ParallelConfig, start_parallel, torchrun_rank
         model_dir = Path(model) if model is not None else default_model_dir()
         self.parallel = ParallelConfig(tensor_parallel_size, expert_parallel, parallel_timeout)
@@ -62,9 +63,11 @@ class LLM:
             self.defaults: GenerationDefaults = model_defaults(cfg.family, read_generation_config(model_dir))
             self.limits = ModelLimits(vocab_size=cfg.vocab_size, max_model_len=cfg.max_position_embeddings,
                                       has_tokenizer=self.model.tokenizer is not None)
+            extra = {} if logits_memory is None else {"logits_memory": logits_memory}
             self.engine = LLMEngine(self.model, EngineConfig(
                 cache=CacheConfig(kv_cache_memory=kv_cache_memory, page_size=page_size),
-                scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)))
+                scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+                **extra))
         except BaseException:
             self.model.executor.shutdown()
             raise
@@ -156,6 +159,7 @@ class LLM:
                                   max_tokens=resolved.max_tokens)
         else:
             ids = self.prompt_ids(prompt, max_tokens=resolved.max_tokens)
+        self._check_not_served()
         rid = f"gen-{next(self._ids)}"
         seq = self.engine.add_request(rid, ids, resolved)
         try:
@@ -169,9 +173,15 @@ class LLM:
         finally:
             self.engine.abort(rid)
 
+    def _check_not_served(self) -> None:
+        if self.engine.owner is not None:
+            raise RuntimeError("this LLM is being served by an AsyncEngine, whose thread owns its engine; submit "
+                               "requests through the AsyncEngine, or shut it down first")
+
     def _run(self, ids: list[list[int]], params: list[ResolvedParams], prompts: list[Any]) -> list[RequestOutput]:
         """Add the requests, step until all finish. Whatever is raised (a step fault, KeyboardInterrupt), none of
         these requests is left in the engine: their pages are free and the engine is usable by the next call."""
+        self._check_not_served()
         order: dict[str, int] = {}
         results: list[RequestOutput | None] = [None] * len(ids)
         try:

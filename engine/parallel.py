@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import ParallelError
-from .forward_batch import ForwardBatch, run_batch
+from .forward_batch import Consume, ForwardBatch, run_batch
 from .kv_pool import KVPool
 from .model.attention import KVPoolTensors
 from .model.diffusion_model import DiffusionModel
@@ -114,7 +114,8 @@ class TPExecutor:
         self._saved_threads = saved_threads
 
     # the executor interface (engine/forward_batch.py) ------------------------------------------------------
-    def run(self, batch: ForwardBatch, kv: KVPoolTensors | None) -> torch.Tensor:
+    def run(self, batch: ForwardBatch, kv: KVPoolTensors | None, consume: Consume | None = None
+            ) -> torch.Tensor | None:
         with self._lock:
             self.check()
             reuse = batch.read_slots is not None and batch.read_slots is self._last_layout
@@ -123,12 +124,11 @@ class TPExecutor:
                 sent.read_slots = sent.key_valid = None
             try:
                 self._send(("run", sent, reuse))
-                out = run_batch(self.net, kv, batch)
+                out = run_batch(self.net, kv, batch, consume)
             except Exception as exc:
                 raise self._fail(exc) from exc
             if batch.read_slots is not None:
                 self._last_layout = batch.read_slots
-            assert out is not None
             return out
 
     def init_pool(self, num_pages: int, page_size: int) -> None:

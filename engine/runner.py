@@ -103,8 +103,15 @@ class _Members:
         self.any_alg_temp = any(x.alg_temp > 0 for x in p)
 
 
+LOGIT_ENTRY_BYTES = 64
+"""Working memory per (decoded position, vocabulary entry) of one candidate pass: float32 logits, tempered and
+filtered copies, the top-k/top-p sort (values, int64 order, cumsum), float64 Gumbel noise and perturbed scores,
+softmax and log-softmax. An upper estimate; it sizes the chunks of positions a step decodes at once."""
+DEFAULT_LOGITS_MEMORY = 512 << 20
+
+
 class ModelRunner:
-    def __init__(self, model: DiffusionModel, pool: KVPool) -> None:
+    def __init__(self, model: DiffusionModel, pool: KVPool, logits_memory: int = DEFAULT_LOGITS_MEMORY) -> None:
         self.model, self.net, self.cfg = model, model.net, model.config
         self.device, self.pool = model.device, pool
         self.canvases: dict[int, torch.Tensor] = {}
@@ -113,6 +120,8 @@ class ModelRunner:
         self.stop_ids = torch.tensor(self.cfg.stop_ids, device=self.device)
         self.kernels = model.kernels
         self.shift = 1 if self.cfg.shift_logits else 0
+        self.max_logit_rows = max(1, logits_memory // (self.cfg.vocab_size * LOGIT_ENTRY_BYTES))
+        """Decoded positions whose logits are materialised at once (logits_memory / (vocab * LOGIT_ENTRY_BYTES))."""
 
     # canvases -------------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -143,8 +152,11 @@ class ModelRunner:
         m = self._sync_members([r.seq for r in reqs])
         batch, dec = self._inputs(reqs, m)
         batch.vocab_stats = self.model.executor.world_size > 1 and not m.any_sampling and not m.any_filter
-        logits = self.model.executor.run(batch, self.pool.tensors)  # [N, V] (CFG combined), vocab_stats: [R, N, 7]
-        commit = self._commit(reqs, m, logits, dec, batch.vocab_stats)  # [B, M]
+        seqs = [r.seq for r in reqs]
+        step_no = torch.tensor([s.stats.steps for s in seqs], device=self.device)[dec.seq]
+        keys = row_keys(m.seed[dec.seq], step_no, dec.pos, STREAM_GUMBEL)  # [N] counter-based noise keys
+        x0, score, conf = self._candidates(m, batch, dec, keys)  # [N] each
+        commit = self._commit(reqs, m, dec, x0, score, conf, keys)  # [B, M]
         eos = self._eos(m)  # [B]
         out = torch.stack([commit.sum(1), eos.long()]).tolist()
         return RunnerOutput(committed=out[0], eos=[bool(x) for x in out[1]])
@@ -206,24 +218,45 @@ class ModelRunner:
             sel = torch.nonzero_static(m.cfg_w[seq] > 0, size=sum(counts[i] for i in m.cfg_seqs))[:, 0]  # [Nc]
             batch.twin_rows, batch.cfg_sel = hidden_rows(twin_row)[sel], sel
             batch.cfg_w = m.cfg_w[seq[sel]][:, None]
+        n, chunk = sum(counts), self.max_logit_rows
+        batch.logit_chunk = chunk
+        if m.cfg_seqs:  # host-known: the guided positions before each chunk boundary, indexing batch.cfg_sel
+            starts = [0, *accumulate(counts)]
+            bounds = [*range(0, n, chunk), n]
+            batch.cfg_splits = [sum(max(0, min(x, starts[i + 1]) - starts[i]) for i in m.cfg_seqs) for x in bounds]
         return batch, dec
 
-    def _commit(self, reqs: list[ScheduledRequest], m: _Members, logits: torch.Tensor, dec: "_Decode",
-                vocab_stats: bool = False) -> torch.Tensor:
-        """Candidates and scores (from the logits [N, V], or with vocab_stats from the vocabulary shards'
-        statistics [R, N, 7]), then each row's selection rule; writes the commits into the canvases.
+    def _candidates(self, m: _Members, batch: ForwardBatch, dec: "_Decode", keys: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the step's forward and score its decoded positions: candidate token, score and confidence [N] each.
+        The logits (or, with vocab_stats, the vocabulary shards' statistics [R, n, 7]) arrive in chunks of at most
+        batch.logit_chunk positions, each scored as it arrives, so the [N, V] working set stays within the logits
+        memory budget whatever the batch."""
+        dev, n = self.device, len(dec.pos)
+        x0 = torch.empty(n, dtype=torch.long, device=dev)
+        score = torch.empty(n, dtype=torch.float64, device=dev)
+        conf = torch.empty(n, dtype=torch.float64, device=dev)
+        score_chunk = candidates_from_stats if batch.vocab_stats else candidates
+
+        def consume(a: int, b: int, logits: torch.Tensor) -> None:
+            seq = dec.seq[a:b]
+            inputs = CandidateInputs(m.temperature[seq], m.top_k[seq], m.top_p[seq], m.score[seq], m.tempered[seq],
+                                     keys[a:b], self.cfg.mask_id, m.any_sampling, m.any_filter, m.score_codes,
+                                     m.any_tempered, self.kernels)
+            x0[a:b], score[a:b], conf[a:b] = score_chunk(logits, inputs)
+
+        self.model.executor.run(batch, self.pool.tensors, consume)
+        return x0, score, conf
+
+    def _commit(self, reqs: list[ScheduledRequest], m: _Members, dec: "_Decode", x0: torch.Tensor,
+                score: torch.Tensor, conf: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Each row's selection rule over the scored positions; writes the commits into the canvases.
         Returns the commit mask [B, M] (padded layout)."""
         dev, mask_id = self.device, self.cfg.mask_id
         mmax = max(dec.lengths)
         if mmax == 0:  # nothing masked in any block (a fixed schedule's trailing zero-commit steps)
             return torch.zeros(len(reqs), 0, dtype=torch.bool, device=dev)
         seqs = [r.seq for r in reqs]
-        step_no = torch.tensor([s.stats.steps for s in seqs], device=dev)[dec.seq]
-        keys = row_keys(m.seed[dec.seq], step_no, dec.pos, STREAM_GUMBEL)  # [N]
-        inputs = CandidateInputs(
-            m.temperature[dec.seq], m.top_k[dec.seq], m.top_p[dec.seq], m.score[dec.seq], m.tempered[dec.seq],
-            keys, mask_id, m.any_sampling, m.any_filter, m.score_codes, m.any_tempered, self.kernels)
-        x0, score, conf = candidates_from_stats(logits, inputs) if vocab_stats else candidates(logits, inputs)
         pad_valid = (torch.arange(mmax)[None, :] < torch.tensor(dec.lengths)[:, None]).to(dev)  # [B, M]
         flat_start = torch.tensor([0, *accumulate(dec.lengths)][:-1], device=dev)  # [B]
         pad_idx = torch.where(pad_valid, flat_start[:, None] + torch.arange(mmax, device=dev)[None, :], 0)  # [B, M]
