@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from .cache_manager import PageAllocator
-from .errors import EngineStepError, RequestError
+from .errors import EngineStepError, ParallelError, RequestError
 from .kv_pool import KVPool, kv_bytes_per_token
 from .model.diffusion_model import DiffusionModel
 from .outputs import RequestOutput, cut_at_stop_string, cut_at_stop_token
@@ -115,7 +115,8 @@ class LLMEngine:
 
         If anything in the step raises, every request of the step that did not finish is failed (removed, its
         pages freed) and EngineStepError carries the finished outputs and the failed ids; the engine stays usable.
-        A BaseException that is not an Exception (KeyboardInterrupt) is re-raised as is after the same cleanup."""
+        A BaseException that is not an Exception (KeyboardInterrupt), and a ParallelError (a lost tensor-parallel
+        worker: no later step can run either), are re-raised as they are after the same cleanup."""
         sched: ScheduleOutput | None = None
         outs: list[RequestOutput] = []
         hook = self.fault_hook
@@ -148,7 +149,7 @@ class LLMEngine:
             return outs
         except BaseException as exc:
             failed = self._fail_step(sched)
-            if not isinstance(exc, Exception):
+            if not isinstance(exc, Exception) or isinstance(exc, ParallelError):  # the model can no longer run
                 raise
             raise EngineStepError(f"engine step failed: {exc!r}", [o for o in outs if o.finished], failed) from exc
 

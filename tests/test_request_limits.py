@@ -163,13 +163,13 @@ def test_logits_working_set_is_bounded_and_chunking_changes_no_token(make_checkp
     vocab = wide.model.config.vocab_size
     narrow = LLM(path, kv_cache_memory=1 << 22, page_size=8, logits_memory=5 * vocab * 64)
     assert narrow.engine.runner.max_logit_rows == 5
-    real, rows = narrow.model.net.compute_logits, []
+    real, rows = narrow.model.net.local_logits, []
 
     def recording(h):
         rows.append(h.shape[0])
         return real(h)
 
-    narrow.model.net.compute_logits = recording
+    narrow.model.net.local_logits = recording
     got = narrow.generate(prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
     assert max(rows) == 5  # the first steps decode 12-16 positions per request: they were split

@@ -36,7 +36,7 @@ def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 def pair(request, make_checkpoint):
     family, ep, over = request.param
     path = make_checkpoint(family, **over)
-    opts = dict(kv_cache_memory=1 << 22, page_size=4)
+    opts = dict(kv_cache_memory=1 << 22, page_size=4, dtype="float32")
     tp = LLM(path, tensor_parallel_size=2, expert_parallel=ep, parallel_timeout=60, **opts)
     yield family, tp, LLM(path, **opts)
     tp.shutdown()
@@ -99,7 +99,7 @@ def test_greedy_batches_decode_from_vocab_shards(pair, cache, monkeypatch):
     params = [dataclasses.replace(p, temperature=0.0, top_p=None) for p in params]
     ex, seen = tp.model.executor, []
     run = ex.run
-    monkeypatch.setattr(ex, "run", lambda batch, kv: (seen.append(batch.vocab_stats), run(batch, kv))[1])
+    monkeypatch.setattr(ex, "run", lambda batch, kv, consume=None: (seen.append(batch.vocab_stats), run(batch, kv, consume))[1])
     a = [o.token_ids for o in tp.generate(prompts, params)]
     b = [o.token_ids for o in one.generate(prompts, params)]
     assert a == b

@@ -14,7 +14,7 @@ from engine import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-GEN = ("--max-tokens", "8", "--steps", "8", "--block-length", "4", "--ignore-eos", "--raw", "--cache", "dual", "--seed", "1")
+GEN = ("--max-tokens", "8", "--steps", "8", "--block-length", "4", "--ignore-eos", "--raw", "--cache", "dual", "--seed", "1", "--dtype", "float32")
 
 
 def run(*cmd: str) -> subprocess.CompletedProcess:
@@ -29,7 +29,7 @@ def ckpt(make_checkpoint):
 
 @pytest.fixture(scope="module")
 def expected(ckpt):
-    llm = LLM(ckpt)
+    llm = LLM(ckpt, dtype="float32")
     return llm.generate(["hello world"], SamplingParams(max_tokens=8, steps=8, block_length=4, ignore_eos=True,
                                                         cache="dual", seed=1))[0].text
 
@@ -65,8 +65,8 @@ def test_bundled_model_accuracy_unchanged_at_tp2():
     from engine.bundled import DEFAULT_MODEL_DIR, task
     problems = task.make_problems(60, seed=2024, split="held_out")
     msgs = [task.messages_for(q) for q, _ in problems]
-    one = LLM(DEFAULT_MODEL_DIR, max_num_seqs=60)
-    with LLM(DEFAULT_MODEL_DIR, max_num_seqs=60, tensor_parallel_size=2) as tp:
+    one = LLM(DEFAULT_MODEL_DIR, max_num_seqs=60, dtype="float32")
+    with LLM(DEFAULT_MODEL_DIR, max_num_seqs=60, tensor_parallel_size=2, dtype="float32") as tp:
         for params in (SamplingParams(remasking="low_confidence"), SamplingParams(cache="dual", threshold=0.9)):
             a, b = tp.chat(msgs, params), one.chat(msgs, params)
             acc_tp = sum(task.check(q, o.text) for (q, _), o in zip(problems, a)) / len(problems)
