@@ -334,7 +334,8 @@ class AsyncEngine:
         tok = self._engine.model.tokenizer
         deliveries.append((req, RequestOutput(
             request_id, req.prompt_ids, list(last.token_ids) if last else [],
-            last.text if last else ("" if tok is not None else None), "abort", stats, req.prompt, finished=True)))
+            last.text if last else ("" if tok is not None else None), "abort", stats, req.prompt, finished=True,
+            seed=req.params.seed)))
 
     def _step(self, deliveries: list[Delivery]) -> None:
         eng = self._engine

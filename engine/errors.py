@@ -45,5 +45,9 @@ class EngineStepError(EngineError):
         self.outputs, self.failed = outputs, failed
 
 
+class ChatMessageError(RequestError):
+    """A chat message is malformed; `.param` names the message index and field ('messages[2].content')."""
+
+
 class ParallelError(RuntimeError):
     """A tensor-parallel worker died, raised, or stopped answering: the model can no longer run."""
