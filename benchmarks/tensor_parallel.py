@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-length", type=int, default=16)
     p.add_argument("--cache", default="dual")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (best is reported)")
+    p.add_argument("--memory-only", action="store_true", help="only load and report per-rank memory")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     return p.parse_args(argv)
@@ -57,6 +58,8 @@ def model_dir(args: argparse.Namespace, tmp: Path) -> Path:
 
 
 def measure(llm: LLM, args: argparse.Namespace, prompts: list[list[int]]) -> dict:
+    if args.memory_only:
+        return dict(forward_ms=float("nan"), tok_s=1.0, tokens=None, memory=llm.memory_report())
     canvas = torch.tensor([p + [llm.model.config.mask_id] * args.gen_len for p in prompts])  # [B, L]
     llm.model.logits(canvas[:1])  # warm-up
     fwd = []
