@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-length", type=int, default=16)
     p.add_argument("--cache", default="dual")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (best is reported)")
+    p.add_argument("--memory-only", action="store_true", help="only load and report per-rank memory")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     return p.parse_args(argv)
@@ -57,6 +58,8 @@ def model_dir(args: argparse.Namespace, tmp: Path) -> Path:
 
 
 def measure(llm: LLM, args: argparse.Namespace, prompts: list[list[int]]) -> dict:
+    if args.memory_only:
+        return dict(forward_ms=float("nan"), tok_s=1.0, tokens=None, memory=llm.memory_report())
     canvas = torch.tensor([p + [llm.model.config.mask_id] * args.gen_len for p in prompts])  # [B, L]
     llm.model.logits(canvas[:1])  # warm-up
     fwd = []
@@ -86,19 +89,24 @@ def main(argv: list[str] | None = None) -> None:
         vocab = one.model.config.vocab_size
         prompts = [[rng.randrange(vocab - 8) for _ in range(args.prompt_len)] for _ in range(args.batch_size)]
         threads = torch.get_num_threads()
-        base = measure(one, args, prompts)
+        per_rank = max(1, threads // args.tp) if args.device == "cpu" else threads
+        rows = []
+        for t in sorted({threads, per_rank}, reverse=True):  # TP=1 with all the cores, and with one rank's share
+            torch.set_num_threads(t)
+            rows.append((f"TP=1, {t} thread{'s' * (t > 1)}", measure(one, args, prompts)))
+        torch.set_num_threads(threads)
         del one
-        label = f"TP={args.tp}{' EP' if args.expert_parallel else ''}"
+        label = f"TP={args.tp}{' EP' if args.expert_parallel else ''}, {per_rank} thread{'s' * (per_rank > 1)}/rank"
         with LLM(path, tensor_parallel_size=args.tp, expert_parallel=args.expert_parallel, **opts) as tp:
-            split = torch.get_num_threads()
-            res = measure(tp, args, prompts)
+            rows.append((label, measure(tp, args, prompts)))
+    base = max((r for _, r in rows[:-1]), key=lambda r: r["tok_s"])
     print(f"model: {args.model or ('llada_moe ' if args.moe else 'llada ') + args.random}, {args.device} "
           f"{args.dtype}, batch {args.batch_size} x (prompt {args.prompt_len} + gen {args.gen_len}), "
-          f"cache {args.cache}; CPU threads: TP=1 {threads}, per rank at TP={args.tp}: {split}")
+          f"cache {args.cache}; speedup vs the faster TP=1 row")
     print(f"| config | full forward (ms) | generate (tok/s) | speedup (tok/s) | same tokens | "
           f"params per rank (MB) | RSS per rank (MB) |")
     print("|---|---|---|---|---|---|---|")
-    for name, r in (("TP=1", base), (label, res)):
+    for name, r in rows:
         mb = lambda k: " / ".join(f"{m[k] / 2**20:.1f}" for m in r["memory"])  # noqa: E731
         print(f"| {name} | {r['forward_ms']:.1f} | {r['tok_s']:.1f} | {r['tok_s'] / base['tok_s']:.2f}x | "
               f"{r['tokens'] == base['tokens']} | {mb('param_bytes')} | {mb('rss_bytes')} |")

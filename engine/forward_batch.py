@@ -60,11 +60,13 @@ class ForwardBatch:
     """The mask token (excluded from candidates) for vocab_stats."""
 
     def to(self, device: torch.device | str) -> "ForwardBatch":
+        """A copy on `device` (host copies are synchronous: the batch is pickled right after)."""
         out = ForwardBatch(**{f.name: getattr(self, f.name) for f in fields(self)})
+        async_ok = torch.device(device).type != "cpu"
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
-                setattr(out, f.name, v.to(device, non_blocking=True))
+                setattr(out, f.name, v.to(device, non_blocking=async_ok))
         return out
 
 

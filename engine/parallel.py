@@ -104,9 +104,9 @@ class TPExecutor:
     """Rank 0's side: runs each ForwardBatch on every rank (one control broadcast, then its own shard)."""
 
     def __init__(self, net: torch.nn.Module, control: Any, world_size: int, procs: list[Any], errors: Any,
-                 timeout_s: float, saved_threads: int | None) -> None:
+                 saved_threads: int | None) -> None:
         self.net, self.control, self.world_size = net, control, world_size
-        self.procs, self.errors, self.timeout_s = procs, errors, timeout_s
+        self.procs, self.errors = procs, errors
         self.broken: str | None = None
         self._last_layout: torch.Tensor | None = None
         self._lock = threading.Lock()
@@ -241,6 +241,9 @@ def start_parallel(model_dir: Path, device: torch.device, dtype: str | torch.dty
                          f"{torch.cuda.device_count()} visible")
     threads = max(1, (os.cpu_count() or 1) // n) if device.type == "cpu" else None
     run = torchrun_rank()
+    if run is None and dist.is_initialized():
+        raise ValueError("a tensor-parallel model is already running in this process (one per process): "
+                         "shut it down first (llm.shutdown())")
     if run is not None:
         rank, world, local = run
         if world != n:
@@ -299,7 +302,7 @@ def start_parallel(model_dir: Path, device: torch.device, dtype: str | torch.dty
             torch.set_num_threads(saved)
         raise
     assert model is not None
-    executor = TPExecutor(model.net, control, n, procs, errors, cfg.timeout_s, saved)
+    executor = TPExecutor(model.net, control, n, procs, errors, saved)
     model.executor = executor
     atexit.register(_shutdown_at_exit, weakref.ref(executor))
     return model
@@ -345,6 +348,9 @@ def _join(args: _WorkerArgs, rank: int, procs: list[Any]) -> Any:
 
     def init() -> None:
         try:
+            if dist.is_initialized():  # a torchrun script that set up its own group: use it
+                box["control"] = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+                return
             kwargs: dict[str, Any] = dict(backend=backend, init_method=args.init_method, timeout=timeout)
             if args.init_method != "env://":
                 kwargs.update(world_size=args.world_size, rank=rank)

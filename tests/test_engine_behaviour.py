@@ -66,7 +66,7 @@ def test_more_requests_than_the_pool_holds_at_once_all_finish(make_checkpoint):
 def test_logits_only_at_the_current_block(llm, cache, monkeypatch):
     """No [batch, canvas, vocab] tensor: the lm_head runs on the block's positions only."""
     rows = []
-    real = llm.model.net.local_logits
+    real = llm.model.net.local_logits  # the lm_head (compute_logits = gather_logits(local_logits(h)))
     monkeypatch.setattr(llm.model.net, "local_logits", lambda h: rows.append(h.shape[0]) or real(h))
     prompts = [list(range(1, 40)), list(range(2, 20))]
     llm.generate(prompts, SamplingParams(max_tokens=24, block_length=6, steps=24, cache=cache, ignore_eos=True))

@@ -140,5 +140,7 @@ def test_shard_ranges():
         Shard(0, 4).check(6, 2, 0, "m")
     with pytest.raises(ValueError, match="KV heads"):
         Shard(0, 4).check(12, 6, 0, "m")
-    with pytest.raises(ValueError, match="experts"):
+    with pytest.raises(ValueError, match="at least 4 experts"):
         Shard(0, 4, expert_parallel=True).check(4, 4, 3, "m")
+    with pytest.raises(ValueError, match="no experts"):
+        Shard(0, 2, expert_parallel=True).check(4, 4, 0, "m")

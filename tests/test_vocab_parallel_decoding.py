@@ -47,3 +47,27 @@ def test_matches_full_logits(ranks, V, mask_id):
     # not vacuous: the statistics of a single shard (the others dropped) give other scores
     _, wrong, _ = candidates_from_stats(sharded(logits, ranks, mask_id)[:1], inp)
     assert not torch.allclose(wrong, score, rtol=1e-3, atol=1e-4)
+
+
+def test_run_batch_statistics_match_its_logits(make_checkpoint):
+    """run_batch(vocab_stats=True) on one rank: the statistics decode like the logits it returns otherwise
+    (CFG combined in both)."""
+    from engine import load_model
+    from engine.forward_batch import ForwardBatch, run_batch
+    model = load_model(make_checkpoint("llada"))
+    V, mask = model.config.vocab_size, model.config.mask_id
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, V, (2 * 11,), generator=g)
+    batch = ForwardBatch(tokens, torch.arange(11).repeat(2), [11, 11], max_pos=10,
+                         logit_rows=torch.tensor([1, 4, 5, 9]), twin_rows=torch.tensor([15, 20]),
+                         cfg_sel=torch.tensor([0, 3]), cfg_w=torch.tensor([[1.5], [0.5]]), mask_id=mask)
+    with torch.inference_mode():
+        logits = run_batch(model.net, None, batch)
+        batch.vocab_stats = True
+        stats = run_batch(model.net, None, batch)
+    assert logits.shape == (4, V) and stats.shape == (1, 4, 7)
+    inp = inputs(4, [0, 2, 3], mask)
+    x0, score, conf = candidates(logits.clone(), inp)
+    x0s, score_s, conf_s = candidates_from_stats(stats, inp)
+    assert torch.equal(x0, x0s)
+    torch.testing.assert_close(score_s, score, rtol=1e-5, atol=1e-6)

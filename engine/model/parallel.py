@@ -81,6 +81,8 @@ class Shard:
         if num_kv_heads % n and n % num_kv_heads:
             raise ValueError(f"{where}: tensor_parallel_size {n} must divide, or be a multiple of, the number of "
                              f"KV heads ({num_kv_heads})")
+        if self.expert_parallel and num_experts == 0:
+            raise ValueError(f"{where}: expert_parallel needs a mixture-of-experts model; this one has no experts")
         if self.expert_parallel and num_experts < n:
             raise ValueError(f"{where}: expert parallel over {n} ranks needs at least {n} experts, the model has "
                              f"{num_experts}")

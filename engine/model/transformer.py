@@ -78,6 +78,8 @@ class Transformer(nn.Module):
 
     def gather_to_rank0(self, x: torch.Tensor) -> list[torch.Tensor] | None:
         """Each rank's same-shape x -> the list of them on rank 0 (rank order), None elsewhere."""
+        if not self.shard.active:
+            return [x]
         import torch.distributed as dist
         parts = [torch.empty_like(x) for _ in range(self.shard.size)] if self.shard.rank == 0 else None
         dist.gather(x.contiguous(), parts, dst=_group_rank0(self.shard), group=self.shard.group)
