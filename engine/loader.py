@@ -134,6 +134,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     """Load a LLaDA / LLaDA-MoE / Dream / RND1 checkpoint directory (config.json, safetensors, tokenizer files).
     kernels: "auto" | "triton" | "torch" (None: $UNMASK_KERNELS, else auto); see kernels/dispatch.py."""
     from kernels.dispatch import resolve_kernels
+    from .model.fuse import fuse_projections
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
     backend = resolve_kernels(kernels, dev)
     model_dir = Path(model_dir)
@@ -151,6 +152,8 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     load_weights(net, cfg, files, model_dir)
     net.rotary.reset()
     net = net.to(dev).eval().requires_grad_(False)
+    if dev.type == "cuda":  # one GEMM for q/k/v and one for gate/up (engine/model/fuse.py)
+        fuse_projections(net)
     model = DiffusionModel(net, cfg, tokenizer, dev, torch_dtype, model_dir)
     model.kernels = backend
     return model
