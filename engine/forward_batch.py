@@ -49,6 +49,10 @@ class ForwardBatch:
     seq_lens_k: torch.Tensor | None = None
     """[R] int32 keys per row (triton, paged passes)."""
     page_size: int = 0
+    q_index: torch.Tensor | None = None
+    """Padded query layout (torch backend), when the runner uploaded it with the step's metadata; else built here."""
+    q_valid: torch.Tensor | None = None
+    unpad_index: torch.Tensor | None = None
     logit_chunk: int = 0
     """Logit rows computed (and handed to run_batch's consume) at once; 0: all of them."""
     cfg_splits: list[int] | None = None
@@ -75,14 +79,17 @@ Consume = Callable[[int, int, torch.Tensor], None]
 [a, b) as soon as they are computed."""
 
 
-def run_batch(net: Transformer, kv: KVPoolTensors | None, batch: ForwardBatch,
-              consume: Consume | None = None) -> torch.Tensor | None:
+def run_batch(net: Transformer, kv: KVPoolTensors | None, batch: ForwardBatch, consume: Consume | None = None,
+              forward: Callable[[ForwardBatch], torch.Tensor] | None = None) -> torch.Tensor | None:
     """Forward, then the logits at batch.logit_rows (CFG combined) in chunks of batch.logit_chunk rows, each handed
     to `consume` on rank 0 (so the [N, V] working set stays bounded). Without consume, rank 0 gets them all at once:
     [N, V] float32, or with vocab_stats [R, N, 7]. Sharded nets: every rank must call it with the same batch (the
-    chunks are collective); the other ranks get None."""
-    ctx = _attn_context(batch, kv)
-    hidden = net(batch.tokens, batch.positions, ctx, max_pos=batch.max_pos)  # [T, D]
+    chunks are collective); the other ranks get None. `forward` replaces the network forward (a captured CUDA graph
+    of the same computation, one process only)."""
+    if forward is not None:
+        hidden = forward(batch)  # [T, D]
+    else:
+        hidden = net(batch.tokens, batch.positions, _attn_context(batch, kv), max_pos=batch.max_pos)  # [T, D]
     rows = batch.logit_rows if batch.logit_rows is not None else torch.arange(hidden.shape[0], device=hidden.device)
     n = rows.shape[0]
     chunk = batch.logit_chunk if batch.logit_chunk > 0 else max(n, 1)
@@ -125,11 +132,14 @@ def _attn_context(batch: ForwardBatch, kv: KVPoolTensors | None) -> AttnContext:
         ctx = AttnContext(None, None, None, len(batch.lengths), max(batch.lengths), backend="triton",
                           cu_seqlens_q=batch.cu_seqlens_q, block_table=batch.block_table,
                           seq_lens_k=batch.seq_lens_k, page_size=batch.page_size)
+    elif batch.q_index is not None or batch.q_valid is not None:
+        ctx = AttnContext(batch.q_index, batch.q_valid, batch.unpad_index, len(batch.lengths), max(batch.lengths),
+                          backend=batch.backend)
     else:
         ctx = AttnContext.from_lengths(batch.lengths, batch.tokens.device)
         ctx.backend = batch.backend
-        if paged:
-            ctx.key_valid, ctx.read_slots = batch.key_valid, batch.read_slots
+    if paged and batch.backend != "triton":
+        ctx.key_valid, ctx.read_slots = batch.key_valid, batch.read_slots
     if paged:
         ctx.write_slots, ctx.kv_pool = batch.write_slots, kv
     return ctx
@@ -143,9 +153,9 @@ class LocalExecutor:
     def __init__(self, net: Transformer) -> None:
         self.net = net
 
-    def run(self, batch: ForwardBatch, kv: KVPoolTensors | None, consume: Consume | None = None
-            ) -> torch.Tensor | None:
-        return run_batch(self.net, kv, batch, consume)
+    def run(self, batch: ForwardBatch, kv: KVPoolTensors | None, consume: Consume | None = None,
+            forward: Callable[[ForwardBatch], torch.Tensor] | None = None) -> torch.Tensor | None:
+        return run_batch(self.net, kv, batch, consume, forward)
 
     def init_pool(self, num_pages: int, page_size: int) -> None:
         pass

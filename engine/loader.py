@@ -224,6 +224,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     kernels: "auto" | "triton" | "torch" (None: $UNMASK_KERNELS, else auto); see kernels/dispatch.py."""
     from kernels.dispatch import resolve_kernels
     dev = resolve_device(device)
+    from .model.fuse import fuse_projections
     backend = resolve_kernels(kernels, dev)
     model_dir = Path(model_dir)
     torch_dtype = resolve_dtype(dtype, dev, checkpoint_dtype(model_dir) if dtype == "auto" else None)
@@ -245,6 +246,8 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     load_weights(net, cfg, files, model_dir, shard)
     net.rotary.reset()
     net = net.to(dev).eval().requires_grad_(False)
+    if dev.type == "cuda":  # one GEMM for q/k/v and one for gate/up (engine/model/fuse.py)
+        fuse_projections(net)
     model = DiffusionModel(net, cfg, tokenizer, dev, torch_dtype, model_dir)
     model.kernels = backend
     return model

@@ -8,6 +8,7 @@ back one small tensor per step (tokens committed and EOS flags per request).
 from __future__ import annotations
 
 import math
+import os
 from itertools import accumulate
 from dataclasses import dataclass
 
@@ -17,12 +18,17 @@ from .decoding import schedule
 from .decoding.candidates import SCORE_CODES, CandidateInputs, candidates, candidates_from_stats
 from .decoding.noise import STREAM_GUMBEL, row_keys
 from .decoding.select import SelectInputs, select
+from .block_graphs import BlockGraphs
 from .forward_batch import ForwardBatch
 from .kv_pool import KVPool
+from .model.attention import AttnContext
 from .model.diffusion_model import DiffusionModel
 from .sampling_params import ResolvedParams
 from .scheduler import RunnerOutput, ScheduledRequest
 from .sequence import Sequence
+from .step_upload import StepUpload
+
+GRAPHS_ENV = "UNMASK_CUDA_GRAPHS"
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +125,11 @@ class ModelRunner:
         self.members: _Members | None = None
         self.stop_ids = torch.tensor(self.cfg.stop_ids, device=self.device)
         self.kernels = model.kernels
+        self.upload = StepUpload(self.device)
+        use_graphs = (self.device.type == "cuda" and self.kernels == "triton" and model.executor.world_size == 1
+                      and os.environ.get(GRAPHS_ENV, "1") != "0")
+        self.graphs = BlockGraphs(self.net, pool, self.device) if use_graphs else None
+        """Captured block passes (CUDA + Triton kernels, one process; UNMASK_CUDA_GRAPHS=0 turns them off)."""
         self.shift = 1 if self.cfg.shift_logits else 0
         self.max_logit_rows = max(1, logits_memory // (self.cfg.vocab_size * LOGIT_ENTRY_BYTES))
         """Decoded positions whose logits are materialised at once (logits_memory / (vocab * LOGIT_ENTRY_BYTES))."""
@@ -150,84 +161,111 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, reqs: list[ScheduledRequest]) -> RunnerOutput:
         m = self._sync_members([r.seq for r in reqs])
-        batch, dec = self._inputs(reqs, m)
+        plan = self._plan(reqs, m)  # host metadata -> device, one copy
+        batch, dec = self._inputs(reqs, m, plan)
         batch.vocab_stats = self.model.executor.world_size > 1 and not m.any_sampling and not m.any_filter
-        seqs = [r.seq for r in reqs]
-        step_no = torch.tensor([s.stats.steps for s in seqs], device=self.device)[dec.seq]
-        keys = row_keys(m.seed[dec.seq], step_no, dec.pos, STREAM_GUMBEL)  # [N] counter-based noise keys
-        x0, score, conf = self._candidates(m, batch, dec, keys)  # [N] each
-        commit = self._commit(reqs, m, dec, x0, score, conf, keys)  # [B, M]
+        keys = (row_keys(m.seed[dec.seq], plan.dev["step_no"][dec.seq], dec.pos, STREAM_GUMBEL) if plan.mmax
+                else None)  # [N] counter-based noise keys
+        x0, score, conf = self._candidates(reqs, m, batch, dec, keys, plan)  # [N] each
+        commit = self._commit(reqs, m, dec, x0, score, conf, keys, plan)  # [B, M]
         eos = self._eos(m)  # [B]
         out = torch.stack([commit.sum(1), eos.long()]).tolist()
         return RunnerOutput(committed=out[0], eos=[bool(x) for x in out[1]])
 
-    def _inputs(self, reqs: list[ScheduledRequest], m: _Members) -> tuple[ForwardBatch, "_Decode"]:
+    def _plan(self, reqs: list[ScheduledRequest], m: _Members) -> "_Plan":
+        """Everything the host knows about this step, built as host tensors and sent in one StepUpload copy."""
+        shift = self.shift
+        rows_q = [reqs[i].query for i in m.row_seq]
+        row_len = [b - a for a, b in rows_q]
+        row_base = [0, *accumulate(row_len)]
+        T = row_base[-1]
+        host: dict[str, torch.Tensor] = {
+            "tok_idx": ranges([m.offsets[i] + a for i, (a, _) in zip(m.row_seq, rows_q)], row_len),  # [T]
+            "pos": ranges([a for a, _ in rows_q], row_len),  # [T]
+            "row_of_tok": torch.repeat_interleave(torch.arange(len(row_len)), torch.tensor(row_len)),  # [T]
+        }
+        if shift:  # a block pass's first query (the position before the block) keeps its cached K/V
+            keep = torch.zeros(T, dtype=torch.bool)
+            keep[[row_base[r] for r, i in enumerate(m.row_seq) if not reqs[i].refresh]] = True
+            host["keep_cached"] = keep
+        if self.kernels == "triton":
+            host["cu_seqlens_q"] = torch.tensor(row_base, dtype=torch.int32)  # [R + 1]
+        else:  # the padded [R, Lq] layout SDPA needs, built here so it rides in the same copy
+            padded = AttnContext.from_lengths(row_len, "cpu")
+            if padded.q_index is not None:
+                host.update(q_index=padded.q_index, q_valid=padded.q_valid, unpad_index=padded.unpad_index)
+        # the positions decoded this step: each request's still-masked block positions (counts known here)
+        blocks = [r.block for r in reqs]
+        blen = [e - b for b, e in blocks]
+        counts = [r.seq.masked_in_block for r in reqs]
+        host["block_buf"] = ranges([o + b for o, (b, _) in zip(m.offsets, blocks)], blen)  # [Nb]
+        host["dec_seq"] = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(counts))  # [N]
+        host["block_start"] = torch.tensor([b for b, _ in blocks])  # [B]
+        host["flat_block_start"] = torch.tensor([0, *accumulate(blen)][:-1])  # [B]
+        host["first"] = torch.tensor([row_base[i] - reqs[i].query[0] - shift for i in range(len(reqs))])  # [B]
+        if m.cfg_seqs:
+            twin = [m.twin_row_of.get(i, i) for i in range(len(reqs))]
+            host["first_twin"] = torch.tensor([row_base[r] - reqs[i].query[0] - shift for i, r in enumerate(twin)])
+        mmax = max(counts)
+        seqs = [r.seq for r in reqs]
+        if mmax:
+            lens = torch.tensor(counts)
+            pad_valid = torch.arange(mmax)[None, :] < lens[:, None]  # [B, M]
+            flat_start = torch.tensor([0, *accumulate(counts)][:-1])  # [B]
+            host["pad_valid"] = pad_valid
+            host["pad_idx"] = torch.where(pad_valid, flat_start[:, None] + torch.arange(mmax)[None, :], 0)  # [B, M]
+            host["step_no"] = torch.tensor([s.stats.steps for s in seqs])  # [B]
+            fixed = [schedule.fixed_count(s) for s in seqs]
+            origin = [schedule.origin_prob(s) for s in seqs]
+            host["count"] = torch.tensor(fixed)
+            host["origin"] = torch.tensor([math.nan if o is None else o for o in origin], dtype=torch.float64)
+            host["commit_all"] = torch.tensor([s.is_last_allowed_step and s.params.adaptive for s in seqs])
+            any_origin, max_count = any(o is not None for o in origin), max(fixed)
+        else:
+            any_origin, max_count = False, 0
+        for r in reqs:
+            r.seq.stats.positions_computed += (r.query[1] - r.query[0]) * r.seq.num_rows
+        return _Plan(self.upload.send(host), row_len, counts, mmax, max_count, any_origin)
+
+    def _inputs(self, reqs: list[ScheduledRequest], m: _Members, plan: "_Plan") -> tuple[ForwardBatch, "_Decode"]:
         """The step's forward inputs: one packed forward over every row's query range (K/V written to and read
         from the pool), with logits wanted at the still-masked positions of the current blocks only.
 
         Each request's masked count is known on the host, so the masked positions are compacted with
         nonzero_static (fixed output size, no device sync)."""
-        dev, mask_id, shift = self.device, self.cfg.mask_id, self.shift
-        rows_q = [reqs[i].query for i in m.row_seq]
-        row_len = [b - a for a, b in rows_q]
-        for r in reqs:
-            r.seq.stats.positions_computed += (r.query[1] - r.query[0]) * r.seq.num_rows
-        tok_idx = ranges([m.offsets[i] + a for i, (a, _) in zip(m.row_seq, rows_q)], row_len).to(dev)  # [T]
-        pos = ranges([a for a, _ in rows_q], row_len).to(dev)  # [T]
-        row_of_tok = torch.repeat_interleave(torch.arange(len(row_len)), torch.tensor(row_len)).to(dev)  # [T]
-        tokens = self.buf[tok_idx]
+        d, mask_id, counts = plan.dev, self.cfg.mask_id, plan.counts
+        tokens, pos, row_of_tok = self.buf[d["tok_idx"]], d["pos"], d["row_of_tok"]
         if m.cfg_seqs:  # the unconditional twins see their prompt masked
             twin_prompt = m.row_twin[row_of_tok] & (pos < m.row_prompt[row_of_tok])
             tokens = torch.where(twin_prompt, mask_id, tokens)
         write = m.read_slots[row_of_tok, pos]  # [T] pool slot of each token
-        row_base = [0, *accumulate(row_len)][:-1]
-        if shift:  # a block pass's first query (the position before the block) keeps its cached K/V
-            shifted_rows = [row_base[r] for r, i in enumerate(m.row_seq) if not reqs[i].refresh]
-            keep = torch.zeros(len(tok_idx), dtype=torch.bool)
-            keep[shifted_rows] = True
-            write = torch.where(keep.to(dev), self.pool.scratch_slot, write)
-
-        blocks = [r.block for r in reqs]
-        blen = [e - b for b, e in blocks]
-        block_buf = ranges([o + b for o, (b, _) in zip(m.offsets, blocks)], blen).to(dev)  # [Nb]
-        counts = [r.seq.masked_in_block for r in reqs]
+        if self.shift:
+            write = torch.where(d["keep_cached"], self.pool.scratch_slot, write)
+        block_buf, seq = d["block_buf"], d["dec_seq"]
         n = sum(counts)
-        keep_b = torch.nonzero_static(self.buf[block_buf] == mask_id, size=n)[:, 0]  # [N] into the blocks
-        seq = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(counts)).to(dev)  # [N]
-        block_start = torch.tensor([b for b, _ in blocks], device=dev)
-        flat_block_start = torch.tensor([0, *accumulate(blen)][:-1], device=dev)
-        dpos = block_start[seq] + keep_b - flat_block_start[seq]  # [N] canvas positions
-        dec = _Decode(pos=dpos, buf=block_buf[keep_b], seq=seq, lengths=counts)
-
-        def hidden_rows(rows: list[int]) -> torch.Tensor:
-            """Index into hidden of the output that decodes each position, for the given forward rows."""
-            first = torch.tensor([row_base[r] - reqs[i].query[0] - shift for r, i in zip(rows, range(len(reqs)))],
-                                 device=dev)
-            return first[seq] + dpos
-
-        batch = ForwardBatch(tokens, pos, row_len, max_pos=max(m.lens) - 1,
-                             logit_rows=hidden_rows(list(range(len(reqs)))), write_slots=write,
-                             read_slots=m.read_slots, key_valid=m.key_valid, mask_id=mask_id,
-                             backend=self.kernels)
+        keep = torch.nonzero_static(self.buf[block_buf] == mask_id, size=n)[:, 0]  # [N] into the blocks
+        dpos = d["block_start"][seq] + keep - d["flat_block_start"][seq]  # [N] canvas positions
+        dec = _Decode(pos=dpos, buf=block_buf[keep], seq=seq, lengths=counts)
+        batch = ForwardBatch(tokens, pos, plan.row_len, max_pos=max(m.lens) - 1, logit_rows=d["first"][seq] + dpos,
+                             write_slots=write, read_slots=m.read_slots, key_valid=m.key_valid, mask_id=mask_id,
+                             backend=self.kernels, logit_chunk=self.max_logit_rows)
         if self.kernels == "triton":  # packed layout: no padded query index, keys through the block table
-            batch.cu_seqlens_q = torch.tensor([0, *accumulate(row_len)], dtype=torch.int32).to(dev)
-            batch.block_table, batch.seq_lens_k = m.block_table, m.seq_lens_k
+            batch.cu_seqlens_q, batch.block_table, batch.seq_lens_k = d["cu_seqlens_q"], m.block_table, m.seq_lens_k
             batch.page_size = self.pool.page_size
+        else:  # the padded layout SDPA needs, uploaded with the plan
+            batch.q_index, batch.q_valid, batch.unpad_index = d.get("q_index"), d.get("q_valid"), d.get("unpad_index")
         if m.cfg_seqs:
-            twin_row = [m.twin_row_of.get(i, i) for i in range(len(reqs))]
             sel = torch.nonzero_static(m.cfg_w[seq] > 0, size=sum(counts[i] for i in m.cfg_seqs))[:, 0]  # [Nc]
-            batch.twin_rows, batch.cfg_sel = hidden_rows(twin_row)[sel], sel
+            batch.twin_rows, batch.cfg_sel = (d["first_twin"][seq] + dpos)[sel], sel
             batch.cfg_w = m.cfg_w[seq[sel]][:, None]
-        n, chunk = sum(counts), self.max_logit_rows
-        batch.logit_chunk = chunk
-        if m.cfg_seqs:  # host-known: the guided positions before each chunk boundary, indexing batch.cfg_sel
-            starts = [0, *accumulate(counts)]
+            # host-known: the guided positions before each chunk boundary, indexing batch.cfg_sel
+            starts, chunk = [0, *accumulate(counts)], self.max_logit_rows
             bounds = [*range(0, n, chunk), n]
             batch.cfg_splits = [sum(max(0, min(x, starts[i + 1]) - starts[i]) for i in m.cfg_seqs) for x in bounds]
         return batch, dec
 
-    def _candidates(self, m: _Members, batch: ForwardBatch, dec: "_Decode", keys: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _candidates(self, reqs: list[ScheduledRequest], m: _Members, batch: ForwardBatch, dec: "_Decode",
+                    keys: torch.Tensor | None, plan: "_Plan") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the step's forward and score its decoded positions: candidate token, score and confidence [N] each.
         The logits (or, with vocab_stats, the vocabulary shards' statistics [R, n, 7]) arrive in chunks of at most
         batch.logit_chunk positions, each scored as it arrives, so the [N, V] working set stays within the logits
@@ -245,34 +283,34 @@ class ModelRunner:
                                      m.any_tempered, self.kernels)
             x0[a:b], score[a:b], conf[a:b] = score_chunk(logits, inputs)
 
-        self.model.executor.run(batch, self.pool.tensors, consume)
+        row_len = plan.row_len
+        if self.graphs is not None and BlockGraphs.eligible([reqs[i].refresh for i in m.row_seq], row_len):
+            graphs = self.graphs
+
+            def forward(b: ForwardBatch) -> torch.Tensor:  # a captured block pass -> hidden [T, D]
+                return graphs.run(b.tokens, b.positions, b.write_slots, m.block_table, m.seq_lens_k, len(row_len),
+                                  row_len[0])
+
+            self.model.executor.run(batch, self.pool.tensors, consume, forward)
+        else:
+            self.model.executor.run(batch, self.pool.tensors, consume)
         return x0, score, conf
 
     def _commit(self, reqs: list[ScheduledRequest], m: _Members, dec: "_Decode", x0: torch.Tensor,
-                score: torch.Tensor, conf: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+                score: torch.Tensor, conf: torch.Tensor, keys: torch.Tensor | None, plan: "_Plan") -> torch.Tensor:
         """Each row's selection rule over the scored positions; writes the commits into the canvases.
         Returns the commit mask [B, M] (padded layout)."""
-        dev, mask_id = self.device, self.cfg.mask_id
-        mmax = max(dec.lengths)
-        if mmax == 0:  # nothing masked in any block (a fixed schedule's trailing zero-commit steps)
+        dev, mask_id, d = self.device, self.cfg.mask_id, plan.dev
+        if plan.mmax == 0:  # nothing masked in any block (a fixed schedule's trailing zero-commit steps)
             return torch.zeros(len(reqs), 0, dtype=torch.bool, device=dev)
-        seqs = [r.seq for r in reqs]
-        pad_valid = (torch.arange(mmax)[None, :] < torch.tensor(dec.lengths)[:, None]).to(dev)  # [B, M]
-        flat_start = torch.tensor([0, *accumulate(dec.lengths)][:-1], device=dev)  # [B]
-        pad_idx = torch.where(pad_valid, flat_start[:, None] + torch.arange(mmax, device=dev)[None, :], 0)  # [B, M]
+        pad_valid, pad_idx = d["pad_valid"], d["pad_idx"]  # [B, M]
         current = self.buf[dec.buf]  # [N]
         selectable = (current == mask_id)[pad_idx] & pad_valid
-        counts = [schedule.fixed_count(s) for s in seqs]
-        origin = [schedule.origin_prob(s) for s in seqs]
         commit = select(score[pad_idx], conf[pad_idx], selectable, SelectInputs(
-            count=torch.tensor(counts, device=dev), max_count=max(counts),
-            threshold=m.threshold, factor=m.factor,
-            origin_prob=torch.tensor([math.nan if o is None else o for o in origin], dtype=torch.float64,
-                                     device=dev),
-            alg_temp=m.alg_temp,
-            commit_all=torch.tensor([s.is_last_allowed_step and s.params.adaptive for s in seqs], device=dev),
+            count=d["count"], max_count=plan.max_count, threshold=m.threshold, factor=m.factor,
+            origin_prob=d["origin"], alg_temp=m.alg_temp, commit_all=d["commit_all"],
             noise_keys=keys[pad_idx], any_threshold=m.any_threshold, any_factor=m.any_factor,
-            any_origin=any(o is not None for o in origin), any_alg_temp=m.any_alg_temp))  # [B, M]
+            any_origin=plan.any_origin, any_alg_temp=m.any_alg_temp))  # [B, M]
         self.buf[dec.buf] = torch.where(commit[pad_valid], x0, current)
         return commit
 
@@ -284,6 +322,17 @@ class ModelRunner:
         g = torch.arange(gen.shape[1], device=self.device)[None, :]
         first_stop = torch.where(is_stop, g, gen.shape[1]).amin(1, keepdim=True)  # [B, 1]
         return is_stop.any(1) & ~(is_mask & (g < first_stop)).any(1)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """A step's host-known layout: `dev` holds the device copies (StepUpload), the rest stays on the host."""
+    dev: dict[str, torch.Tensor]
+    row_len: list[int]  # query tokens per forward row
+    counts: list[int]  # positions decoded per request
+    mmax: int  # max(counts)
+    max_count: int  # the largest fixed-schedule commit count
+    any_origin: bool
 
 
 @dataclass(slots=True)

@@ -55,7 +55,7 @@ def _vocab_kernel(
         offs = v0 + offs0
         vm = offs < vocab
         lg = tl.load(Logits + row * stride_ln + offs, mask=vm, other=float("-inf"))  # [BV] fp32
-        lt = tl.where(sample, lg / temp_c, lg)
+        lt = tl.where(sample, tl.math.div_rn(lg, temp_c), lg)  # IEEE division, as torch divides
         if SAMPLING:
             h = _mix(key + offs.to(tl.uint64) * 0x9E3779B97F4A7C15)
             u = ((h >> 11).to(tl.float64) + 0.5) * (1.0 / 9007199254740992.0)

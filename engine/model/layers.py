@@ -84,13 +84,20 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.qkv_proj: nn.Linear | None = None
+        """q/k/v as one GEMM (engine/model/fuse.py, at load time on CUDA); q/k/v_proj are then None."""
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttnContext) -> torch.Tensor:
         cfg = self.cfg
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, cfg.head_dim)  # [T, H, D] (this rank's heads)
-        k = self.k_proj(x).view(T, self.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
-        v = self.v_proj(x).view(T, self.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
+        hd, h, hkv = cfg.head_dim, self.num_heads, self.num_kv_heads  # this rank's heads
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([h * hd, hkv * hd, hkv * hd], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(T, h, hd)  # [T, H, D]
+        k = k.view(T, hkv, hd)  # [T, Hkv, D]
+        v = v.view(T, hkv, hd)  # [T, Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
@@ -108,9 +115,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d, i1 - i0, bias=False)
         self.up_proj = nn.Linear(d, i1 - i0, bias=False)
         self.down_proj = nn.Linear(i1 - i0, d, bias=False)
+        self.gate_up_proj: nn.Linear | None = None
+        """gate and up as one GEMM (engine/model/fuse.py); gate/up_proj are then None."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shard.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.shard.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class MoE(nn.Module):

@@ -14,7 +14,7 @@ PARAMS = [
     pytest.param(SamplingParams(cache="dual", threshold=0.9), id="dual-threshold"),
     pytest.param(SamplingParams(cache="prefix", temperature=0.8, seed=3, remasking="margin", block_length=8,
                                 steps=4), id="prefix-sampled-margin"),
-    pytest.param(SamplingParams(cache="dual", remasking="entropy", block_length=4, steps=8), id="dual-entropy"),
+    pytest.param(SamplingParams(cache="dual", remasking="entropy", block_length=8, steps=4), id="dual-entropy"),
 ]
 
 
