@@ -19,6 +19,7 @@ PARAMS = [
 
 
 def pair(path, **kw) -> tuple[LLM, LLM]:
+    kw.setdefault("dtype", "float32")  # token equality across backends is asserted in fp32 (bf16 rounds differently)
     return (LLM(path, device=DEVICE, kernels="torch", page_size=4, **kw),
             LLM(path, device=DEVICE, kernels="triton", page_size=4, **kw))
 
