@@ -269,11 +269,12 @@ class OpenAIServing:
 
     async def _stream(self, job: Job, include_usage: bool) -> AsyncIterator[bytes]:
         try:
-            if job.kind == "chat":
-                for c in job.choices:
-                    yield self._chunk(job, c.index, {"role": "assistant", "content": ""}, None)
             async for c, out in _merge(job.choices):
+                first = c.t_first is None
                 self._on_output(job, c, out)
+                if first and job.kind == "chat":  # with the first block, as vLLM does after prefill: clients
+                    # (vllm bench, guidellm) time TTFT to the first chunk that has choices
+                    yield self._chunk(job, c.index, {"role": "assistant", "content": ""}, None)
                 text = self._new_text(c, out)
                 if out.finished:
                     extra = {"diffusion": _diffusion([out])}

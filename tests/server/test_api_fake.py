@@ -213,3 +213,13 @@ def test_message_without_content_is_empty_content():
                                                                                               "content": None}]})
 
     assert run(main()).status_code == 200
+
+
+def test_role_chunk_comes_with_the_first_block():
+    """Load tools time TTFT to the first chunk with choices: nothing but the response head goes out before the
+    first block is finished."""
+    app, engine = make(FakeEngine(delay=1.0))
+    sent = run(call_and_leave(app, "/v1/chat/completions", {**CHAT, "stream": True}, 0.3))
+    bodies = [m.get("body", b"") for m in sent if m["type"] == "http.response.body"]
+    assert sent[0]["type"] == "http.response.start" and not any(bodies)
+    assert engine.aborted
