@@ -245,7 +245,7 @@ class OpenAIServing:
         now = time.monotonic()
         if c.t_first is None:
             c.t_first = now
-        if not out.finished:
+        if not out.finished or c.done:  # done: already released (aborted) by the server
             return
         c.final, c.done = out, True
         self._end_one()
@@ -261,11 +261,15 @@ class OpenAIServing:
             async for out in c.stream:
                 self._on_output(job, c, out)
 
+        tasks = [asyncio.ensure_future(one(c)) for c in job.choices]
         try:
-            await asyncio.gather(*(one(c) for c in job.choices))
+            await asyncio.gather(*tasks)
         except EngineError as e:
             log.error("engine failure in %s: %s", job.id, e, exc_info=e)
             raise APIError(500, f"the engine failed while running this request: {e}")
+        finally:  # one choice failed: stop consuming the others (the caller aborts them)
+            for t in tasks:
+                t.cancel()
 
     async def _stream(self, job: Job, include_usage: bool) -> AsyncIterator[bytes]:
         try:
