@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .decoding.candidates import shard_stats
+from .decoding.candidates import ShardDecode, shard_stats
 from .model.attention import AttnContext, KVPoolTensors
 from .model.transformer import Transformer
 
@@ -39,11 +39,9 @@ class ForwardBatch:
     """[R, Lk] long: pool slots each forward row attends over."""
     key_valid: torch.Tensor | None = None
     """[R, Lk] bool."""
-    vocab_stats: bool = False
-    """Greedy batch without top-k/top-p over a sharded vocabulary: return each shard's decoding statistics
-    [R, N, 7] (decoding/candidates.shard_stats) instead of gathering the full logits."""
-    mask_id: int = -1
-    """The mask token (excluded from candidates) for vocab_stats."""
+    shard_decode: ShardDecode | None = None
+    """Set (batches without top-k/top-p over a sharded vocabulary): return each vocabulary shard's decoding
+    statistics [R, N, 8] (decoding/candidates.shard_stats) instead of gathering the full logits."""
 
     def to(self, device: torch.device | str) -> "ForwardBatch":
         """A copy on `device` (host copies are synchronous: the batch is pickled right after)."""
@@ -53,11 +51,13 @@ class ForwardBatch:
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
                 setattr(out, f.name, v.to(device, non_blocking=async_ok))
+        if self.shard_decode is not None:
+            out.shard_decode = self.shard_decode.to(device)
         return out
 
 
 def run_batch(net: Transformer, kv: KVPoolTensors | None, batch: ForwardBatch) -> torch.Tensor | None:
-    """Forward + logits at batch.logit_rows (CFG combined) -> [N, V] float32, or with vocab_stats [R, N, 7].
+    """Forward + logits at batch.logit_rows (CFG combined) -> [N, V] float32, or with shard_decode [R, N, 8].
     Sharded nets: every rank must call it with the same batch; rank 0 gets the result, the others None."""
     device = batch.tokens.device
     ctx = AttnContext.from_lengths(batch.lengths, device)
@@ -70,9 +70,9 @@ def run_batch(net: Transformer, kv: KVPoolTensors | None, batch: ForwardBatch) -
         un = net.local_logits(hidden[batch.twin_rows])  # [Nc, Vc]
         sel = batch.cfg_sel
         logits[sel] = un + (batch.cfg_w + 1) * (logits[sel] - un)
-    if batch.vocab_stats:
+    if batch.shard_decode is not None:
         v0, v1 = net.shard.vocab(net.cfg.vocab_size)
-        parts = net.gather_to_rank0(shard_stats(logits[:, :v1 - v0], v0, batch.mask_id))  # R x [N, 7]
+        parts = net.gather_to_rank0(shard_stats(logits[:, :v1 - v0], v0, batch.shard_decode))  # R x [N, 8]
         return None if parts is None else torch.stack(parts)
     return net.gather_logits(logits)
 

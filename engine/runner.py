@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .decoding import schedule
-from .decoding.candidates import SCORE_CODES, CandidateInputs, candidates, candidates_from_stats
+from .decoding.candidates import SCORE_CODES, CandidateInputs, ShardDecode, candidates, candidates_from_stats
 from .decoding.noise import STREAM_GUMBEL, row_keys
 from .decoding.select import SelectInputs, select
 from .forward_batch import ForwardBatch
@@ -127,9 +127,11 @@ class ModelRunner:
     def step(self, reqs: list[ScheduledRequest]) -> RunnerOutput:
         m = self._sync_members([r.seq for r in reqs])
         batch, dec = self._inputs(reqs, m)
-        batch.vocab_stats = self.model.executor.world_size > 1 and not m.any_sampling and not m.any_filter
-        logits = self.model.executor.run(batch, self.pool.tensors)  # [N, V] (CFG combined), vocab_stats: [R, N, 7]
-        commit = self._commit(reqs, m, logits, dec, batch.vocab_stats)  # [B, M]
+        if self.model.executor.world_size > 1 and not m.any_filter:  # reduce each vocabulary shard on its rank
+            batch.shard_decode = ShardDecode(self.cfg.mask_id, m.temperature[dec.seq], m.tempered[dec.seq], dec.keys,
+                                             m.any_sampling, m.any_tempered)
+        logits = self.model.executor.run(batch, self.pool.tensors)  # [N, V] (CFG combined); shard_decode: [R, N, 8]
+        commit = self._commit(reqs, m, logits, dec, batch.shard_decode is not None)  # [B, M]
         eos = self._eos(m)  # [B]
         out = torch.stack([commit.sum(1), eos.long()]).tolist()
         return RunnerOutput(committed=out[0], eos=[bool(x) for x in out[1]])
@@ -170,7 +172,9 @@ class ModelRunner:
         block_start = torch.tensor([b for b, _ in blocks], device=dev)
         flat_block_start = torch.tensor([0, *accumulate(blen)][:-1], device=dev)
         dpos = block_start[seq] + keep_b - flat_block_start[seq]  # [N] canvas positions
-        dec = _Decode(pos=dpos, buf=block_buf[keep_b], seq=seq, lengths=counts)
+        step_no = torch.tensor([r.seq.stats.steps for r in reqs], device=dev)[seq]
+        keys = row_keys(m.seed[seq], step_no, dpos, STREAM_GUMBEL)  # [N]
+        dec = _Decode(pos=dpos, buf=block_buf[keep_b], seq=seq, lengths=counts, keys=keys)
 
         def hidden_rows(rows: list[int]) -> torch.Tensor:
             """Index into hidden of the output that decodes each position, for the given forward rows."""
@@ -180,7 +184,7 @@ class ModelRunner:
 
         batch = ForwardBatch(tokens, pos, row_len, max_pos=max(m.lens) - 1,
                              logit_rows=hidden_rows(list(range(len(reqs)))), write_slots=write,
-                             read_slots=m.read_slots, key_valid=m.key_valid, mask_id=mask_id)
+                             read_slots=m.read_slots, key_valid=m.key_valid)
         if m.cfg_seqs:
             twin_row = [m.twin_row_of.get(i, i) for i in range(len(reqs))]
             sel = torch.nonzero_static(m.cfg_w[seq] > 0, size=sum(counts[i] for i in m.cfg_seqs))[:, 0]  # [Nc]
@@ -189,21 +193,20 @@ class ModelRunner:
         return batch, dec
 
     def _commit(self, reqs: list[ScheduledRequest], m: _Members, logits: torch.Tensor, dec: "_Decode",
-                vocab_stats: bool = False) -> torch.Tensor:
-        """Candidates and scores (from the logits [N, V], or with vocab_stats from the vocabulary shards'
-        statistics [R, N, 7]), then each row's selection rule; writes the commits into the canvases.
+                from_stats: bool = False) -> torch.Tensor:
+        """Candidates and scores (from the logits [N, V], or from the vocabulary shards' statistics [R, N, 8]),
+        then each row's selection rule; writes the commits into the canvases.
         Returns the commit mask [B, M] (padded layout)."""
         dev, mask_id = self.device, self.cfg.mask_id
         mmax = max(dec.lengths)
         if mmax == 0:  # nothing masked in any block (a fixed schedule's trailing zero-commit steps)
             return torch.zeros(len(reqs), 0, dtype=torch.bool, device=dev)
         seqs = [r.seq for r in reqs]
-        step_no = torch.tensor([s.stats.steps for s in seqs], device=dev)[dec.seq]
-        keys = row_keys(m.seed[dec.seq], step_no, dec.pos, STREAM_GUMBEL)  # [N]
+        keys = dec.keys
         inputs = CandidateInputs(
             m.temperature[dec.seq], m.top_k[dec.seq], m.top_p[dec.seq], m.score[dec.seq], m.tempered[dec.seq],
             keys, mask_id, m.any_sampling, m.any_filter, m.score_codes, m.any_tempered)
-        x0, score, conf = candidates_from_stats(logits, inputs) if vocab_stats else candidates(logits, inputs)
+        x0, score, conf = candidates_from_stats(logits, inputs) if from_stats else candidates(logits, inputs)
         pad_valid = (torch.arange(mmax)[None, :] < torch.tensor(dec.lengths)[:, None]).to(dev)  # [B, M]
         flat_start = torch.tensor([0, *accumulate(dec.lengths)][:-1], device=dev)  # [B]
         pad_idx = torch.where(pad_valid, flat_start[:, None] + torch.arange(mmax, device=dev)[None, :], 0)  # [B, M]
@@ -240,3 +243,4 @@ class _Decode:
     buf: torch.Tensor  # index into the runner's token buffer
     seq: torch.Tensor  # request index
     lengths: list[int]  # positions per request (host): its masked positions in the current block
+    keys: torch.Tensor  # Gumbel noise key (seed, step, position)
