@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .decoding.candidates import shard_stats
+from .decoding.candidates import ShardDecode, shard_stats
 from .model.attention import AttnContext, KVPoolTensors
 from .model.transformer import Transformer
 
@@ -57,11 +57,9 @@ class ForwardBatch:
     """Logit rows computed (and handed to run_batch's consume) at once; 0: all of them."""
     cfg_splits: list[int] | None = None
     """Host-known index into cfg_sel at each chunk boundary (len = chunks + 1); None: one chunk."""
-    vocab_stats: bool = False
-    """Greedy batch without top-k/top-p over a sharded vocabulary: return each shard's decoding statistics
-    [R, N, 7] (decoding/candidates.shard_stats) instead of gathering the full logits."""
-    mask_id: int = -1
-    """The mask token (excluded from candidates) for vocab_stats."""
+    shard_decode: ShardDecode | None = None
+    """Set (batches without top-k/top-p over a sharded vocabulary): return each vocabulary shard's decoding
+    statistics [R, N, 8] (decoding/candidates.shard_stats) instead of gathering the full logits."""
 
     def to(self, device: torch.device | str) -> "ForwardBatch":
         """A copy on `device` (host copies are synchronous: the batch is pickled right after)."""
@@ -71,11 +69,13 @@ class ForwardBatch:
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
                 setattr(out, f.name, v.to(device, non_blocking=async_ok))
+        if self.shard_decode is not None:
+            out.shard_decode = self.shard_decode.to(device)
         return out
 
 
 Consume = Callable[[int, int, torch.Tensor], None]
-"""consume(a, b, out): rank 0 receives the logits [b - a, V] (or the shard statistics [R, b - a, 7]) of logit rows
+"""consume(a, b, out): rank 0 receives the logits [b - a, V] (or the shard statistics [R, b - a, 8]) of logit rows
 [a, b) as soon as they are computed."""
 
 
@@ -83,7 +83,7 @@ def run_batch(net: Transformer, kv: KVPoolTensors | None, batch: ForwardBatch, c
               forward: Callable[[ForwardBatch], torch.Tensor] | None = None) -> torch.Tensor | None:
     """Forward, then the logits at batch.logit_rows (CFG combined) in chunks of batch.logit_chunk rows, each handed
     to `consume` on rank 0 (so the [N, V] working set stays bounded). Without consume, rank 0 gets them all at once:
-    [N, V] float32, or with vocab_stats [R, N, 7]. Sharded nets: every rank must call it with the same batch (the
+    [N, V] float32, or with shard_decode [R, N, 8]. Sharded nets: every rank must call it with the same batch (the
     chunks are collective); the other ranks get None. `forward` replaces the network forward (a captured CUDA graph
     of the same computation, one process only)."""
     if forward is not None:
@@ -103,9 +103,10 @@ def run_batch(net: Transformer, kv: KVPoolTensors | None, batch: ForwardBatch, c
                 un = net.local_logits(hidden[batch.twin_rows[s0:s1]])  # [nc, Vc]
                 sel = batch.cfg_sel[s0:s1] - a
                 logits[sel] = un + (batch.cfg_w[s0:s1] + 1) * (logits[sel] - un)
-        if batch.vocab_stats:
+        if batch.shard_decode is not None:
             v0, v1 = net.shard.vocab(net.cfg.vocab_size)
-            shards = net.gather_to_rank0(shard_stats(logits[:, :v1 - v0], v0, batch.mask_id))  # R x [n, 7]
+            stats = shard_stats(logits[:, :v1 - v0], v0, batch.shard_decode.rows(a, b))  # [n, 8]
+            shards = net.gather_to_rank0(stats)  # R x [n, 8]
             out = None if shards is None else torch.stack(shards)
         else:
             out = net.gather_logits(logits)
@@ -118,7 +119,7 @@ def run_batch(net: Transformer, kv: KVPoolTensors | None, batch: ForwardBatch, c
         return None
     if not parts:
         return torch.zeros(0, net.cfg.vocab_size, device=hidden.device)
-    return torch.cat(parts, dim=1 if batch.vocab_stats else 0)
+    return torch.cat(parts, dim=0 if batch.shard_decode is None else 1)
 
 
 def _is_rank0(net: Transformer) -> bool:

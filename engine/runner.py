@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .decoding import schedule
-from .decoding.candidates import SCORE_CODES, CandidateInputs, candidates, candidates_from_stats
+from .decoding.candidates import SCORE_CODES, CandidateInputs, ShardDecode, candidates, candidates_from_stats
 from .decoding.noise import STREAM_GUMBEL, row_keys
 from .decoding.select import SelectInputs, select
 from .block_graphs import BlockGraphs
@@ -163,9 +163,11 @@ class ModelRunner:
         m = self._sync_members([r.seq for r in reqs])
         plan = self._plan(reqs, m)  # host metadata -> device, one copy
         batch, dec = self._inputs(reqs, m, plan)
-        batch.vocab_stats = self.model.executor.world_size > 1 and not m.any_sampling and not m.any_filter
         keys = (row_keys(m.seed[dec.seq], plan.dev["step_no"][dec.seq], dec.pos, STREAM_GUMBEL) if plan.mmax
-                else None)  # [N] counter-based noise keys
+                else torch.zeros(0, dtype=torch.long, device=self.device))  # [N] counter-based noise keys
+        if self.model.executor.world_size > 1 and not m.any_filter:  # reduce each vocabulary shard on its rank
+            batch.shard_decode = ShardDecode(self.cfg.mask_id, m.temperature[dec.seq], m.tempered[dec.seq], keys,
+                                             m.any_sampling, m.any_tempered)
         x0, score, conf = self._candidates(reqs, m, batch, dec, keys, plan)  # [N] each
         commit = self._commit(reqs, m, dec, x0, score, conf, keys, plan)  # [B, M]
         eos = self._eos(m)  # [B]
@@ -247,7 +249,7 @@ class ModelRunner:
         dpos = d["block_start"][seq] + keep - d["flat_block_start"][seq]  # [N] canvas positions
         dec = _Decode(pos=dpos, buf=block_buf[keep], seq=seq, lengths=counts)
         batch = ForwardBatch(tokens, pos, plan.row_len, max_pos=max(m.lens) - 1, logit_rows=d["first"][seq] + dpos,
-                             write_slots=write, read_slots=m.read_slots, key_valid=m.key_valid, mask_id=mask_id,
+                             write_slots=write, read_slots=m.read_slots, key_valid=m.key_valid,
                              backend=self.kernels, logit_chunk=self.max_logit_rows)
         if self.kernels == "triton":  # packed layout: no padded query index, keys through the block table
             batch.cu_seqlens_q, batch.block_table, batch.seq_lens_k = d["cu_seqlens_q"], m.block_table, m.seq_lens_k
@@ -265,16 +267,16 @@ class ModelRunner:
         return batch, dec
 
     def _candidates(self, reqs: list[ScheduledRequest], m: _Members, batch: ForwardBatch, dec: "_Decode",
-                    keys: torch.Tensor | None, plan: "_Plan") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    keys: torch.Tensor, plan: "_Plan") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the step's forward and score its decoded positions: candidate token, score and confidence [N] each.
-        The logits (or, with vocab_stats, the vocabulary shards' statistics [R, n, 7]) arrive in chunks of at most
+        The logits (or, with shard_decode, the vocabulary shards' statistics [R, n, 8]) arrive in chunks of at most
         batch.logit_chunk positions, each scored as it arrives, so the [N, V] working set stays within the logits
         memory budget whatever the batch."""
         dev, n = self.device, len(dec.pos)
         x0 = torch.empty(n, dtype=torch.long, device=dev)
         score = torch.empty(n, dtype=torch.float64, device=dev)
         conf = torch.empty(n, dtype=torch.float64, device=dev)
-        score_chunk = candidates_from_stats if batch.vocab_stats else candidates
+        score_chunk = candidates if batch.shard_decode is None else candidates_from_stats
 
         def consume(a: int, b: int, logits: torch.Tensor) -> None:
             seq = dec.seq[a:b]
@@ -297,7 +299,7 @@ class ModelRunner:
         return x0, score, conf
 
     def _commit(self, reqs: list[ScheduledRequest], m: _Members, dec: "_Decode", x0: torch.Tensor,
-                score: torch.Tensor, conf: torch.Tensor, keys: torch.Tensor | None, plan: "_Plan") -> torch.Tensor:
+                score: torch.Tensor, conf: torch.Tensor, keys: torch.Tensor, plan: "_Plan") -> torch.Tensor:
         """Each row's selection rule over the scored positions; writes the commits into the canvases.
         Returns the commit mask [B, M] (padded layout)."""
         dev, mask_id, d = self.device, self.cfg.mask_id, plan.dev
@@ -342,3 +344,4 @@ class _Decode:
     buf: torch.Tensor  # index into the runner's token buffer
     seq: torch.Tensor  # request index
     lengths: list[int]  # positions per request (host): its masked positions in the current block
+    keys: torch.Tensor  # Gumbel noise key (seed, step, position)

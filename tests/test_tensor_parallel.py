@@ -3,7 +3,8 @@
 Reference: the same checkpoint in one process (itself checked against transformers in test_model_parity). Logits
 agree within fp32 noise (the row-parallel all-reduce sums partial products in another order: observed ~4e-7
 relative); tokens at temperature 0 and with seeded sampling are identical in every cache mode, batched with mixed
-parameters (they would differ only if two candidates tied within that noise). Every case starts real worker
+parameters (they would differ only if two candidates tied within that noise), both when rank 0 gathers the logits
+(top-k/top-p in the batch) and when each rank reduces its vocabulary shard (any other batch). Every case starts real worker
 processes, so the module is marked slow.
 """
 from __future__ import annotations
@@ -82,24 +83,31 @@ def test_logits_match_one_rank(pair):
 
 
 @pytest.mark.parametrize("cache", CACHES)
-def test_same_tokens_batched_mixed_params(pair, cache):
+def test_same_tokens_batched_mixed_params(pair, cache, monkeypatch):
     _, tp, one = pair
-    prompts, params = mixed_requests(one, cache, seed=hash(cache) % 1000)
+    prompts, params = mixed_requests(one, cache, seed=CACHES.index(cache))
+    ex, seen = tp.model.executor, []
+    run = ex.run
+    monkeypatch.setattr(ex, "run", lambda batch, kv: (seen.append(batch.shard_decode is None), run(batch, kv))[1])
     a = [o.token_ids for o in tp.generate(prompts, params)]
     b = [o.token_ids for o in one.generate(prompts, params)]
     assert a == b
     assert all(len(x) == p.max_tokens for x, p in zip(a, params))
+    assert any(seen)  # the top-p request made rank 0 gather the logits
 
 
 @pytest.mark.parametrize("cache", CACHES)
-def test_greedy_batches_decode_from_vocab_shards(pair, cache, monkeypatch):
-    """Greedy batches (no top-k/top-p) never gather the full logits: each rank reduces its vocabulary shard."""
+def test_batches_without_top_k_top_p_decode_from_vocab_shards(pair, cache, monkeypatch):
+    """Batches without top-k/top-p (greedy and sampled rows mixed) never gather the full logits: each rank reduces
+    its vocabulary shard (its columns of the Gumbel noise included)."""
     _, tp, one = pair
     prompts, params = mixed_requests(one, cache, seed=7 + len(cache))
-    params = [dataclasses.replace(p, temperature=0.0, top_p=None) for p in params]
+    params = [dataclasses.replace(p, top_p=None) for p in params]
+    assert any(p.temperature > 0 for p in params)
     ex, seen = tp.model.executor, []
     run = ex.run
-    monkeypatch.setattr(ex, "run", lambda batch, kv, consume=None: (seen.append(batch.vocab_stats), run(batch, kv, consume))[1])
+    monkeypatch.setattr(ex, "run", lambda batch, kv, consume=None: (seen.append(batch.shard_decode is not None),
+                                                                    run(batch, kv, consume))[1])
     a = [o.token_ids for o in tp.generate(prompts, params)]
     b = [o.token_ids for o in one.generate(prompts, params)]
     assert a == b

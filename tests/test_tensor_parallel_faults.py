@@ -50,19 +50,21 @@ def ckpt(make_checkpoint):
 
 def test_raising_worker_fails_requests_with_its_error(ckpt):
     llm = LLM(ckpt, tensor_parallel_size=2, parallel_timeout=30, kv_cache_memory=1 << 22)
-    good = llm.generate([[1, 2, 3]], PARAMS)[0]
-    assert len(good.token_ids) == 8
-    llm.model.executor.call("inject_fault", "injected failure 1234")
-    t = time.monotonic()
-    with pytest.raises(ParallelError, match=r"rank 1 failed: RuntimeError: injected failure 1234"):
-        llm.generate([[1, 2, 3]], PARAMS)
-    assert time.monotonic() - t < 15  # the worker's exit fails rank 0's collective; no timeout needed
-    t = time.monotonic()
-    with pytest.raises(ParallelError, match="injected failure 1234"):  # later calls fail at once
-        llm.generate([[4, 5]], PARAMS)
-    assert time.monotonic() - t < 1
-    pid = workers(llm)[0].pid
-    llm.shutdown()
+    try:
+        good = llm.generate([[1, 2, 3]], PARAMS)[0]
+        assert len(good.token_ids) == 8
+        llm.model.executor.call("inject_fault", "injected failure 1234")
+        t = time.monotonic()
+        with pytest.raises(ParallelError, match=r"rank 1 failed: RuntimeError: injected failure 1234"):
+            llm.generate([[1, 2, 3]], PARAMS)
+        assert time.monotonic() - t < 15  # the worker's exit fails rank 0's collective; no timeout needed
+        t = time.monotonic()
+        with pytest.raises(ParallelError, match="injected failure 1234"):  # later calls fail at once
+            llm.generate([[4, 5]], PARAMS)
+        assert time.monotonic() - t < 1
+        pid = workers(llm)[0].pid
+    finally:
+        llm.shutdown()
     assert gone(pid, 10)
     with pytest.raises(ParallelError, match="shut down"):
         llm.generate([[1, 2, 3]], PARAMS)

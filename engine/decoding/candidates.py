@@ -125,62 +125,85 @@ def _random_scores(score: torch.Tensor, conf: torch.Tensor, inp: CandidateInputs
     return score, conf
 
 
-# Vocabulary-parallel greedy decoding -----------------------------------------------------------------------------
-# With the vocabulary split over tensor-parallel ranks, a greedy batch without top-k/top-p needs from each rank only
-# a few numbers per position, never the full logits: the best candidate (mask excluded), the shard's max m_r, its
-# softmax partition s_r = sum exp(l - m_r), t_r = sum exp(l - m_r)(l - m_r), and its top-2 logits. Combined:
-# m = max m_r, S = sum s_r e^(m_r - m), p(x0) = e^(l_x0 - m) / S, sum p log p = T / S - log S with
-# T = sum e^(m_r - m)(t_r + (m_r - m) s_r), margin from the global top-2.
-STAT_COLS = 7
+# Vocabulary-parallel decoding -----------------------------------------------------------------------------------
+# With the vocabulary split over tensor-parallel ranks, a batch without top-k/top-p needs from each rank only a few
+# numbers per position, never the full logits. Each shard draws its own columns of the Gumbel noise (the noise is
+# counter-based per column), so its best candidate is the full row's argmax restricted to the shard; it also reports,
+# in the scoring space (raw or tempered logits), the candidate's logit, its max m_r, s_r = sum exp(l - m_r),
+# t_r = sum exp(l - m_r)(l - m_r) and its top-2. Combined: m = max m_r, S = sum s_r e^(m_r - m),
+# p(x0) = e^(l_x0 - m) / S, sum p log p = T / S - log S with T = sum e^(m_r - m)(t_r + (m_r - m) s_r), and the
+# margin from the global top-2.
+STAT_COLS = 8
 
 
-def shard_stats(logits: torch.Tensor, vocab_start: int, mask_id: int) -> torch.Tensor:
-    """logits [N, Vs] float32 of vocabulary columns [vocab_start, vocab_start + Vs) -> [N, 7] float64:
-    (best logit, its global id, m_r, s_r, t_r, top1, top2), the best excluding the mask column."""
+@dataclass(slots=True)
+class ShardDecode:
+    """What a vocabulary shard needs to reduce its logits for decoding; per decoded position [N]."""
+    mask_id: int
+    temperature: torch.Tensor  # [N] float32
+    tempered: torch.Tensor  # [N] bool: Dream/RND1 scoring (from the tempered logits)
+    noise_keys: torch.Tensor  # [N] int64
+    any_sampling: bool
+    any_tempered: bool
+
+    def rows(self, a: int, b: int) -> "ShardDecode":
+        """The decoded positions [a, b) (one chunk of a step's logit rows)."""
+        return ShardDecode(self.mask_id, self.temperature[a:b], self.tempered[a:b], self.noise_keys[a:b],
+                           self.any_sampling, self.any_tempered)
+
+    def to(self, device: torch.device | str) -> "ShardDecode":
+        nb = torch.device(device).type != "cpu"
+        return ShardDecode(self.mask_id, self.temperature.to(device, non_blocking=nb),
+                           self.tempered.to(device, non_blocking=nb), self.noise_keys.to(device, non_blocking=nb),
+                           self.any_sampling, self.any_tempered)
+
+
+def shard_stats(logits: torch.Tensor, vocab_start: int, dec: ShardDecode) -> torch.Tensor:
+    """logits [N, Vs] float32 of vocabulary columns [vocab_start, vocab_start + Vs) -> [N, 8] float64:
+    (candidate's perturbed value, its global id, its scoring logit, m_r, s_r, t_r, top1, top2); the mask column is
+    never a candidate. Same arithmetic as `candidates` on these columns (no top-k/top-p)."""
     N, Vs = logits.shape
-    m = logits.max(-1).values  # [N]
-    z = logits - m[:, None]  # [N, Vs]
-    e = z.exp()
-    s = e.sum(-1)  # [N]
-    t = torch.nan_to_num(e * z, nan=0.0).sum(-1)  # [N]
-    col = mask_id - vocab_start
-    if 0 <= col < Vs:
-        best_v, best_i = _max_without(logits, col)
+    temp = dec.temperature[:, None]  # [N, 1]
+    tempered = torch.where(temp > 0, logits / temp.clamp_min(1e-8), logits) if dec.any_sampling else logits
+    if dec.any_sampling:
+        u = noise.uniform(dec.noise_keys, Vs, start=vocab_start)  # [N, Vs] float64, this shard's columns
+        perturbed = torch.where(temp > 0, tempered.double() - torch.log(-torch.log(u)), tempered.double())
     else:
-        best_v, best_i = logits.max(-1)
-    top = logits.topk(min(2, Vs), dim=-1).values  # [N, <=2]
+        perturbed = tempered.clone()
+    col = dec.mask_id - vocab_start
+    if 0 <= col < Vs:
+        perturbed[:, col] = float("-inf")
+    best_v, best_i = perturbed.max(-1)  # [N]
+    score_logits = torch.where(dec.tempered[:, None], tempered, logits) if dec.any_tempered else logits
+    m = score_logits.max(-1).values  # [N]
+    z = score_logits - m[:, None]  # [N, Vs]
+    e = z.exp()
+    top = score_logits.topk(min(2, Vs), dim=-1).values  # [N, <=2]
     if Vs < 2:
         top = torch.cat([top, torch.full_like(top, float("-inf"))], dim=-1)
-    cols = [best_v, (best_i + vocab_start).to(logits.dtype), m, s, t, top[:, 0], top[:, 1]]
-    out = torch.stack([c.double() for c in cols], dim=-1)  # [N, 7]
-    out[:, 1] = (best_i + vocab_start).double()  # exact ids (float32 holds integers only up to 2^24)
-    return out
-
-
-def _max_without(x: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
-    saved = x[:, col].clone()
-    x[:, col] = float("-inf")
-    v, i = x.max(-1)
-    x[:, col] = saved
-    return v, i
+    cols = [best_v.double(), (best_i + vocab_start).double(), score_logits.gather(-1, best_i[:, None])[:, 0].double(),
+            m.double(), e.sum(-1).double(), torch.nan_to_num(e * z, nan=0.0).sum(-1).double(), top[:, 0].double(),
+            top[:, 1].double()]
+    return torch.stack(cols, dim=-1)  # [N, 8]
 
 
 def candidates_from_stats(stats: torch.Tensor, inp: CandidateInputs) -> tuple[torch.Tensor, torch.Tensor,
                                                                               torch.Tensor]:
-    """stats [R, N, 7] (one shard_stats per vocabulary shard, in vocabulary order) -> x0, score, conf as
-    `candidates` computes them for a greedy batch without top-k/top-p (float64 instead of float32 softmax)."""
-    best_v, best_id, m_r, s_r, t_r = stats[..., 0], stats[..., 1], stats[..., 2], stats[..., 3], stats[..., 4]
+    """stats [R, N, 8] (one shard_stats per vocabulary shard, in vocabulary order) -> x0, score, conf as
+    `candidates` computes them for a batch without top-k/top-p (float64 instead of float32 softmax)."""
+    best_v, best_id, best_l = stats[..., 0], stats[..., 1], stats[..., 2]
+    m_r, s_r, t_r = stats[..., 3], stats[..., 4], stats[..., 5]
     m = m_r.max(0).values  # [N]
     w = torch.exp(m_r - m)  # [R, N]
     S = (s_r * w).sum(0)  # [N]
     shard = best_v.argmax(0)  # [N] first shard holding the max: the lowest id on ties, as argmax
     ar = torch.arange(stats.shape[1], device=stats.device)
     x0 = best_id[shard, ar].long()
-    p_x0 = torch.exp(best_v[shard, ar] - m) / S
+    p_x0 = torch.exp(best_l[shard, ar] - m) / S
     score, conf = p_x0, p_x0
     code = inp.score
     if 2 in inp.codes:
-        top2 = stats[..., 5:7].permute(1, 0, 2).reshape(stats.shape[1], -1).topk(2, dim=-1).values  # [N, 2]
+        top2 = stats[..., 6:8].permute(1, 0, 2).reshape(stats.shape[1], -1).topk(2, dim=-1).values  # [N, 2]
         margin = (torch.exp(top2[:, 0] - m) - torch.exp(top2[:, 1] - m)) / S
         score = torch.where(code == 2, margin, score)
         conf = torch.where(code == 2, margin, conf)

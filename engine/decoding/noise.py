@@ -31,9 +31,10 @@ def row_keys(seed: torch.Tensor, step: torch.Tensor, pos: torch.Tensor, stream: 
     return _mix(z + pos * _GOLDEN)
 
 
-def uniform(keys: torch.Tensor, width: int | None = None) -> torch.Tensor:
-    """keys [N] -> [N] (width None) or [N, width] float64 uniforms in (0, 1)."""
-    z = keys if width is None else keys[:, None] + torch.arange(width, device=keys.device) * _GOLDEN
+def uniform(keys: torch.Tensor, width: int | None = None, start: int = 0) -> torch.Tensor:
+    """keys [N] -> [N] (width None) or [N, width] float64 uniforms in (0, 1) for columns start..start + width - 1
+    (a vocabulary shard draws exactly its columns of the full row)."""
+    z = keys if width is None else keys[:, None] + torch.arange(start, start + width, device=keys.device) * _GOLDEN
     z = _mix(z)
     return (_shr(z, 11).double() + 0.5) * (1.0 / (1 << 53))
 
