@@ -344,4 +344,3 @@ class _Decode:
     buf: torch.Tensor  # index into the runner's token buffer
     seq: torch.Tensor  # request index
     lengths: list[int]  # positions per request (host): its masked positions in the current block
-    keys: torch.Tensor  # Gumbel noise key (seed, step, position)

@@ -88,7 +88,8 @@ def test_same_tokens_batched_mixed_params(pair, cache, monkeypatch):
     prompts, params = mixed_requests(one, cache, seed=CACHES.index(cache))
     ex, seen = tp.model.executor, []
     run = ex.run
-    monkeypatch.setattr(ex, "run", lambda batch, kv: (seen.append(batch.shard_decode is None), run(batch, kv))[1])
+    monkeypatch.setattr(ex, "run", lambda batch, kv, consume=None: (seen.append(batch.shard_decode is None),
+                                                                    run(batch, kv, consume))[1])
     a = [o.token_ids for o in tp.generate(prompts, params)]
     b = [o.token_ids for o in one.generate(prompts, params)]
     assert a == b
