@@ -38,9 +38,9 @@ def pair(request, make_checkpoint):
     family, ep, over = request.param
     path = make_checkpoint(family, **over)
     opts = dict(kv_cache_memory=1 << 22, page_size=4, dtype="float32")
-    tp = LLM(path, tensor_parallel_size=2, expert_parallel=ep, parallel_timeout=60, **opts)
-    yield family, tp, LLM(path, **opts)
-    tp.shutdown()
+    one = LLM(path, **opts)
+    with LLM(path, tensor_parallel_size=2, expert_parallel=ep, parallel_timeout=60, **opts) as tp:
+        yield family, tp, one
 
 
 def mixed_requests(llm: LLM, cache: str, seed: int) -> tuple[list[list[int]], list[SamplingParams]]:
