@@ -32,28 +32,32 @@ def _attn_fwd_kernel(
     # strides
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_bt,
     # meta-parameters
-    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m, row, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """One program: BLOCK_M queries of one row x every query head of one KV head (GQA: the group shares each
+    K/V tile it loads). Tile rows r = (query r // GROUP_PAD, head r % GROUP_PAD of the group)."""
+    pid_m, row, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(CU_Q + row)
     q_len = tl.load(CU_Q + row + 1) - q_start
     if pid_m * BLOCK_M >= q_len:
         return
     k_len = tl.load(SEQ_LENS_K + row)
-    kv_head = head // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] query index within the row
+    offs_r = tl.arange(0, BLOCK_M * GROUP_PAD)  # [BR] tile rows
+    q_idx = pid_m * BLOCK_M + offs_r // GROUP_PAD  # query index within the row
+    g_idx = offs_r % GROUP_PAD
+    heads = kv_head * group + g_idx
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    m_mask, d_mask = offs_m < q_len, offs_d < head_dim
-    q_rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [BM, BD]
+    r_mask, d_mask = (q_idx < q_len) & (g_idx < group), offs_d < head_dim
+    q_rows = (q_start + q_idx).to(tl.int64)
+    q_off = q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=r_mask[:, None] & d_mask[None, :], other=0.0)  # [BR, BD]
     if UPCAST:
         q = q.to(tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_i = tl.full([BLOCK_M * GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_M * GROUP_PAD, BLOCK_D], tl.float32)
     if not PAGED:
         k_start = tl.load(CU_K + row).to(tl.int64)
     for start_n in range(0, k_len, BLOCK_N):
@@ -66,7 +70,7 @@ def _attn_fwd_kernel(
             k_rows = k_start + kn
         k = tl.load(K + k_rows[None, :] * stride_kt + kv_head * stride_kh + offs_d[:, None],
                     mask=n_mask[None, :] & d_mask[:, None], other=0.0).to(q.dtype)  # [BD, BN]
-        qk = tl.dot(q, k, input_precision=PRECISION) * sm_scale_log2  # [BM, BN] fp32, log2 units
+        qk = tl.dot(q, k, input_precision=PRECISION) * sm_scale_log2  # [BR, BN] fp32, log2 units
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
@@ -78,8 +82,8 @@ def _attn_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p_in, v, input_precision=PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(Out + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    o_off = q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(Out + o_off, out.to(Out.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -108,10 +112,13 @@ def _store_kv_kernel(
 # ------------------------------------------------------------------------------------------------------------------
 # launchers
 
-def _tiles(head_dim: int, max_q: int) -> tuple[int, int, int, int]:
-    """BLOCK_M, BLOCK_N, BLOCK_D, num_warps. Block passes have few queries per row: smaller M tiles."""
+def _tiles(head_dim: int, max_q: int, group_pad: int) -> tuple[int, int, int, int]:
+    """BLOCK_M (queries), BLOCK_N, BLOCK_D, num_warps. A tile holds BLOCK_M * group_pad (query, head) rows:
+    16-64 of them (at least 16 for tl.dot); block passes, with few queries per row, get the small tiles."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m = 16 if max_q <= 16 else (32 if max_q <= 32 else 64)
+    need = max_q * group_pad
+    rows = 16 if need <= 16 else (32 if need <= 32 else 64)
+    block_m = max(1, rows // group_pad)
     block_n = 64 if block_d <= 64 else 32
     return block_m, block_n, block_d, 4 if block_d <= 64 else 8
 
@@ -131,22 +138,23 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tenso
             scale: float) -> torch.Tensor:
     group = _check_heads(q, k)
     assert v.shape == k.shape and v.stride(2) == 1
-    T, H, D = q.shape
+    T, _, D = q.shape
     B = seq_lens_k.shape[0]
     out = torch.empty_like(q)
     if T == 0 or B == 0:
         return out
-    bm, bn, bd, warps = _tiles(D, max_q)
+    group_pad = triton.next_power_of_2(group)
+    bm, bn, bd, warps = _tiles(D, max_q, group_pad)
     precision, upcast = dot_settings(q.dtype)
     paged = block_table is not None
     table = block_table if paged else seq_lens_k  # unused pointer when not paged
-    grid = (triton.cdiv(max_q, bm), B, H)
+    grid = (triton.cdiv(max_q, bm), B, k.shape[1])
     _attn_fwd_kernel[grid](
         q, k, v, out, cu_q, cu_k, seq_lens_k, table,
         scale * _LOG2E, D, group,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         table.stride(0),
-        PAGED=paged, PAGE_SIZE=page_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+        PAGED=paged, PAGE_SIZE=page_size, BLOCK_M=bm, GROUP_PAD=group_pad, BLOCK_N=bn, BLOCK_D=bd,
         PRECISION=precision, UPCAST=upcast, num_warps=warps)
     return out
 

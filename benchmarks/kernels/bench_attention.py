@@ -1,7 +1,7 @@
 """Paged flash attention (kernels/attention.py) vs the torch path (gather K/V out of the pool into a padded copy,
 pad queries, SDPA), both through engine.model.attention.attention with the step's K/V write included, at LLaDA-8B
 shapes (32 heads, MHA, head_dim 128): refresh passes (queries = the whole canvas) and block passes (32 queries
-against a cached prefix), equal and mixed row lengths.
+against a cached prefix), equal and mixed row lengths; plus RND1's GQA (32 query heads over 4 KV heads).
 
     python -m benchmarks.kernels.bench_attention [--smoke] [--out results.md]
 """
@@ -56,20 +56,24 @@ def main() -> None:
     ceil = measure_ceilings(dev, args.smoke)
     rng = random.Random(0)
     if args.smoke:
-        H, Hkv, D = 4, 2, 32
-        cases = [("refresh", [13, 29]), ("block", [(5, 61), (5, 37)])]
+        D = 32
+        cases = [("refresh", [13, 29]), ("block", [(5, 61), (5, 37)]), ("gqa block", [(5, 61)])]
+        heads = {"refresh": (4, 2), "block": (4, 2), "gqa block": (8, 1)}
     else:
-        H, Hkv, D = 32, 32, 128
+        D = 128
         cases = [
             ("refresh B=1 L=1024", [1024]), ("refresh B=8 L=1024", [1024] * 8), ("refresh B=4 L=4096", [4096] * 4),
             ("refresh B=16 mixed 128..2048", [rng.randrange(128, 2049) for _ in range(16)]),
             ("block B=1 32/1024", [(32, 1024)]), ("block B=8 32/1024", [(32, 1024)] * 8),
             ("block B=64 32/1024", [(32, 1024)] * 64), ("block B=32 32/4096", [(32, 4096)] * 32),
             ("block B=64 mixed 32/(128..4096)", [(32, rng.randrange(128, 4097)) for _ in range(64)]),
+            ("RND1 GQA block B=64 33/1024", [(33, 1024)] * 64), ("RND1 GQA refresh B=8 L=1024", [1024] * 8),
         ]
+        heads = {name: (32, 4) if name.startswith("RND1") else (32, 32) for name, _ in cases}
     rows = []
     for name, spec in cases:
-        if name.startswith("refresh"):
+        H, Hkv = heads[name]
+        if "refresh" in name:
             lens_q = lens_k = list(spec)
         else:
             lens_q, lens_k = [a for a, _ in spec], [b for _, b in spec]
@@ -83,9 +87,9 @@ def main() -> None:
         elem = c["q"].element_size()
         nbytes = elem * D * (2 * sum(lens_q) * H + 2 * sum(lens_k) * Hkv + 4 * sum(lens_q) * Hkv)
         tf, gb = flops / ms_tri / 1e9, nbytes / ms_tri / 1e6
-        rows.append([name, fmt(ms_ref), fmt(ms_tri), fmt(ms_ref / ms_tri), fmt(tf), f"{100 * tf / ceil.tflops:.0f}%",
+        rows.append([f"{name} (H={H}, Hkv={Hkv})", fmt(ms_ref), fmt(ms_tri), fmt(ms_ref / ms_tri), fmt(tf), f"{100 * tf / ceil.tflops:.0f}%",
                      fmt(gb), f"{100 * gb / ceil.gbps:.0f}%", fmt(diff, 2)])
-    table(f"attention ({args.dtype}, H={H}, Hkv={Hkv}, D={D}, page 16; ceilings {ceil.tflops:.0f} TFLOP/s, "
+    table(f"attention ({args.dtype}, D={D}, page 16; ceilings {ceil.tflops:.0f} TFLOP/s, "
           f"{ceil.gbps:.0f} GB/s)",
           ["case", "torch ms", "triton ms", "speedup", "TFLOP/s", "of peak", "GB/s", "of peak", "max |diff|"],
           rows, args.out)

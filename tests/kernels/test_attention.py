@@ -40,6 +40,7 @@ PAGED_CASES = [
     pytest.param([13, 61, 2], [13, 61, 2], 4, 4, 32, 5, id="refresh-pass-mha-prime-lengths"),
     pytest.param([3, 17], [97, 17], 6, 2, 12, 7, id="rnd1-like-head-dim-12"),
     pytest.param([5], [131], 2, 1, 128, 16, id="head-dim-128-mqa"),
+    pytest.param([41, 3], [41, 77], 8, 1, 16, 3, id="group-8-several-query-tiles"),
 ]
 
 

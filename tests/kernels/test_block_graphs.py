@@ -18,6 +18,7 @@ def test_block_graphs_same_tokens(make_checkpoint, family):
     """Three requests (padded to a bucket of 4 rows) with different prompt lengths; Dream shifts (L = block + 1)."""
     plain = LLM(make_checkpoint(family), device=DEVICE, kernels="triton", page_size=4)
     graphed = LLM(make_checkpoint(family), device=DEVICE, kernels="triton", page_size=4)
+    plain.engine.runner.graphs = None  # on CUDA the runner would capture by default
     runner = graphed.engine.runner
     runner.graphs = BlockGraphs(runner.net, runner.pool, runner.device, capture=DEVICE == "cuda")
     prompts = [[5, 17, 23, 9, 41, 2, 7], [11, 3], [8, 8, 30, 1]]
