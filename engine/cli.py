@@ -89,13 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="prompt text (chat-formatted when the model has a chat template)")
     gen.add_argument("--model", help="checkpoint directory (default: the bundled model)")
     gen.add_argument("--device", default="cpu")
-    gen.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    gen.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: the checkpoint's "
+                                                     "torch_dtype; on CPU bfloat16 where the CPU supports it)")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument("--token-ids", action="store_true", help="the prompt is a list of token ids, e.g. '1 2 3'")
     gen.add_argument("--show-steps", action="store_true", help=f"print the canvas after every step ({MASK_SYMBOL} mask, {EOS_SYMBOL} EOS, {STOP_SYMBOL} end of turn)")
     gen.add_argument("--stats", action="store_true", help="print steps and forward passes to stderr")
     add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
+    from server.cli import add_serve_parser
+    add_serve_parser(sub)
     return parser
 
 

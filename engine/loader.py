@@ -17,12 +17,37 @@ from .tokenizer import end_of_turn_ids, load_tokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def cpu_supports_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None,
+                  checkpoint_dtype: str | None = None) -> torch.dtype:
+    """A dtype name or torch dtype. "auto": on CPU bfloat16 where the CPU supports it (else float32); elsewhere
+    the checkpoint's torch_dtype (float32 if it names none)."""
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
+    if dtype == "auto":
+        if device is None or device.type == "cpu":
+            return torch.bfloat16 if cpu_supports_bfloat16() else torch.float32
+        return DTYPES.get(checkpoint_dtype or "float32", torch.float32)
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
-    raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    raise ValueError(f"dtype must be one of {['auto', *sorted(DTYPES)]}, got {dtype!r}")
+
+
+def checkpoint_dtype(model_dir: Path) -> str | None:
+    """config.json's torch_dtype (or dtype), when readable."""
+    try:
+        raw = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = raw.get("torch_dtype", raw.get("dtype")) if isinstance(raw, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -131,9 +156,11 @@ def _checkpoint_name(cfg: ModelConfig, internal: str, expert: int | None) -> str
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                dtype: str | torch.dtype = "float32") -> DiffusionModel:
-    """Load a LLaDA / LLaDA-MoE / Dream / RND1 checkpoint directory (config.json, safetensors, tokenizer files)."""
-    torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+    """Load a LLaDA / LLaDA-MoE / Dream / RND1 checkpoint directory (config.json, safetensors, tokenizer files).
+    dtype: float32, bfloat16, float16 or "auto" (see resolve_dtype)."""
+    dev = resolve_device(device)
     model_dir = Path(model_dir)
+    torch_dtype = resolve_dtype(dtype, dev, checkpoint_dtype(model_dir) if dtype == "auto" else None)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: checkpoint directory does not exist")
     cfg = read_config(model_dir)

@@ -1,0 +1,191 @@
+"""The FastAPI app: routes, OpenAI-shaped error handlers, API-key check, body-size limit, optional CORS.
+
+    app = build_app(engine_client, ServerConfig(served_model_names=["tiny"]))
+
+Routes reach the engine only through `EngineClient` (server/engine_client.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .config import PUBLIC_PATHS, ServerConfig
+from .engine_client import EngineClient
+from .errors import APIError
+from .metrics import CONTENT_TYPE, Metrics
+from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                       ErrorResponse, ModelCard, ModelList)
+from .serving import ClientDisconnected, OpenAIServing
+
+log = logging.getLogger("unmask.server")
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": desc} for code, desc in (
+        (400, "Invalid request; `param` names the field"), (401, "Missing or wrong API key"),
+        (404, "Unknown model"), (503, "Queue full or shutting down (see Retry-After)"))}
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("unmask")
+    except Exception:  # noqa: BLE001 - running from a source tree that is not installed
+        return "0.1.0"
+
+
+def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
+    metrics = Metrics(config.model_name, engine)
+    serving = OpenAIServing(engine, config, metrics)
+    app = FastAPI(title="unmask", version=_version(),
+                  description="OpenAI-compatible server for masked-diffusion language models. The diffusion "
+                              "options (steps, block_length, remasking, threshold, ...) are top-level request "
+                              "fields; OpenAI clients send them through `extra_body`.")
+    app.state.serving, app.state.metrics, app.state.engine, app.state.config = serving, metrics, engine, config
+    created = int(time.time())
+
+    @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}, **ERROR_RESPONSES},
+              summary="Chat completion (streams one delta per finished block with stream: true)")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await serving.chat(body, request)
+
+    @app.post("/v1/completions", responses={200: {"model": CompletionResponse}, **ERROR_RESPONSES},
+              summary="Text completion")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await serving.completion(body, request)
+
+    @app.get("/v1/models", response_model=ModelList, summary="The served model")
+    async def models() -> ModelList:
+        info = engine.info
+        return ModelList(data=[ModelCard(id=name, created=created, root=info.path, max_model_len=info.max_model_len,
+                                         family=info.family) for name in config.served_model_names])
+
+    @app.get("/health", summary="200 while the engine loop is alive, 503 once it is dead or shutting down")
+    async def health() -> Response:
+        ok = engine.healthy() and not serving.draining
+        return Response(status_code=200 if ok else 503)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": app.version}
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def get_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_response(exc.errors())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = getattr(exc, "headers", None)
+        return APIError(exc.status_code, str(exc.detail), headers=headers).response()
+
+    @app.exception_handler(ClientDisconnected)
+    async def client_gone(_: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return APIError(500, f"internal server error ({type(exc).__name__})").response()
+
+    # outermost last: CORS (so browsers can read even a 401) -> API key -> body limit -> routes
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    if config.api_key is not None:
+        app.add_middleware(APIKeyAuth, api_key=config.api_key)
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    return app
+
+
+def _validation_response(errors: list[dict[str, Any]]) -> JSONResponse:
+    """FastAPI's 422 as an OpenAI 400 naming the first bad field, e.g. `messages[0].content`."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    param = _param(first.get("loc", ()))
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "json_invalid":
+        param, msg = None, f"the body is not valid JSON ({first.get('ctx', {}).get('error', msg)})"
+    elif param is None:
+        msg = f"the body must be a JSON object (Content-Type: application/json): {msg}"
+    more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return APIError(400, f"{param}: {msg}{more}" if param else f"{msg}{more}", param).response()
+
+
+def _param(loc: Any) -> str | None:
+    parts: list[str] = []
+    for p in loc:
+        if p == "body" and not parts:
+            continue
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        elif isinstance(p, str) and p.isidentifier():
+            parts.append(("." if parts else "") + p)
+    return "".join(parts) or None
+
+
+class APIKeyAuth:
+    """401 unless `Authorization: Bearer <key>`; constant-time compare of SHA-256 digests. Public paths and CORS
+    preflights pass. Pure ASGI (no BaseHTTPMiddleware), so streaming and disconnects are untouched."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._digest = hashlib.sha256(api_key.encode()).digest()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] in PUBLIC_PATHS:
+            return await self.app(scope, receive, send)
+        given = b""
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    given = token.strip()
+        if not hmac.compare_digest(hashlib.sha256(given).digest(), self._digest) or not given:
+            err = APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                           headers={"WWW-Authenticate": "Bearer"}, type="AuthenticationError")
+            return await err.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """413 for a body over max_bytes: refused on Content-Length before reading, or as soon as the streamed body
+    passes the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = APIError(413, f"the request body exceeds the server's limit of {self.max_bytes} bytes")
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                return await too_big.response()(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:  # FastAPI re-raises HTTPExceptions from body reading: a shaped 413
+                    raise HTTPException(413, too_big.message)
+            return message
+
+        await self.app(scope, limited_receive, send)

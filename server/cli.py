@@ -1,0 +1,144 @@
+"""`unmask serve`: load a checkpoint (default: the bundled model), start the engine loop and serve the OpenAI API.
+
+SIGTERM / Ctrl-C: stop admitting (new requests and /health get 503), let in-flight requests finish for up to
+--drain-timeout seconds, abort the rest (their clients get a clear 503 error, in-band for streams), stop the
+engine and exit 0. A second Ctrl-C exits at once.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import sys
+from typing import Any
+
+UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2, "mib": 1 << 20,
+         "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30}
+
+
+def parse_bytes(text: str) -> int:
+    """'1073741824', '512MiB', '2G' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size in bytes such as 1073741824, 512MiB or 2GiB, got {text!r}")
+    value = int(float(m.group(1)) * UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 bytes, got {text!r}")
+    return value
+
+
+def add_serve_parser(sub: Any) -> None:
+    from engine.cli import add_sampling_flags
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (default: the bundled model on CPU)",
+                       description="OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, "
+                                   "/health, /version, /metrics, /docs. The sampling flags set server-wide "
+                                   "defaults for fields a request leaves unset.")
+    p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start-up)")
+    p.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="name(s) accepted in requests' `model`; the first is reported (default: the model dir)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: the checkpoint's "
+                                                   "torch_dtype; on CPU bfloat16 where the CPU supports it)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch at most")
+    p.add_argument("--max-queue", type=int, default=1000, help="waiting requests before new ones get 503")
+    p.add_argument("--kv-cache-memory", type=parse_bytes, metavar="BYTES",
+                   help="KV pool size, e.g. 2GiB (default: 1 GiB on CPU, 90%% of free memory on CUDA)")
+    p.add_argument("--api-key", default=os.environ.get("UNMASK_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: env UNMASK_API_KEY; unset: no auth)")
+    p.add_argument("--allowed-origins", nargs="*", metavar="ORIGIN",
+                   help="CORS origins to allow, e.g. http://localhost:3000 or '*' (default: no CORS)")
+    p.add_argument("--max-body-bytes", type=parse_bytes, default=32 << 20, metavar="BYTES",
+                   help="largest request body (413 beyond; default 32MiB)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/Ctrl-C, seconds in-flight requests get to finish (default 30)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_sampling_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from engine.cli import SAMPLING_FIELDS, sampling_params
+    from engine.llm import default_model_dir
+
+    from .config import ServerConfig
+    from .engine_client import LocalEngineClient
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    sampling_params(args)  # validate the server-wide defaults now (errors name the flag)
+    defaults = {f: getattr(args, f) for f in SAMPLING_FIELDS if getattr(args, f) is not None}
+    if args.max_num_seqs < 1:
+        raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    name = args.served_model_name or [args.model.rstrip("/") if args.model else default_model_dir().name]
+    config = ServerConfig(served_model_names=name, api_key=args.api_key, allowed_origins=args.allowed_origins,
+                          max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                          drain_timeout=args.drain_timeout, sampling_defaults=defaults)
+    client = LocalEngineClient.from_model(args.model, device=args.device, dtype=args.dtype,
+                                          max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
+    return asyncio.run(serve(client, config, args.host, args.port, args.log_level))
+
+
+async def serve(client: Any, config: Any, host: str, port: int, log_level: str = "info") -> int:
+    """Run the server until SIGTERM / SIGINT, then drain and stop. Returns the exit status (0)."""
+    import uvicorn
+
+    from .app import build_app
+
+    app = build_app(client, config)
+    serving = app.state.serving
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
+                                           timeout_graceful_shutdown=5, access_log=log_level == "debug"))
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign] # we handle the signals
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():  # second signal: exit now
+            server.should_exit = server.force_exit = True
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    server_task = asyncio.create_task(server.serve())
+    stop_task = asyncio.create_task(stop.wait())
+    announce = asyncio.create_task(_announce(server, client, config))
+    await asyncio.wait({server_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    announce.cancel()
+    if server_task.done():  # failed to start (port in use, ...)
+        await client.shutdown()
+        server_task.result()
+        return 1 if not server.started else 0
+    serving.draining = True
+    print(f"unmask serve: shutting down; {serving.inflight} request(s) in flight, waiting up to "
+          f"{config.drain_timeout:g} s", file=sys.stderr, flush=True)
+    if not await serving.wait_idle(config.drain_timeout):
+        print(f"unmask serve: aborting {serving.inflight} unfinished request(s)", file=sys.stderr, flush=True)
+    await client.shutdown()
+    await serving.wait_idle(5.0)  # aborted requests send their errors
+    server.should_exit = True
+    await server_task
+    stop_task.cancel()
+    print("unmask serve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+async def _announce(server: Any, client: Any, config: Any) -> None:
+    while not server.started:
+        await asyncio.sleep(0.05)
+    info = client.info
+    for s in server.servers:
+        for sock in s.sockets:
+            host, port = sock.getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            print(f"unmask serve: model {config.model_name!r} (family {info.family}, {info.dtype} on {info.device}, "
+                  f"context {info.max_model_len}) from {info.path}", flush=True)
+            print(f"unmask serve: listening on http://{shown}:{port} (docs at /docs){'; API key required' if config.api_key else ''}",
+                  flush=True)
+            return

@@ -1,0 +1,100 @@
+"""The one interface the routes use to reach an engine, and its implementation over an in-process AsyncEngine.
+
+Tests run the app against the real engine (LocalEngineClient) and against fakes implementing EngineClient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, AsyncIterator, Protocol
+
+from engine.async_engine import EngineStats
+from engine.outputs import RequestOutput
+from engine.sampling_params import GenerationDefaults, SamplingParams
+
+if TYPE_CHECKING:
+    from engine.async_engine import AsyncEngine
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    path: str
+    family: str
+    dtype: str
+    device: str
+    vocab_size: int
+    max_model_len: int
+    """Prompt + generated tokens the model can attend over (its position limit)."""
+    defaults: GenerationDefaults
+    has_tokenizer: bool
+    has_chat_template: bool
+
+
+class EngineClient(Protocol):
+    info: ModelInfo
+
+    def encode(self, prompt: str | list[int], where: str) -> list[int]:
+        """Token ids of a text prompt (or validated ids); ValueError/TypeError name `where`. May be slow (call it
+        off the event loop for long inputs)."""
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The chat template applied to the messages, with the generation prompt, as token ids."""
+
+    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Queue a request; its stream yields one unfinished output per finished block, then the final output.
+        Invalid params or a request that can never fit raise here. Stopping iteration early aborts it."""
+
+    def abort(self, request_id: str) -> None:
+        """End a request (its pages are free by the next step); unknown ids are ignored."""
+
+    def stats(self) -> EngineStats:
+        """Running / waiting requests, KV pages, cumulative steps and tokens."""
+
+    def healthy(self) -> bool:
+        """Whether the engine loop is alive and admitting requests."""
+
+    async def shutdown(self) -> None:
+        """Abort what is left and stop the engine loop."""
+
+
+class LocalEngineClient:
+    """EngineClient over an AsyncEngine in this process (its loop runs on the engine's background thread)."""
+
+    def __init__(self, engine: "AsyncEngine") -> None:
+        self.engine = engine
+        llm = engine.llm
+        model = llm.model
+        cfg = model.config
+        tok = model.tokenizer
+        self.info = ModelInfo(
+            path=str(model.path), family=cfg.family, dtype=str(model.dtype).removeprefix("torch."),
+            device=str(model.device), vocab_size=cfg.vocab_size, max_model_len=cfg.max_position_embeddings,
+            defaults=llm.defaults, has_tokenizer=tok is not None,
+            has_chat_template=getattr(tok, "chat_template", None) is not None)
+
+    @classmethod
+    def from_model(cls, model: str | Path | None, **kwargs) -> "LocalEngineClient":
+        from engine.async_engine import AsyncEngine
+        return cls(AsyncEngine.from_model(model, **kwargs))
+
+    def encode(self, prompt: str | list[int], where: str) -> list[int]:
+        return self.engine.llm.prompt_ids(prompt, where)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        llm = self.engine.llm
+        return llm.prompt_ids(llm.model.apply_chat_template(messages), "messages")
+
+    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        return self.engine.add_request(prompt_ids, params, request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats
+
+    def healthy(self) -> bool:
+        return self.engine.is_running
+
+    async def shutdown(self) -> None:
+        await self.engine.aclose()

@@ -1,0 +1,233 @@
+"""OpenAI request and response schemas (pydantic), with the diffusion options as top-level request fields.
+
+Every field has a description and its range, so `/openapi.json` and `/docs` describe the whole surface. Unknown
+request fields are ignored (as vLLM does). Ranges checked here are the ones a schema can state; the engine's
+SamplingParams validation runs afterwards and its errors come back as 400s naming the same field.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = Field(False, description="Send one last chunk with `usage` (and `choices: []`) before "
+                                                   "`data: [DONE]`.")
+
+
+_STOP_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]}
+
+
+class SamplingFields(_Request):
+    """Fields shared by chat and completions requests: OpenAI's sampling fields plus the diffusion options
+    (which OpenAI clients send through `extra_body`). Unset fields take the server's defaults, then the model's."""
+    model: str | None = Field(None, description="Served model name (see /v1/models). Omitted: the served model.")
+    n: int = Field(1, ge=1, description="Number of choices to generate for each prompt. When sampling with a "
+                                        "`seed`, choice i uses seed + i.")
+    stream: bool = Field(False, description="Stream the answer as server-sent events, one content delta per "
+                                            "finished diffusion block.")
+    stream_options: StreamOptions | None = Field(None, description="Only with `stream: true`.")
+    temperature: float | None = Field(None, ge=0, description="0 = greedy; > 0 samples candidates (Gumbel-max). "
+                                                              "Unset: the model's default (0 for LLaDA).")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling of candidates, in (0, 1].")
+    top_k: int | None = Field(None, ge=-1, description="Keep the k most likely candidates; 0 or -1 = off.")
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX,
+                             description="Seed of the sampling noise (same seed, same output). Unset: random.")
+    stop: Annotated[Any, WithJsonSchema(_STOP_SCHEMA)] = Field(
+        None, description="Stop string or list of stop strings; the text is cut before the first one found.")
+    user: str | None = Field(None, description="End-user id (accepted, unused).")
+    # diffusion options
+    steps: int | None = Field(None, ge=1, description="Denoising steps over the whole generation, split over the "
+                                                      "blocks. With `threshold` / `factor`: an upper bound.")
+    block_length: int | None = Field(None, ge=1, description="Semi-autoregressive block size: blocks are decoded "
+                                                             "left to right, each streamed once finished. Above "
+                                                             "max_tokens: one block.")
+    remasking: Literal["low_confidence", "random", "margin", "entropy", "origin", "maskgit_plus",
+                       "topk_margin"] | None = Field(
+        None, description="Order in which masked positions are committed. `origin` needs algorithm `dream`; "
+                          "`maskgit_plus` / `topk_margin` are Dream's names for low_confidence / margin.")
+    threshold: float | None = Field(None, gt=0, le=1, description="Parallel decoding: commit every masked position "
+                                                                  "of the block with confidence >= threshold "
+                                                                  "(at least one per step). In (0, 1].")
+    factor: float | None = Field(None, gt=0, description="Parallel decoding, factor rule: commit the largest n with "
+                                                         "(n + 1)(1 - c_n) < factor. Alternative to threshold.")
+    cfg_scale: float | None = Field(None, ge=0, description="Classifier-free guidance weight (0 = off; > 0 runs an "
+                                                            "unconditional twin, doubling the compute).")
+    cache: Literal["none", "prefix", "dual"] | None = Field(
+        None, description="KV cache mode: none (exact reference semantics), prefix or dual (Fast-dLLM caches).")
+    ignore_eos: bool | None = Field(None, description="Do not stop at EOS: return the whole canvas.")
+    algorithm: Literal["llada", "dream", "rnd1"] | None = Field(
+        None, description="Transfer schedule: llada (even split per block), dream (1 - s/t), rnd1. "
+                          "Unset: the model family's.")
+    alg_temp: float | None = Field(None, ge=0, description="Dream: > 0 samples the positions to commit from "
+                                                           "softmax(confidence / alg_temp).")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _check_stop(cls, v: Any) -> Any:
+        if v is None or isinstance(v, str):
+            return v
+        if isinstance(v, list) and all(isinstance(s, str) for s in v):
+            return v
+        raise ValueError("must be a string or a list of strings")
+
+
+_CONTENT_SCHEMA = {"anyOf": [
+    {"type": "string"},
+    {"type": "array", "items": {"type": "object", "required": ["type", "text"], "properties": {
+        "type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}},
+    {"type": "null"}]}
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        ..., description="Who wrote the message.")
+    content: Annotated[Any, WithJsonSchema(_CONTENT_SCHEMA)] = Field(
+        None, description="A string, or OpenAI's list of text parts `[{\"type\": \"text\", \"text\": ...}]` "
+                          "(joined).")
+    name: str | None = Field(None, description="Accepted, unused.")
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _join_parts(cls, v: Any) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, str):
+            return v
+        if isinstance(v, list):
+            texts = []
+            for i, part in enumerate(v):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError(f"part {i} must be a text part {{\"type\": \"text\", \"text\": \"...\"}} "
+                                     f"(only text is supported)")
+                texts.append(part["text"])
+            return "".join(texts)
+        raise ValueError("must be a string or a list of text parts")
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation so far.")
+    max_tokens: int | None = Field(None, ge=1, description="Generation length: the number of masked positions "
+                                                           "appended to the prompt (deprecated by OpenAI in favour "
+                                                           "of max_completion_tokens, which wins if both are set).")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Generation length (same as max_tokens).")
+
+
+_PROMPT_SCHEMA = {"anyOf": [
+    {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
+    {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+    {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}, "minItems": 1}]}
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Annotated[Any, WithJsonSchema(_PROMPT_SCHEMA)] = Field(
+        ..., description="A string, a list of strings, a list of token ids, or a list of token-id lists "
+                         "(one completion per prompt, times n).")
+    max_tokens: int | None = Field(None, ge=1, description="Generation length: the number of masked positions "
+                                                           "appended to the prompt. Unset: the model's default.")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt(cls, v: Any) -> list[str | list[int]]:
+        """Normalised to a list of prompts, each a string or a list of token ids."""
+        def is_ids(x: Any) -> bool:
+            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+        if isinstance(v, str):
+            return [v]
+        if isinstance(v, list) and v:
+            if is_ids(v):
+                return [v]
+            if all(isinstance(p, str) for p in v) or all(is_ids(p) and p for p in v):
+                return v
+        raise ValueError("must be a string, a non-empty list of strings, a non-empty list of token ids, or a "
+                         "list of non-empty token-id lists")
+
+
+# responses ---------------------------------------------------------------------------------------------------
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class DiffusionStats(BaseModel):
+    """Per-request diffusion statistics (an extra field that OpenAI clients ignore)."""
+    steps: int = Field(description="Denoising steps taken (summed over choices).")
+    forward_passes: int = Field(description="Forward passes run (CFG counts two per step).")
+    tokens_committed: int = Field(description="Tokens committed over all steps.")
+    tokens_per_forward: float = Field(description="tokens_committed / steps.")
+
+
+class ChatMessageOut(BaseModel):
+    role: str = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    diffusion: DiffusionStats
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    diffusion: DiffusionStats
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "unmask"
+    root: str
+    parent: str | None = None
+    max_model_len: int
+    family: str = Field(description="Model family (llada, llada_moe, dream, rnd1).")
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

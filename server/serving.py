@@ -1,0 +1,419 @@
+"""OpenAI request -> prompt ids + SamplingParams -> engine -> OpenAI response or SSE stream.
+
+Each choice (prompt x n) is one engine request. Streams send one content delta per finished block of a choice,
+text only ever extended; the request is aborted in the engine as soon as its client is gone (streaming or not).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+from jinja2 import TemplateError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from engine.async_engine import EngineError
+from engine.errors import TokenizerMissingError
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams, SamplingParamsError
+
+from .config import ServerConfig
+from .engine_client import EngineClient
+from .errors import APIError, bad_request
+from .metrics import Metrics
+from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from .sse import SSEResponse
+
+log = logging.getLogger("unmask.server")
+
+PARAM_FIELDS = ("temperature", "top_p", "top_k", "seed", "stop", "steps", "block_length", "remasking", "threshold",
+                "factor", "cfg_scale", "cache", "ignore_eos", "algorithm", "alg_temp")
+"""Request fields passed to SamplingParams under the same name (max_tokens is handled apart)."""
+SEED_MASK = 2 ** 63 - 1
+
+
+@dataclass(slots=True)
+class Choice:
+    """One engine request: a prompt and one of its n samples."""
+    index: int
+    prompt_idx: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str
+    stream: AsyncIterator[RequestOutput] | None = None
+    final: RequestOutput | None = None
+    sent: str = ""
+    """Text streamed so far."""
+    t_first: float | None = None
+    done: bool = False
+
+
+@dataclass(slots=True)
+class Job:
+    """One HTTP request: its choices and timing."""
+    kind: str  # "chat" | "completion"
+    id: str
+    created: int
+    t0: float
+    prompts: list[list[int]]
+    choices: list[Choice] = field(default_factory=list)
+
+
+class OpenAIServing:
+    def __init__(self, engine: EngineClient, config: ServerConfig, metrics: Metrics) -> None:
+        self.engine, self.config, self.metrics = engine, config, metrics
+        self.inflight = 0
+        """Engine requests (choices) submitted and not yet ended."""
+        self.draining = False
+        """Set on shutdown: new requests are refused with 503."""
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unmask-tokenize")
+
+    # entry points --------------------------------------------------------------------------------------
+    async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        self._check_common(req)
+        if not self.engine.info.has_chat_template:
+            raise bad_request("this model has no chat template; use /v1/completions", "messages")
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        size = sum(len(m["content"]) for m in messages)
+        ids = await self._offload(size, self._encode_chat, messages)
+        return await self._run("chat", req, [ids], max_tokens, param, raw)
+
+    async def completion(self, req: CompletionRequest, raw: Request) -> Response:
+        self._check_common(req)
+        prompts: list[str | list[int]] = req.prompt
+        size = sum(len(p) for p in prompts)
+        many = len(prompts) > 1
+        ids = await self._offload(size, lambda: [self._encode(p, f"prompt[{i}]" if many else "prompt")
+                                                 for i, p in enumerate(prompts)])
+        return await self._run("completion", req, ids, req.max_tokens, "max_tokens", raw)
+
+    # validation and translation -------------------------------------------------------------------------
+    def _check_common(self, req: SamplingFields) -> None:
+        if req.model is not None and req.model not in self.config.served_model_names:
+            raise APIError(404, f"The model `{req.model}` does not exist.", "model")
+        if req.stream_options is not None and not req.stream:
+            raise bad_request("stream_options can only be set when stream is true", "stream_options")
+        if self.draining:
+            raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
+        if not self.engine.healthy():
+            raise APIError(503, "the engine is not running", headers={"Retry-After": "5"})
+
+    async def _offload(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run tokenization inline when short, else on the tokenizer thread (the event loop stays free)."""
+        if size <= self.config.tokenize_inline_chars:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)
+
+    def _encode(self, prompt: str | list[int], where: str) -> list[int]:
+        try:
+            return self.engine.encode(prompt, where)
+        except TokenizerMissingError as e:
+            raise bad_request(f"{where}: this model has no tokenizer; send token ids ({e})", where.split("[")[0])
+        except (ValueError, TypeError) as e:
+            raise bad_request(str(e), where.split("[")[0])
+
+    def _encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        try:
+            return self.engine.encode_chat(messages)
+        except (ValueError, TypeError, TokenizerMissingError, TemplateError) as e:  # the request's fault
+            raise bad_request(f"messages: cannot apply the chat template: {e}", "messages")
+
+    def _params(self, req: SamplingFields, max_tokens: int | None) -> SamplingParams:
+        values: dict[str, Any] = {k: v for k, v in self.config.sampling_defaults.items() if v is not None}
+        for name in PARAM_FIELDS:
+            v = getattr(req, name)
+            if v is not None:
+                values[name] = v
+        if max_tokens is not None:
+            values["max_tokens"] = max_tokens
+        if values.get("top_k") == -1:
+            values["top_k"] = 0
+        try:
+            return SamplingParams(**values)
+        except SamplingParamsError as e:
+            raise bad_request(str(e).removeprefix("SamplingParams."), e.field)
+        except (ValueError, TypeError) as e:
+            raise bad_request(str(e))
+
+    def _check_length(self, ids: list[int], params: SamplingParams, param: str, prompt_param: str) -> None:
+        limit = self.engine.info.max_model_len
+        gen = params.max_tokens if params.max_tokens is not None else self.engine.info.defaults.max_tokens
+        if len(ids) >= limit:
+            raise bad_request(f"the prompt is {len(ids)} tokens; this model's context is {limit} tokens",
+                              prompt_param)
+        if len(ids) + gen > limit:
+            raise bad_request(f"'{param}' is too large: the prompt ({len(ids)} tokens) + {param} ({gen}) exceeds "
+                              f"this model's context of {limit} tokens; use at most {limit - len(ids)}", param)
+
+    async def _run(self, kind: str, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None,
+                   param: str, raw: Request) -> Response:
+        base = self._params(req, max_tokens)
+        prompt_param = "messages" if kind == "chat" else "prompt"
+        for ids in prompts:
+            self._check_length(ids, base, param, prompt_param)
+        n_new = len(prompts) * req.n
+        if n_new > max(self.config.max_queue, 1):
+            raise bad_request(f"n x prompts = {n_new} choices exceed the server's queue limit "
+                              f"({self.config.max_queue})", "n")
+        waiting = self.inflight - self.engine.stats().running
+        if waiting + n_new > self.config.max_queue:
+            raise APIError(503, f"the server is overloaded ({waiting} requests waiting); retry later",
+                           headers={"Retry-After": "1"})
+        job = Job(kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()),
+                  time.monotonic(), prompts)
+        for p, ids in enumerate(prompts):
+            for i in range(req.n):
+                params = base
+                if i > 0 and base.seed is not None:
+                    params = SamplingParams(**{**_fields(base), "seed": (base.seed + i) & SEED_MASK})
+                job.choices.append(Choice(len(job.choices), p, ids, params, f"{job.id}-{len(job.choices)}"))
+        self._submit(job)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return SSEResponse(self._stream(job, include_usage), on_close=lambda: self._release(job))
+        try:
+            await _until_disconnected(raw, self._collect(job))
+        finally:
+            self._release(job)
+        return JSONResponse(self._response(job))
+
+    def _submit(self, job: Job) -> None:
+        try:
+            for c in job.choices:
+                c.stream = self.engine.add(c.prompt_ids, c.params, c.request_id)
+                self._acquire()
+        except SamplingParamsError as e:
+            self._release(job)
+            raise bad_request(str(e).removeprefix("SamplingParams."), e.field)
+        except MemoryError as e:  # the canvas can never fit the KV pool
+            self._release(job)
+            raise bad_request(str(e), "max_tokens")
+        except (ValueError, TypeError) as e:
+            self._release(job)
+            raise bad_request(str(e), getattr(e, "field", None) or getattr(e, "param", None))
+        except RuntimeError as e:  # the engine is shut down or dead
+            self._release(job)
+            raise APIError(503, f"the engine cannot take requests: {e}", headers={"Retry-After": "5"})
+
+    def _acquire(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+
+    def _release(self, job: Job) -> None:
+        """Abort every choice still running (client gone, error) and drop it from the in-flight count. Idempotent."""
+        for c in job.choices:
+            if c.stream is None or c.done:
+                continue
+            c.done = True
+            self.engine.abort(c.request_id)
+            self.metrics.request_aborted()
+            self._end_one()
+
+    def _end_one(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    # engine outputs -----------------------------------------------------------------------------------------
+    def _on_output(self, job: Job, c: Choice, out: RequestOutput) -> None:
+        now = time.monotonic()
+        if c.t_first is None:
+            c.t_first = now
+        if not out.finished:
+            return
+        c.final, c.done = out, True
+        self._end_one()
+        if out.finish_reason == "abort":  # not the client's doing: shutdown (the client's own aborts end earlier)
+            self.metrics.request_aborted()
+            raise APIError(503, "the request was aborted: the server is shutting down")
+        self.metrics.request_finished(out.finish_reason or "stop", len(c.prompt_ids), len(out.token_ids),
+                                      now - job.t0, c.t_first - job.t0, out.stats.tokens_per_forward)
+
+    async def _collect(self, job: Job) -> None:
+        async def one(c: Choice) -> None:
+            assert c.stream is not None
+            async for out in c.stream:
+                self._on_output(job, c, out)
+
+        try:
+            await asyncio.gather(*(one(c) for c in job.choices))
+        except EngineError as e:
+            log.error("engine failure in %s: %s", job.id, e, exc_info=e)
+            raise APIError(500, f"the engine failed while running this request: {e}")
+
+    async def _stream(self, job: Job, include_usage: bool) -> AsyncIterator[bytes]:
+        try:
+            if job.kind == "chat":
+                for c in job.choices:
+                    yield self._chunk(job, c.index, {"role": "assistant", "content": ""}, None)
+            async for c, out in _merge(job.choices):
+                self._on_output(job, c, out)
+                text = self._new_text(c, out)
+                if out.finished:
+                    extra = {"diffusion": _diffusion([out])}
+                    if out.text is None:
+                        extra["token_ids"] = out.token_ids
+                    delta = {"content": text} if text else {}
+                    yield self._chunk(job, c.index, delta, out.finish_reason, extra)
+                elif text:
+                    yield self._chunk(job, c.index, {"content": text}, None)
+            if include_usage:
+                yield _sse({"id": job.id, "object": self._chunk_object(job), "created": job.created,
+                            "model": self.config.model_name, "choices": [], "usage": self._usage(job),
+                            "diffusion": _diffusion([c.final for c in job.choices if c.final])})
+        except APIError as e:
+            yield _sse(e.body())
+        except EngineError as e:
+            log.error("engine failure in %s: %s", job.id, e, exc_info=e)
+            yield _sse(APIError(500, f"the engine failed while running this request: {e}").body())
+        except Exception as e:  # noqa: BLE001 - the 200 has gone out: report in-band, log the traceback
+            log.exception("error while streaming %s", job.id)
+            yield _sse(APIError(500, f"internal error: {type(e).__name__}").body())
+        finally:
+            self._release(job)
+        yield b"data: [DONE]\n\n"
+
+    @staticmethod
+    def _new_text(c: Choice, out: RequestOutput) -> str:
+        """The text added since the last delta; held back while it would retract what was sent or ends inside a
+        multi-byte character."""
+        text = out.text or ""
+        if not out.finished:
+            text = text.rstrip("\ufffd")
+        if not text.startswith(c.sent):
+            return ""
+        new, c.sent = text[len(c.sent):], text
+        return new
+
+    def _chunk_object(self, job: Job) -> str:
+        return "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+
+    def _chunk(self, job: Job, index: int, delta: dict[str, Any], finish: str | None,
+               extra: dict[str, Any] | None = None) -> bytes:
+        choice: dict[str, Any] = {"index": index}
+        if job.kind == "chat":
+            choice["delta"] = delta
+        else:
+            choice["text"] = delta.get("content", "")
+        choice.update(logprobs=None, finish_reason=finish, **(extra or {}))
+        return _sse({"id": job.id, "object": self._chunk_object(job), "created": job.created,
+                     "model": self.config.model_name, "choices": [choice]})
+
+    def _usage(self, job: Job) -> dict[str, int]:
+        prompt = sum(len(p) for p in job.prompts)
+        completion = sum(len(c.final.token_ids) for c in job.choices if c.final is not None)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _response(self, job: Job) -> dict[str, Any]:
+        choices = []
+        for c in job.choices:
+            out = c.final
+            assert out is not None
+            if job.kind == "chat":
+                ch: dict[str, Any] = {"index": c.index, "message": {"role": "assistant", "content": out.text or ""}}
+            else:
+                ch = {"index": c.index, "text": out.text or ""}
+                if out.text is None:
+                    ch["token_ids"] = out.token_ids
+            ch.update(logprobs=None, finish_reason=out.finish_reason, diffusion=_diffusion([out]))
+            choices.append(ch)
+        return {"id": job.id, "object": "chat.completion" if job.kind == "chat" else "text_completion",
+                "created": job.created, "model": self.config.model_name, "choices": choices,
+                "usage": self._usage(job), "diffusion": _diffusion([c.final for c in job.choices if c.final])}
+
+
+def _fields(p: SamplingParams) -> dict[str, Any]:
+    return {k: getattr(p, k) for k in p.__dataclass_fields__}
+
+
+def _diffusion(outs: list[RequestOutput]) -> dict[str, Any]:
+    steps = sum(o.stats.steps for o in outs)
+    committed = sum(o.stats.tokens_committed for o in outs)
+    return {"steps": steps, "forward_passes": sum(o.stats.forward_passes for o in outs),
+            "tokens_committed": committed, "tokens_per_forward": round(committed / steps, 4) if steps else 0.0}
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+async def _merge(choices: list[Choice]) -> AsyncIterator[tuple[Choice, RequestOutput]]:
+    """Outputs of several choices' streams in arrival order."""
+    if len(choices) == 1:
+        c = choices[0]
+        assert c.stream is not None
+        async for out in c.stream:
+            yield c, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(c: Choice) -> None:
+        try:
+            assert c.stream is not None
+            async for out in c.stream:
+                await queue.put((c, out))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put((c, e))
+        finally:
+            await queue.put((c, None))
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    try:
+        left = len(choices)
+        while left:
+            c, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield c, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _until_disconnected(raw: Request, work: Any) -> None:
+    """Run `work` (a coroutine) unless the client disconnects first; then cancel it (the caller aborts)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(raw))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()
+            return
+        task.cancel()
+        raise ClientDisconnected()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its response was ready."""
+
+
+async def _disconnected(raw: Request) -> None:
+    while True:
+        message = await raw.receive()
+        if message["type"] == "http.disconnect":
+            return
