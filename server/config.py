@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-PUBLIC_PATHS = ("/health", "/metrics", "/version", "/ping")
-"""Paths that answer without an API key (probes and scrapers)."""
+PUBLIC_PATHS = ("/health", "/metrics", "/version", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+"""Paths that answer without an API key (probes, scrapers, the API description)."""
 
 
 @dataclass(slots=True)
