@@ -69,7 +69,9 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         return ModelList(data=[ModelCard(id=name, created=created, root=info.path, max_model_len=info.max_model_len,
                                          family=info.family) for name in config.served_model_names])
 
-    @app.get("/health", summary="200 while the engine loop is alive, 503 once it is dead or shutting down")
+    @app.get("/health", summary="200 while the engine loop is alive, 503 once it is dead or shutting down",
+             response_class=Response, responses={200: {"description": "Alive (empty body)", "content": None},
+                                                 503: {"description": "Dead or shutting down (empty body)"}})
     async def health() -> Response:
         ok = engine.healthy() and not serving.draining
         return Response(status_code=200 if ok else 503)
@@ -78,7 +80,9 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     async def version() -> dict[str, str]:
         return {"version": app.version}
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
+             responses={200: {"description": "Prometheus text format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def get_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 

@@ -15,7 +15,7 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(_Request):
@@ -91,7 +91,7 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
         ..., description="Who wrote the message.")
     content: Annotated[Any, WithJsonSchema(_CONTENT_SCHEMA)] = Field(
-        None, description="A string, or OpenAI's list of text parts `[{\"type\": \"text\", \"text\": ...}]` "
+        None, validate_default=True, description="A string, or OpenAI's list of text parts `[{\"type\": \"text\", \"text\": ...}]` "
                           "(joined).")
     name: str | None = Field(None, description="Accepted, unused.")
 

@@ -74,6 +74,7 @@ class OpenAIServing:
         """Set on shutdown: new requests are refused with 503."""
         self._idle = asyncio.Event()
         self._idle.set()
+        self.limits = config.limits.resolve(engine.info.max_model_len)
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unmask-tokenize")
 
     # entry points --------------------------------------------------------------------------------------
@@ -107,6 +108,7 @@ class OpenAIServing:
             raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
         if not self.engine.healthy():
             raise APIError(503, "the engine is not running", headers={"Retry-After": "5"})
+        self.limits.check_fields(req)
 
     async def _offload(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:
         """Run tokenization inline when short, else on the tokenizer thread (the event loop stays free)."""
@@ -160,6 +162,7 @@ class OpenAIServing:
         base = self._params(req, max_tokens)
         prompt_param = "messages" if kind == "chat" else "prompt"
         for ids in prompts:
+            self.limits.check_prompt_tokens(len(ids), prompt_param)
             self._check_length(ids, base, param, prompt_param)
         n_new = len(prompts) * req.n
         if n_new > max(self.config.max_queue, 1):
