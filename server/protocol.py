@@ -91,7 +91,8 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
         ..., description="Who wrote the message.")
     content: Annotated[Any, WithJsonSchema(_CONTENT_SCHEMA)] = Field(
-        None, validate_default=True, description="A string, or OpenAI's list of text parts `[{\"type\": \"text\", \"text\": ...}]` "
+        None, validate_default=True,
+        description="A string, or OpenAI's list of text parts `[{\"type\": \"text\", \"text\": ...}]` "
                           "(joined).")
     name: str | None = Field(None, description="Accepted, unused.")
 

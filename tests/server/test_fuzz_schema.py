@@ -107,7 +107,8 @@ _segment = st.text(st.characters(codec="ascii", categories=("L", "N"), include_c
           suppress_health_check=list(HealthCheck))
 def test_unknown_paths_and_methods_are_shaped_404_405(method, path):
     with TestClient(_app, raise_server_exceptions=False) as c:
-        r = _call_with_deadline(lambda: c.request(method, path, json={} if method in ("POST", "PUT", "PATCH") else None))
+        body = {} if method in ("POST", "PUT", "PATCH") else None
+        r = _call_with_deadline(lambda: c.request(method, path, json=body))
     allowed = KNOWN.get(path)
     if allowed is None:
         expected = {404}
