@@ -6,8 +6,8 @@ from typing import Any
 
 from .limits import RequestLimits
 
-PUBLIC_PATHS = ("/health", "/metrics", "/version", "/ping")
-"""Paths that answer without an API key (probes and scrapers)."""
+PUBLIC_PATHS = ("/health", "/metrics", "/version", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+"""Paths that answer without an API key (probes, scrapers, the API description)."""
 
 
 @dataclass(slots=True)
