@@ -49,6 +49,9 @@ class Sequence:
     output_ids: list[int] | None = None
     emitted_blocks: int = 0
     user_data: Any = None
+    row: Any = None
+    """The request's sampling parameters as small tensors, built once when the request is created (runner.param_row),
+    so a value that cannot be represented fails that request alone, before it joins a batch."""
 
     def __post_init__(self) -> None:
         self.masked_in_block = self.block_masks = self.block_len(0)
