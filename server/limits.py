@@ -22,15 +22,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from engine.sampling_params import MAX_STEPS, MAX_STOP_LENGTH, MAX_STOP_STRINGS
+
 from .errors import bad_request
 
 MAX_N = 128
 """OpenAI's documented maximum for `n`."""
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
-"""The engine's caps on stop strings (engine.sampling_params), repeated here so the server refuses them first."""
-MAX_STEPS = 1 << 14
-"""The engine's cap on `steps`."""
+MAX_STOP_CHARS = MAX_STOP_LENGTH
+"""The engine's caps (engine.sampling_params) are the defaults; the flags can only lower them."""
 
 
 @dataclass(frozen=True, slots=True)
