@@ -8,6 +8,7 @@ limits are part of what is fuzzed (refusals must be shaped 400s naming the field
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from typing import Any
@@ -30,10 +31,22 @@ CALL_DEADLINE_S = 60.0
 """A call that has not answered by then is a hang."""
 LIMITS = RequestLimits(max_tokens=24, max_n=2, max_choices=4, max_steps=24, max_messages=16)
 
-_engine = LocalEngineClient.from_model(DEFAULT_MODEL_DIR, dtype="float32", max_num_seqs=8, kv_cache_memory=1 << 22,
-                                       page_size=4)
-_app = build_app(_engine, ServerConfig(served_model_names=["tiny"], limits=LIMITS, max_queue=64))
-schema = schemathesis.openapi.from_asgi("/openapi.json", _app)
+
+
+@pytest.fixture(scope="module")
+def app():
+    engine = LocalEngineClient.from_model(DEFAULT_MODEL_DIR, dtype="float32", max_num_seqs=8,
+                                          kv_cache_memory=1 << 22, page_size=4)
+    yield build_app(engine, ServerConfig(served_model_names=["tiny"], limits=LIMITS, max_queue=64))
+    asyncio.run(engine.shutdown())
+
+
+@pytest.fixture(scope="module")
+def api_schema(app):
+    return schemathesis.openapi.from_asgi("/openapi.json", app)
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
 
 
 def _is_shaped_error(status: int, body: Any) -> bool:
@@ -105,8 +118,8 @@ _segment = st.text(st.characters(codec="ascii", categories=("L", "N"), include_c
            lambda parts: "/v1/" + "/".join(parts))))
 @settings(max_examples=max(EXAMPLES * 5, 40), deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
-def test_unknown_paths_and_methods_are_shaped_404_405(method, path):
-    with TestClient(_app, raise_server_exceptions=False) as c:
+def test_unknown_paths_and_methods_are_shaped_404_405(app, method, path):
+    with TestClient(app, raise_server_exceptions=False) as c:
         body = {} if method in ("POST", "PUT", "PATCH") else None
         r = _call_with_deadline(lambda: c.request(method, path, json=body))
     allowed = KNOWN.get(path)
@@ -121,8 +134,3 @@ def test_unknown_paths_and_methods_are_shaped_404_405(method, path):
         assert _is_shaped_error(r.status_code, r.json()), (method, path, r.text)
     if r.status_code == 405:
         assert r.headers.get("allow"), r.headers
-
-
-def teardown_module() -> None:
-    import asyncio
-    asyncio.run(_engine.shutdown())
