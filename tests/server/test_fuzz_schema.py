@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections import Counter, defaultdict
 from typing import Any
 
 import pytest
@@ -47,6 +48,15 @@ def api_schema(app):
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")
+STATUSES: defaultdict[str, Counter] = defaultdict(Counter)
+"""Statuses seen per operation (printed at the end of the module: run with -s to see them)."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_statuses():
+    yield
+    for op, counts in sorted(STATUSES.items()):
+        print(f"\n{op}: {sum(counts.values())} requests, statuses {dict(sorted(counts.items()))}", end="")
 
 
 def _is_shaped_error(status: int, body: Any) -> bool:
@@ -99,8 +109,9 @@ def test_every_operation_no_5xx_and_shaped_4xx(case):
     # positive_data_acceptance is off: some schema-valid combinations are refused on purpose with a 400 naming the
     # field (threshold together with factor, block_length that does not divide max_tokens, the limits above);
     # those 400s are still checked to be OpenAI-shaped and never 5xx.
-    _call_with_deadline(lambda: case.call_and_validate(excluded_checks=[positive_data_acceptance],
-                                                       additional_checks=[openai_shaped_errors]))
+    r = _call_with_deadline(lambda: case.call_and_validate(excluded_checks=[positive_data_acceptance],
+                                                           additional_checks=[openai_shaped_errors]))
+    STATUSES[case.operation.label][r.status_code] += 1
 
 
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
