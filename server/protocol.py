@@ -91,8 +91,7 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
         ..., description="Who wrote the message.")
     content: Annotated[Any, WithJsonSchema(_CONTENT_SCHEMA)] = Field(
-        None, validate_default=True,
-        description="A string, or OpenAI's list of text parts `[{\"type\": \"text\", \"text\": ...}]` "
+        "", description="A string, or OpenAI's list of text parts `[{\"type\": \"text\", \"text\": ...}]` "
                           "(joined).")
     name: str | None = Field(None, description="Accepted, unused.")
 
@@ -116,6 +115,8 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation so far.")
+    logprobs: bool | None = Field(None, description="Not supported (true is refused with 400).")
+    top_logprobs: int | None = Field(None, description="Not supported (a value > 0 is refused with 400).")
     max_tokens: int | None = Field(None, ge=1, description="Generation length: the number of masked positions "
                                                            "appended to the prompt (deprecated by OpenAI in favour "
                                                            "of max_completion_tokens, which wins if both are set).")
@@ -134,6 +135,8 @@ class CompletionRequest(SamplingFields):
                          "(one completion per prompt, times n).")
     max_tokens: int | None = Field(None, ge=1, description="Generation length: the number of masked positions "
                                                            "appended to the prompt. Unset: the model's default.")
+    logprobs: int | None = Field(None, description="Not supported (a value is refused with 400).")
+    echo: bool | None = Field(None, description="Not supported (true is refused with 400).")
 
     @field_validator("prompt", mode="before")
     @classmethod

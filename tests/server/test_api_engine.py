@@ -208,6 +208,11 @@ def test_stop_string_cuts_text(app, ref):
     ("/v1/completions", {"prompt": "x", "stop": 3}, 400, "stop"),
     ("/v1/completions", {"prompt": "x", "stop": ""}, 400, "stop"),
     ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 1}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+     "top_logprobs"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "model": "nope"}, 404, "model"),
 ])
@@ -304,12 +309,13 @@ def test_disconnect_aborts_and_frees_pages_by_next_step(app, engine):
                        for m in sent)
 
 
+@pytest.mark.slow
 def test_event_loop_answers_health_while_a_long_batch_runs(app, engine):
     async def main():
         async with client(app) as c:
             long = [asyncio.create_task(c.post("/v1/completions", json={
-                "prompt": "sort 1 2", "max_tokens": 200, "steps": 200, "ignore_eos": True, "seed": i,
-                "temperature": 1.0})) for i in range(4)]
+                "prompt": "sort 1 2", "max_tokens": 128, "steps": 128, "ignore_eos": True, "seed": i,
+                "temperature": 1.0})) for i in range(2)]
             while engine.stats().running == 0:
                 await asyncio.sleep(0.01)
             loop = asyncio.get_running_loop()
