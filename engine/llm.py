@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence as Seq
 
 import torch
 
-from .errors import CheckpointError, RequestError, RequestTypeError
+from .errors import RequestError, RequestTypeError
 from .llm_engine import CacheConfig, EngineConfig, LLMEngine
-from .loader import load_model
+from .loader import load_model, read_generation_config
 from .outputs import RequestOutput
 from .sampling_params import GenerationDefaults, ModelLimits, ResolvedParams, SamplingParams, model_defaults
 from .scheduler import SchedulerConfig
@@ -24,33 +23,22 @@ def default_model_dir() -> Path:
     return DEFAULT_MODEL_DIR
 
 
-def read_generation_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "generation_config.json"
-    if not path.exists():
-        return {}
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable generation config ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: generation config must be a JSON object")
-    return cfg
-
-
 class LLM:
     def __init__(self, model: str | Path | None = None, device: str | torch.device = "cpu",
                  dtype: str | torch.dtype = "auto", *, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 16384, kv_cache_memory: int | None = None,
-                 page_size: int = 16) -> None:
+                 page_size: int = 16, logits_memory: int | None = None) -> None:
         model_dir = Path(model) if model is not None else default_model_dir()
         self.model = load_model(model_dir, device=device, dtype=dtype)
         cfg = self.model.config
         self.defaults: GenerationDefaults = model_defaults(cfg.family, read_generation_config(model_dir))
         self.limits = ModelLimits(vocab_size=cfg.vocab_size, max_model_len=cfg.max_position_embeddings,
                                   has_tokenizer=self.model.tokenizer is not None)
+        extra = {} if logits_memory is None else {"logits_memory": logits_memory}
         self.engine = LLMEngine(self.model, EngineConfig(
             cache=CacheConfig(kv_cache_memory=kv_cache_memory, page_size=page_size),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)))
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+            **extra))
         self._ids = itertools.count()
 
     @property
@@ -122,6 +110,7 @@ class LLM:
                                   max_tokens=resolved.max_tokens)
         else:
             ids = self.prompt_ids(prompt, max_tokens=resolved.max_tokens)
+        self._check_not_served()
         rid = f"gen-{next(self._ids)}"
         seq = self.engine.add_request(rid, ids, resolved)
         try:
@@ -135,9 +124,15 @@ class LLM:
         finally:
             self.engine.abort(rid)
 
+    def _check_not_served(self) -> None:
+        if self.engine.owner is not None:
+            raise RuntimeError("this LLM is being served by an AsyncEngine, whose thread owns its engine; submit "
+                               "requests through the AsyncEngine, or shut it down first")
+
     def _run(self, ids: list[list[int]], params: list[ResolvedParams], prompts: list[Any]) -> list[RequestOutput]:
         """Add the requests, step until all finish. Whatever is raised (a step fault, KeyboardInterrupt), none of
         these requests is left in the engine: their pages are free and the engine is usable by the next call."""
+        self._check_not_served()
         order: dict[str, int] = {}
         results: list[RequestOutput | None] = [None] * len(ids)
         try:

@@ -50,6 +50,8 @@ class Sequence:
     emitted_blocks: int = 0
     user_data: Any = None
     row: Any = None
+    text: Any = None
+    """The engine's text state of the request (stop-string search position, streamed text)."""
     """The request's sampling parameters as small tensors, built once when the request is created (runner.param_row),
     so a value that cannot be represented fails that request alone, before it joins a batch."""
 
