@@ -50,6 +50,8 @@ class RequestLimits:
     """Stop strings per request."""
     max_stop_chars: int = MAX_STOP_CHARS
     """Characters per stop string."""
+    context: int | None = None
+    """The model's context length, set by resolve() (named in the errors of the limits derived from it)."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -62,7 +64,7 @@ class RequestLimits:
         ctx = max(max_model_len, 2)
         return dataclasses.replace(
             self, max_messages=self.max_messages or ctx, max_prompt_tokens=self.max_prompt_tokens or ctx - 1,
-            max_tokens=self.max_tokens or ctx - 1, max_choices=self.max_choices or self.max_n * 16)
+            max_tokens=self.max_tokens or ctx - 1, max_choices=self.max_choices or self.max_n * 16, context=ctx)
 
     # checks, cheapest first --------------------------------------------------------------------------------
     def check_fields(self, req: Any) -> None:
@@ -82,7 +84,7 @@ class RequestLimits:
         for name in ("max_tokens", "max_completion_tokens"):
             v = getattr(req, name, None)
             if v is not None and self.max_tokens is not None and v > self.max_tokens:
-                raise bad_request(f"'{name}' is {v}; this server allows at most {self.max_tokens} "
+                raise bad_request(f"'{name}' is {v}; this server allows at most {self.max_tokens}{self._ctx()} "
                                   f"(unmask serve --max-tokens-limit)", name)
         steps = getattr(req, "steps", None)
         if steps is not None and steps > self.max_steps:
@@ -102,7 +104,10 @@ class RequestLimits:
         """After tokenizing, before the engine sees the request."""
         if self.max_prompt_tokens is not None and num_tokens > self.max_prompt_tokens:
             raise bad_request(f"the prompt is {num_tokens} tokens; this server allows at most "
-                              f"{self.max_prompt_tokens} (unmask serve --max-prompt-tokens)", param)
+                              f"{self.max_prompt_tokens}{self._ctx()} (unmask serve --max-prompt-tokens)", param)
+
+    def _ctx(self) -> str:
+        return f"; this model's context is {self.context} tokens" if self.context else ""
 
 
 # CLI -----------------------------------------------------------------------------------------------------------
