@@ -59,8 +59,8 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     app.state.serving, app.state.metrics, app.state.engine, app.state.config = serving, metrics, engine, config
     created = int(time.time())
 
-    @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse, **SSE_CONTENT}, **ERROR_RESPONSES},
-              summary="Chat completion (streams one delta per finished block with stream: true)")
+    @app.post("/v1/chat/completions",
+              responses={200: {"model": ChatCompletionResponse, **SSE_CONTENT}, **ERROR_RESPONSES}, summary="Chat completion (streams one delta per finished block with stream: true)")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await serving.chat(body, request)
 

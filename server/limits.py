@@ -12,8 +12,8 @@ model, chosen so that the defaults never refuse a request the model's context an
 The others are fixed: n (128, OpenAI's own limit), stop strings (16 of at most 256 characters, the engine's caps),
 and, in ServerConfig, the body size (--max-body-bytes, 32 MiB, 413) and the waiting queue (--max-queue, 1000,
 503 with Retry-After).
-Checks run in order of cost: body size (before reading it), field counts (before tokenizing), prompt tokens (after
-tokenizing, before the engine), queue length (just before submitting).
+Checks run in order of cost: body size (before reading it), field counts and a bound on prompt characters (before
+tokenizing), prompt tokens (after tokenizing, before the engine), queue length (just before submitting).
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ from .errors import bad_request
 
 MAX_N = 128
 """OpenAI's documented maximum for `n`."""
+PROMPT_CHARS_SLACK = 4
+"""Text prompts longer than max_prompt_tokens x (longest token's characters) x this are refused untokenized."""
 MAX_STOP_CHARS = MAX_STOP_LENGTH
 """The engine's caps (engine.sampling_params) are the defaults; the flags can only lower them."""
 
@@ -99,6 +101,19 @@ class RequestLimits:
             if len(s) > self.max_stop_chars:
                 raise bad_request(f"stop[{i}] is {len(s)} characters; this server allows at most "
                                   f"{self.max_stop_chars} per stop string (unmask serve --max-stop-chars)", "stop")
+
+    def check_prompt_size(self, prompt: str | list[int], param: str, max_token_chars: int | None) -> None:
+        """Before tokenizing: a token-id prompt is counted; a text prompt longer than max_prompt_tokens tokens of
+        the vocabulary's longest token (max_token_chars characters, times PROMPT_CHARS_SLACK for normalizers that
+        drop characters) cannot fit, and is refused without spending the tokenizer's time and memory on it."""
+        if not isinstance(prompt, str):
+            self.check_prompt_tokens(len(prompt), param)
+        elif max_token_chars and self.max_prompt_tokens is not None:
+            bound = self.max_prompt_tokens * max_token_chars * PROMPT_CHARS_SLACK
+            if len(prompt) > bound:
+                raise bad_request(f"the prompt is {len(prompt)} characters, more than {self.max_prompt_tokens} "
+                                  f"tokens can spell with this vocabulary{self._ctx()} (unmask serve "
+                                  f"--max-prompt-tokens)", param)
 
     def check_prompt_tokens(self, num_tokens: int, param: str) -> None:
         """After tokenizing, before the engine sees the request."""

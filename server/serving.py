@@ -90,6 +90,8 @@ class OpenAIServing:
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
         size = sum(len(m["content"]) for m in messages)
+        self.limits.check_prompt_size("".join(m["content"] for m in messages), "messages",
+                                      self.engine.info.max_token_chars)
         ids = await self._offload(size, self._encode_chat, messages)
         return await self._run("chat", req, [ids], max_tokens, param, raw)
 
@@ -102,6 +104,8 @@ class OpenAIServing:
         prompts: list[str | list[int]] = req.prompt
         size = sum(len(p) for p in prompts)
         many = len(prompts) > 1
+        for p in prompts:
+            self.limits.check_prompt_size(p, "prompt", self.engine.info.max_token_chars)
         ids = await self._offload(size, lambda: [self._encode(p, f"prompt[{i}]" if many else "prompt")
                                                  for i, p in enumerate(prompts)])
         return await self._run("completion", req, ids, req.max_tokens, "max_tokens", raw)

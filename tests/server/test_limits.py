@@ -3,6 +3,7 @@ request (and, for field counts, before tokenizing); the defaults accept everythi
 each limit is an `unmask serve` flag."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -10,7 +11,8 @@ import pytest
 from engine.cli import build_parser
 from server.app import build_app
 from server.config import ServerConfig
-from server.limits import MAX_N, MAX_STEPS, MAX_STOP_CHARS, MAX_STOP_STRINGS, RequestLimits, limits_from_args
+from server.limits import (MAX_N, MAX_STEPS, MAX_STOP_CHARS, MAX_STOP_STRINGS, PROMPT_CHARS_SLACK, RequestLimits,
+                           limits_from_args)
 
 from .fakes import FakeEngine
 from .helpers import assert_error, client, run
@@ -19,9 +21,10 @@ CTX = 64  # FakeEngine's max_model_len
 
 
 class CountingEngine(FakeEngine):
-    def __init__(self, **kw) -> None:
+    def __init__(self, max_token_chars: int | None = None, **kw) -> None:
         super().__init__(**kw)
         self.encoded = 0
+        self.info = dataclasses.replace(self.info, max_token_chars=max_token_chars)
 
     def encode(self, prompt, where):
         self.encoded += 1
@@ -32,8 +35,9 @@ class CountingEngine(FakeEngine):
         return super().encode_chat(messages)
 
 
-def post_all(limits: RequestLimits | None, bodies: list[tuple[str, dict]]) -> tuple[list, CountingEngine]:
-    engine = CountingEngine()
+def post_all(limits: RequestLimits | None, bodies: list[tuple[str, dict]],
+             max_token_chars: int | None = None) -> tuple[list, CountingEngine]:
+    engine = CountingEngine(max_token_chars)
     cfg = ServerConfig(served_model_names=["fake"], **({"limits": limits} if limits else {}))
     app = build_app(engine, cfg)
 
@@ -65,7 +69,7 @@ OVER = [
     (completion(steps=8), "steps", True),
     (completion(stop=["a", "b", "c"]), "stop", True),
     (chat(1, stop="abcde"), "stop", True),
-    (completion(list(range(11))), "prompt", False),
+    (completion(list(range(11))), "prompt", True),
     (completion("x" * 11), "prompt", False),
     (chat(3, messages=[{"role": "user", "content": "abcd"}] * 3), "messages", False),
 ]
@@ -133,3 +137,29 @@ def test_bad_limit_flag_is_a_clear_cli_error(flag, capsys):
         build_parser().parse_args(["serve", flag, "0"])
     assert exc.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+def test_text_too_long_for_any_tokenization_is_refused_untokenized():
+    """FakeEngine spells one token per character (max_token_chars=1): a text over max_prompt_tokens x 1 x
+    PROMPT_CHARS_SLACK characters cannot fit and is refused before the tokenizer runs; a shorter one that still
+    tokenizes too long is refused after it, by the token count."""
+    bound = LIMITS.max_prompt_tokens * PROMPT_CHARS_SLACK
+    for body, param, tokenized in [(completion("x" * (bound + 1)), "prompt", 0),
+                                   (chat(1, messages=[{"role": "user", "content": "y" * (bound + 1)}]), "messages", 0),
+                                   (completion("x" * bound), "prompt", 1)]:
+        (r,), engine = post_all(LIMITS, [body], max_token_chars=1)
+        assert "unmask serve --max-prompt-tokens" in assert_error(r, 400, param)["message"]
+        assert engine.encoded == tokenized and engine.added == []
+
+
+def test_max_token_chars_bounds_every_token_of_the_bundled_vocabulary():
+    from engine.bundled import DEFAULT_MODEL_DIR
+    from server.engine_client import LocalEngineClient
+
+    client = LocalEngineClient.from_model(DEFAULT_MODEL_DIR, dtype="float32", kv_cache_memory=1 << 20)
+    try:
+        tok = client.engine.llm.tokenizer
+        longest = max(len(tok.decode([i], skip_special_tokens=False)) for i in range(len(tok)))
+        assert client.info.max_token_chars is not None and client.info.max_token_chars >= longest
+    finally:
+        run(client.shutdown())
