@@ -60,7 +60,8 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     created = int(time.time())
 
     @app.post("/v1/chat/completions",
-              responses={200: {"model": ChatCompletionResponse, **SSE_CONTENT}, **ERROR_RESPONSES}, summary="Chat completion (streams one delta per finished block with stream: true)")
+              responses={200: {"model": ChatCompletionResponse, **SSE_CONTENT}, **ERROR_RESPONSES},
+              summary="Chat completion (streams one delta per finished block with stream: true)")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await serving.chat(body, request)
 
