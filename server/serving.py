@@ -252,7 +252,7 @@ class OpenAIServing:
         now = time.monotonic()
         if c.t_first is None:
             c.t_first = now
-        if not out.finished:
+        if not out.finished or c.done:  # done: already released (aborted) by the server
             return
         c.final, c.done = out, True
         self._end_one()
@@ -268,19 +268,24 @@ class OpenAIServing:
             async for out in c.stream:
                 self._on_output(job, c, out)
 
+        tasks = [asyncio.ensure_future(one(c)) for c in job.choices]
         try:
-            await asyncio.gather(*(one(c) for c in job.choices))
+            await asyncio.gather(*tasks)
         except EngineError as e:
             log.error("engine failure in %s: %s", job.id, e, exc_info=e)
             raise APIError(500, f"the engine failed while running this request: {e}")
+        finally:  # one choice failed: stop consuming the others (the caller aborts them)
+            for t in tasks:
+                t.cancel()
 
     async def _stream(self, job: Job, include_usage: bool) -> AsyncIterator[bytes]:
         try:
-            if job.kind == "chat":
-                for c in job.choices:
-                    yield self._chunk(job, c.index, {"role": "assistant", "content": ""}, None)
             async for c, out in _merge(job.choices):
+                first = c.t_first is None
                 self._on_output(job, c, out)
+                if first and job.kind == "chat":  # with the first block, as vLLM does after prefill: clients
+                    # (vllm bench, guidellm) time TTFT to the first chunk that has choices
+                    yield self._chunk(job, c.index, {"role": "assistant", "content": ""}, None)
                 text = self._new_text(c, out)
                 if out.finished:
                     extra = {"diffusion": _diffusion([out])}
