@@ -332,11 +332,20 @@ def main(argv: list[str] | None = None) -> int:
     passed = (all(r.failed == 0 and r.gauges_zero for r in rounds) and rss_ok and code == 0
               and sum(r.completed for r in rounds) > 0)
     summary = {"passed": passed, "rss_within_tolerance": rss_ok, "exit_code": code, "args": vars(args),
+               "commit": _commit(),
                "rounds": [asdict(r) for r in rounds], "total_seconds": round(time.monotonic() - t0, 1)}
     print(json.dumps({k: v for k, v in summary.items() if k != "rounds"}), file=sys.stderr)
     if args.out:
         _report(Path(args.out), summary, argv if argv is not None else sys.argv[1:])
     return 0 if passed else 1
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def _report(path: Path, s: dict[str, Any], argv: list[str]) -> None:
@@ -352,7 +361,8 @@ def _report(path: Path, s: dict[str, Any], argv: list[str]) -> None:
                     f"{r['default_correct']}/{r['default_total']} |")
     path.write_text(
         "# Load with faults\n\n"
-        f"Command: `python -m benchmarks.load_faults {' '.join(argv)}`\n\n"
+        f"Command: `python -m benchmarks.load_faults {' '.join(argv)}` (commit {s['commit']}, bundled model, "
+        f"{os.cpu_count()} CPUs shared with other jobs)\n\n"
         f"Result: **{'PASS' if s['passed'] else 'FAIL'}** (RSS within {100 * s['args']['rss_tolerance']:.0f}% of "
         f"round 1: {s['rss_within_tolerance']}; server exit status after SIGTERM: {s['exit_code']}; "
         f"{s['total_seconds']} s in all)\n\n" + "\n".join(rows) + "\n\n"
