@@ -162,7 +162,8 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and not self._closing
+        # _dead is set before the dying thread fails its requests: their clients must not see a live engine
+        return self._thread.is_alive() and not self._closing and self._dead is None
 
     @property
     def healthy(self) -> bool:

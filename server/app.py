@@ -35,6 +35,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (404, "Unknown model"), (503, "Queue full or shutting down (see Retry-After)"))}
 
 
+SSE_CONTENT: dict[str, Any] = {"content": {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}},
+    "description": "With stream: true, one server-sent event per chunk: `data: <chunk JSON>` per finished block "
+                   "(or `data: {\"error\": ...}`), then `data: [DONE]`."}}}}
+
+
 def _version() -> str:
     try:
         from importlib.metadata import version
@@ -53,12 +59,13 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     app.state.serving, app.state.metrics, app.state.engine, app.state.config = serving, metrics, engine, config
     created = int(time.time())
 
-    @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}, **ERROR_RESPONSES},
+    @app.post("/v1/chat/completions",
+              responses={200: {"model": ChatCompletionResponse, **SSE_CONTENT}, **ERROR_RESPONSES},
               summary="Chat completion (streams one delta per finished block with stream: true)")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await serving.chat(body, request)
 
-    @app.post("/v1/completions", responses={200: {"model": CompletionResponse}, **ERROR_RESPONSES},
+    @app.post("/v1/completions", responses={200: {"model": CompletionResponse, **SSE_CONTENT}, **ERROR_RESPONSES},
               summary="Text completion")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await serving.completion(body, request)
@@ -69,7 +76,9 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         return ModelList(data=[ModelCard(id=name, created=created, root=info.path, max_model_len=info.max_model_len,
                                          family=info.family) for name in config.served_model_names])
 
-    @app.get("/health", summary="200 while the engine loop is alive, 503 once it is dead or shutting down")
+    @app.get("/health", summary="200 while the engine loop is alive, 503 once it is dead or shutting down",
+             response_class=Response, responses={200: {"description": "Alive (empty body)", "content": None},
+                                                 503: {"description": "Dead or shutting down (empty body)"}})
     async def health() -> Response:
         ok = engine.healthy() and not serving.draining
         return Response(status_code=200 if ok else 503)
@@ -78,7 +87,9 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     async def version() -> dict[str, str]:
         return {"version": app.version}
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
+             responses={200: {"description": "Prometheus text format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def get_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 

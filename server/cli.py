@@ -33,6 +33,8 @@ def parse_bytes(text: str) -> int:
 
 def add_serve_parser(sub: Any) -> None:
     from engine.cli import add_kernel_flag, add_parallel_flags, add_sampling_flags
+
+    from .limits import add_limit_flags
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (default: the bundled model on CPU)",
                        description="OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, "
                                    "/health, /version, /metrics, /docs. The sampling flags set server-wide "
@@ -59,6 +61,7 @@ def add_serve_parser(sub: Any) -> None:
                    help="on SIGTERM/Ctrl-C, seconds in-flight requests get to finish (default 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_kernel_flag(p)
+    add_limit_flags(p)
     add_sampling_flags(p)
     add_parallel_flags(p)
     p.set_defaults(func=cmd_serve)
@@ -70,6 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .config import ServerConfig
     from .engine_client import LocalEngineClient
+    from .limits import limits_from_args
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     sampling_params(args)  # validate the server-wide defaults now (errors name the flag)
@@ -83,7 +87,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or [args.model.rstrip("/") if args.model else default_model_dir().name]
     config = ServerConfig(served_model_names=name, api_key=args.api_key, allowed_origins=args.allowed_origins,
                           max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                          drain_timeout=args.drain_timeout, sampling_defaults=defaults)
+                          drain_timeout=args.drain_timeout, sampling_defaults=defaults,
+                          limits=limits_from_args(args))
     client = LocalEngineClient.from_model(args.model, device=args.device, dtype=args.dtype,
                                           max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
                                           kernels=args.kernels, **parallel_options(args))

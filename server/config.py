@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .limits import RequestLimits
+
 PUBLIC_PATHS = ("/health", "/metrics", "/version", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 """Paths that answer without an API key (probes, scrapers, the API description)."""
 
@@ -22,6 +24,8 @@ class ServerConfig:
     """Largest request body accepted (413 beyond)."""
     drain_timeout: float = 30.0
     """On SIGTERM / Ctrl-C: seconds in-flight requests get to finish before they are aborted."""
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    """Per-request limits (n, messages, prompt tokens, max_tokens, steps, stop strings); see server/limits.py."""
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     """Server-wide values for unset SamplingParams fields (then the model's defaults apply)."""
     keep_alive_timeout: float = 30.0

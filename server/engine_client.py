@@ -28,6 +28,8 @@ class ModelInfo:
     defaults: GenerationDefaults
     has_tokenizer: bool
     has_chat_template: bool
+    max_token_chars: int | None = None
+    """Characters of the vocabulary's longest token (bounds the tokens a text can need from below); None: unknown."""
 
 
 class EngineClient(Protocol):
@@ -70,7 +72,8 @@ class LocalEngineClient:
             path=str(model.path), family=cfg.family, dtype=str(model.dtype).removeprefix("torch."),
             device=str(model.device), vocab_size=cfg.vocab_size, max_model_len=cfg.max_position_embeddings,
             defaults=llm.defaults, has_tokenizer=tok is not None,
-            has_chat_template=getattr(tok, "chat_template", None) is not None)
+            has_chat_template=getattr(tok, "chat_template", None) is not None,
+            max_token_chars=max(map(len, tok.get_vocab()), default=None) if tok is not None else None)
 
     @classmethod
     def from_model(cls, model: str | Path | None, **kwargs) -> "LocalEngineClient":

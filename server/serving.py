@@ -77,6 +77,7 @@ class OpenAIServing:
         """Set on shutdown: new requests are refused with 503."""
         self._idle = asyncio.Event()
         self._idle.set()
+        self.limits = config.limits.resolve(engine.info.max_model_len)
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unmask-tokenize")
 
     # entry points --------------------------------------------------------------------------------------
@@ -90,6 +91,8 @@ class OpenAIServing:
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
         size = sum(len(m["content"]) for m in messages)
+        self.limits.check_prompt_size("".join(m["content"] for m in messages), "messages",
+                                      self.engine.info.max_token_chars)
         ids = await self._offload(size, self._encode_chat, messages)
         return await self._run("chat", req, [ids], max_tokens, param, raw)
 
@@ -102,6 +105,8 @@ class OpenAIServing:
         prompts: list[str | list[int]] = req.prompt
         size = sum(len(p) for p in prompts)
         many = len(prompts) > 1
+        for p in prompts:
+            self.limits.check_prompt_size(p, "prompt", self.engine.info.max_token_chars)
         ids = await self._offload(size, lambda: [self._encode(p, f"prompt[{i}]" if many else "prompt")
                                                  for i, p in enumerate(prompts)])
         return await self._run("completion", req, ids, req.max_tokens, "max_tokens", raw)
@@ -116,6 +121,7 @@ class OpenAIServing:
             raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
         if not self.engine.healthy():
             raise APIError(503, "the engine is not running", headers={"Retry-After": "5"})
+        self.limits.check_fields(req)
 
     async def _offload(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:
         """Run tokenization inline when short, else on the tokenizer thread (the event loop stays free)."""
@@ -169,6 +175,7 @@ class OpenAIServing:
         base = self._params(req, max_tokens)
         prompt_param = "messages" if kind == "chat" else "prompt"
         for ids in prompts:
+            self.limits.check_prompt_tokens(len(ids), prompt_param)
             self._check_length(ids, base, param, prompt_param)
         n_new = len(prompts) * req.n
         if n_new > max(self.config.max_queue, 1):
