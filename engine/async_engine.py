@@ -25,6 +25,15 @@ LLM.generate returns for that request. After `abort(request_id)` (or `shutdown()
 output whose finish_reason is 'abort' and whose token_ids are the completed blocks streamed so far. A consumer
 that stops iterating early (break, cancellation) aborts its request.
 
+Step streams (`add_request(..., record_steps=True)`, used by the playground and `stream_options.include_steps`):
+every output of the request carries `step_log`, its StepLog (engine/step_log.py), which the engine thread extends after
+each denoising step; besides the block outputs, the stream yields an unfinished output (the completed blocks so
+far, like the last block output) after steps that completed no block, so the consumer wakes up to read the new
+steps with `out.step_log.since(cursor)`. The rule that bounds memory: at most one such step notification waits
+undelivered per request (it is not queued again until the consumer has taken it), and the log itself holds each
+committed position once, so a slow consumer costs O(max_tokens + steps) per request and reads the steps it missed
+in one go, never a queue of per-step items. Requests that do not ask carry no log and get no extra outputs.
+
 While an AsyncEngine runs, its LLM's engine belongs to the background thread: do not call that LLM's generate /
 chat concurrently (after `shutdown()` they are usable again).
 """
@@ -46,6 +55,7 @@ from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import ResolvedParams, SamplingParams
 from .sequence import SeqStats, Sequence
+from .step_log import StepLog
 
 
 class EngineError(RuntimeError):
@@ -82,6 +92,10 @@ class _Request:
     seq: Sequence | None = None
     last: RequestOutput | None = None
     done: bool = False
+    step_log: StepLog | None = None
+    step_pending: bool = False
+    """A step notification is on its way to the consumer (do not queue another)."""
+    steps_notified: int = 0
 
 
 @dataclass(slots=True)
@@ -111,6 +125,8 @@ class AsyncEngine:
         self._requests: dict[str, _Request] = {}
         """Live requests by id: added on the caller's thread, removed by the engine thread (under _cond)."""
         self._ids = itertools.count()
+        self._recording: dict[str, _Request] = {}
+        """Live requests with record_steps (engine thread only)."""
         self._closing = False
         self._dead: BaseException | None = None
         self._totals = _Totals()
@@ -134,10 +150,11 @@ class AsyncEngine:
         return self._thread.is_alive() and not self._closing
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                    request_id: str | None = None, *, record_steps: bool = False) -> AsyncIterator[RequestOutput]:
         """Queue one request (a string or a list of token ids) and return its stream of outputs. Must be called
         from a running event loop; the outputs arrive on it. Invalid prompts or params, a canvas larger than the
-        whole KV pool and a request_id already in use raise here, before anything is queued."""
+        whole KV pool and a request_id already in use raise here, before anything is queued. record_steps: keep
+        the request's per-step commits and wake the stream after every step (see the module docstring)."""
         if params is not None and not isinstance(params, SamplingParams):
             raise TypeError(f"params: expected a SamplingParams, got {type(params).__name__}")
         ids = self.llm.prompt_ids(prompt)
@@ -148,6 +165,8 @@ class AsyncEngine:
         self._engine.new_sequence(rid, ids, resolved)  # pool-size check
         loop = asyncio.get_running_loop()
         req = _Request(rid, ids, resolved, prompt if isinstance(prompt, str) else None, loop, asyncio.Queue())
+        if record_steps:
+            req.step_log = StepLog(resolved.max_tokens)
         with self._cond:
             if self._dead is not None:
                 raise RuntimeError("the engine thread has died") from self._dead
@@ -204,6 +223,7 @@ class AsyncEngine:
                     ended = True
                     raise item
                 ended = item.finished
+                req.step_pending = False
                 yield item
                 if ended:
                     return
@@ -253,6 +273,9 @@ class AsyncEngine:
             return
         try:
             req.seq = self._engine.add_request(req.request_id, req.prompt_ids, req.params)
+            req.seq.step_log = req.step_log
+            if req.step_log is not None:
+                self._recording[req.request_id] = req
         except Exception as exc:  # validated on the caller's side already; only an engine invariant breaks here
             self._retire(req)
             self._totals.failed += 1
@@ -269,7 +292,8 @@ class AsyncEngine:
         tok = self._engine.model.tokenizer
         deliveries.append((req, RequestOutput(
             request_id, req.prompt_ids, list(last.token_ids) if last else [],
-            last.text if last else ("" if tok is not None else None), "abort", stats, req.prompt, finished=True)))
+            last.text if last else ("" if tok is not None else None), "abort", stats, req.prompt, finished=True,
+            step_log=req.step_log)))
 
     def _step(self, deliveries: list[Delivery]) -> None:
         eng = self._engine
@@ -279,11 +303,14 @@ class AsyncEngine:
             self._fail(exc, deliveries)
             return
         self._totals.steps += 1
+        delivered = set()
         for out in outs:
             req = self._requests.get(out.request_id)
             if req is None:
                 continue
             out.prompt = req.prompt
+            out.step_log = req.step_log
+            delivered.add(out.request_id)
             if out.finished:
                 self._retire(req)
                 self._totals.finished += 1
@@ -291,6 +318,25 @@ class AsyncEngine:
                 out = dataclasses.replace(out, stats=copy.copy(out.stats))
                 req.last = out
             deliveries.append((req, out))
+        self._notify_steps(delivered, deliveries)
+
+    def _notify_steps(self, delivered: set[str], deliveries: list[Delivery]) -> None:
+        """Wake the consumers of recording requests that took a step but got no output in it: one pending
+        notification per request at most (the consumer reads every step it missed from the log)."""
+        for req in list(self._recording.values()):
+            log = req.step_log
+            assert log is not None
+            if req.request_id in delivered or req.step_pending or log.num_steps == req.steps_notified:
+                continue
+            req.steps_notified, req.step_pending = log.num_steps, True
+            last = req.last
+            tok = self._engine.model.tokenizer
+            deliveries.append((req, RequestOutput(
+                req.request_id, req.prompt_ids, last.token_ids if last else [],
+                last.text if last else ("" if tok is not None else None), None,
+                copy.copy(req.seq.stats) if req.seq is not None else SeqStats(), req.prompt, finished=False,
+                step_log=log)))
+
 
     def _fail(self, exc: Exception, deliveries: list[Delivery]) -> None:
         """A step raised: fail the requests it was running (all requests if none was running)."""
@@ -318,6 +364,7 @@ class AsyncEngine:
 
     def _retire(self, req: _Request) -> None:
         req.done = True
+        self._recording.pop(req.request_id, None)
         if req.seq is not None:
             self._totals.positions += req.seq.stats.positions_computed
             self._totals.tokens += req.seq.stats.tokens_committed

@@ -1,6 +1,8 @@
 """LLMEngine: the step loop (schedule -> run -> update) over the scheduler, the runner and the KV pool."""
 from __future__ import annotations
 
+import bisect
+
 from dataclasses import dataclass, field
 
 import torch
@@ -11,7 +13,7 @@ from .model.diffusion_model import DiffusionModel
 from .outputs import RequestOutput, cut_at_stop_string, cut_at_stop_token
 from .runner import ModelRunner
 from .sampling_params import ResolvedParams
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import ScheduledRequest, Scheduler, SchedulerConfig
 from .sequence import Sequence
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -100,7 +102,12 @@ class LLMEngine:
                 self.runner.add(seq)
         if not sched.scheduled:
             return []
-        upd = self.scheduler.update(sched, self.runner.step(sched.scheduled))
+        recorded = [r for r in sched.scheduled if r.seq.step_log is not None]
+        before = [self.runner.canvases[id(r.seq)][r.block[0]:r.block[1]].clone() for r in recorded]
+        result = self.runner.step(sched.scheduled)
+        if recorded:
+            self._record_steps(recorded, before)
+        upd = self.scheduler.update(sched, result)
         outs = [self._finish(seq) for seq in upd.finished]
         for seq in upd.blocks_done:
             if self._hit_stop_string(seq):
@@ -108,6 +115,23 @@ class LLMEngine:
             elif self.stream_deltas:
                 outs.append(self._partial(seq))
         return outs
+
+    def _record_steps(self, recorded: list[ScheduledRequest], before: list[torch.Tensor]) -> None:
+        """Append this step's commits to each recording request's StepLog: the block positions that were masked
+        before the step and hold a token after it. One device-to-host copy for all of them."""
+        mask_id = self.model.config.mask_id
+        old = torch.cat(before)  # [Nr] block tokens before the step, recorded requests concatenated
+        new = torch.cat([self.runner.canvases[id(r.seq)][r.block[0]:r.block[1]] for r in recorded])  # [Nr]
+        idx = torch.nonzero((old == mask_id) & (new != mask_id))[:, 0]  # [C] ascending
+        flat, toks = torch.stack([idx, new[idx]]).tolist() if idx.numel() else ([], [])
+        start = 0
+        for r in recorded:
+            bs, be = r.block
+            end = start + be - bs
+            lo, hi = bisect.bisect_left(flat, start), bisect.bisect_left(flat, end)
+            off = bs - r.seq.prompt_len
+            r.seq.step_log.record((off, off + be - bs), [f - start + off for f in flat[lo:hi]], toks[lo:hi])
+            start = end
 
     def _partial(self, seq: Sequence) -> RequestOutput:
         """The completed blocks so far, as an unfinished output."""

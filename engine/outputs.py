@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .sequence import SeqStats
+from .step_log import StepLog
 
 
 @dataclass(slots=True)
@@ -20,6 +21,8 @@ class RequestOutput:
     stats: SeqStats
     prompt: str | None = None
     finished: bool = True
+    step_log: StepLog | None = None
+    """The request's per-step commits, for requests that asked (AsyncEngine record_steps); else None."""
 
     @property
     def steps(self) -> int:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .sampling_params import ResolvedParams
+from .step_log import StepLog
 
 
 class Status(enum.Enum):
@@ -49,6 +50,8 @@ class Sequence:
     output_ids: list[int] | None = None
     emitted_blocks: int = 0
     user_data: Any = None
+    step_log: StepLog | None = None
+    """Set for requests that asked for their per-step commits (see step_log.py); None costs nothing."""
 
     def __post_init__(self) -> None:
         self.masked_in_block = self.block_masks = self.block_len(0)

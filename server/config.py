@@ -4,8 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-PUBLIC_PATHS = ("/health", "/metrics", "/version", "/ping")
-"""Paths that answer without an API key (probes and scrapers)."""
+PUBLIC_PATHS = ("/health", "/metrics", "/version", "/ping", "/", "/playground", "/playground.js", "/playground.css")
+"""Paths that answer without an API key: probes and scrapers, and the playground's static page (which holds no
+data; it asks the user for the key and sends it with its API calls)."""
 
 
 @dataclass(slots=True)
