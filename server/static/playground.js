@@ -153,7 +153,7 @@ function hue(step, total) {
 function cellText(run, i) {
   const id = run.tokenId[i];
   if (id === app.special.eos_token_id) return "·";
-  if ((app.special.stop_token_ids || []).includes(id)) return "⏹";
+  if ((app.special.stop_token_ids || []).includes(id)) return "■";
   const p = run.piece[i];
   if (p === null) return String(id);
   const shown = p.replace(/\n/g, "↵").trim();
