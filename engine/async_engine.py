@@ -136,7 +136,7 @@ class AsyncEngine:
 
     @classmethod
     def from_model(cls, model: str | Path | None = None, device: str | torch.device = "cpu",
-                   dtype: str | torch.dtype = "float32", **engine_options: Any) -> "AsyncEngine":
+                   dtype: str | torch.dtype = "auto", **engine_options: Any) -> "AsyncEngine":
         """Load a checkpoint like `LLM(model, device, dtype, **engine_options)` and serve it."""
         return cls(LLM(model, device, dtype, **engine_options))
 

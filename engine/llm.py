@@ -39,7 +39,7 @@ def read_generation_config(model_dir: Path) -> dict[str, Any]:
 
 class LLM:
     def __init__(self, model: str | Path | None = None, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype = "float32", *, max_num_seqs: int = 64,
+                 dtype: str | torch.dtype = "auto", *, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 16384, kv_cache_memory: int | None = None,
                  page_size: int = 16) -> None:
         model_dir = Path(model) if model is not None else default_model_dir()

@@ -49,7 +49,7 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--max-queue", type=int, default=1000, help="waiting requests before new ones get 503")
     p.add_argument("--kv-cache-memory", type=parse_bytes, metavar="BYTES",
                    help="KV pool size, e.g. 2GiB (default: 1 GiB on CPU, 90%% of free memory on CUDA)")
-    p.add_argument("--api-key", default=os.environ.get("UNMASK_API_KEY"),
+    p.add_argument("--api-key", default=os.environ.get("UNMASK_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' (default: env UNMASK_API_KEY; unset: no auth)")
     p.add_argument("--allowed-origins", nargs="*", metavar="ORIGIN",
                    help="CORS origins to allow, e.g. http://localhost:3000 or '*' (default: no CORS)")
@@ -72,6 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     sampling_params(args)  # validate the server-wide defaults now (errors name the flag)
     defaults = {f: getattr(args, f) for f in SAMPLING_FIELDS if getattr(args, f) is not None}
+    if args.api_key is not None and not args.api_key:
+        raise ValueError("--api-key must not be empty")
     if args.max_num_seqs < 1:
         raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
     if not 0 <= args.port <= 65535:
@@ -139,6 +141,6 @@ async def _announce(server: Any, client: Any, config: Any) -> None:
             shown = f"[{host}]" if ":" in host else host
             print(f"unmask serve: model {config.model_name!r} (family {info.family}, {info.dtype} on {info.device}, "
                   f"context {info.max_model_len}) from {info.path}", flush=True)
-            print(f"unmask serve: listening on http://{shown}:{port} (docs at /docs){'; API key required' if config.api_key else ''}",
-                  flush=True)
+            auth = "; API key required" if config.api_key else ""
+            print(f"unmask serve: listening on http://{shown}:{port} (docs at /docs){auth}", flush=True)
             return

@@ -4,9 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-PUBLIC_PATHS = ("/health", "/metrics", "/version", "/ping", "/", "/playground", "/playground.js", "/playground.css")
-"""Paths that answer without an API key: probes and scrapers, and the playground's static page (which holds no
-data; it asks the user for the key and sends it with its API calls)."""
+PUBLIC_PATHS = ("/health", "/metrics", "/version", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+"""Paths that answer without an API key (probes, scrapers, the API description)."""
+PUBLIC_PATHS += ("/", "/playground", "/playground.js", "/playground.css")
+"""The playground's static page is public too: it holds no data, asks the user for the key and sends it with its
+API calls."""
 
 
 @dataclass(slots=True)

@@ -15,7 +15,7 @@ from engine.async_engine import AsyncEngine, EngineError
 
 @pytest.fixture(scope="module")
 def llm(make_checkpoint):
-    return LLM(make_checkpoint("llada"), kv_cache_memory=1 << 22, page_size=4)
+    return LLM(make_checkpoint("llada"), dtype="float32", kv_cache_memory=1 << 22, page_size=4)
 
 
 def run(coro, timeout: float = 120):
@@ -72,7 +72,7 @@ def test_concurrent_requests_with_mixed_params_equal_running_alone(llm):
     alone = [llm.generate([pr], p)[0] for pr, p in zip(prompts, params)]
 
     async def main():
-        async with AsyncEngine.from_model(llm.model.path, kv_cache_memory=1 << 22, page_size=4,
+        async with AsyncEngine.from_model(llm.model.path, dtype="float32", kv_cache_memory=1 << 22, page_size=4,
                                           max_num_seqs=4) as eng:
             tasks = []
             for pr, p in zip(prompts, params):  # staggered arrivals: requests join a batch already running

@@ -18,7 +18,8 @@ CACHES = ("none", "prefix", "dual")
 
 @pytest.fixture(scope="module")
 def llms(make_checkpoint):
-    return {fam: LLM(make_checkpoint(fam), kv_cache_memory=1 << 23, page_size=4) for fam in ("llada", "dream")}
+    return {fam: LLM(make_checkpoint(fam), dtype="float32", kv_cache_memory=1 << 23, page_size=4)
+            for fam in ("llada", "dream")}
 
 
 def random_prompt(rng: random.Random, llm: LLM, n: int) -> list[int]:

@@ -15,8 +15,8 @@ FAMILIES = ["llada", "llada_moe", "dream", "rnd1"]
 
 @pytest.fixture(scope="module")
 def llms(make_checkpoint):
-    return {fam: LLM(make_checkpoint(fam, **TINY_DIMS, vocab_size=97, seed=31 + i, tokenizer=False), page_size=4)
-            for i, fam in enumerate(FAMILIES)}
+    return {fam: LLM(make_checkpoint(fam, **TINY_DIMS, vocab_size=97, seed=31 + i, tokenizer=False),
+                     dtype="float32", page_size=4) for i, fam in enumerate(FAMILIES)}
 
 
 CASES = [  # (gen, block, steps, threshold, factor)

@@ -10,7 +10,7 @@ from engine import LLM, SamplingParams, SamplingParamsError
 
 @pytest.fixture(scope="module")
 def llm(make_checkpoint):
-    return LLM(make_checkpoint("llada"), kv_cache_memory=1 << 22, page_size=8)
+    return LLM(make_checkpoint("llada"), dtype="float32", kv_cache_memory=1 << 22, page_size=8)
 
 
 BAD = [("max_tokens", 0), ("max_tokens", 2.5), ("steps", -1), ("block_length", True), ("temperature", -0.1),
@@ -55,7 +55,7 @@ def test_request_larger_than_pool_is_refused_and_nothing_leaks(llm):
 
 
 def test_more_requests_than_the_pool_holds_at_once_all_finish(make_checkpoint):
-    llm = LLM(make_checkpoint("llada"), kv_cache_memory=None, page_size=4, max_num_seqs=3)
+    llm = LLM(make_checkpoint("llada"), dtype="float32", kv_cache_memory=None, page_size=4, max_num_seqs=3)
     prompts = [[i + 1] * (3 + i % 4) for i in range(10)]
     outs = llm.generate(prompts, SamplingParams(max_tokens=8, steps=8, block_length=4, ignore_eos=True))
     assert [len(o.token_ids) for o in outs] == [8] * 10

@@ -14,7 +14,7 @@ FAMILIES = ["llada", "llada_moe", "dream", "rnd1"]
 
 @pytest.fixture(scope="module")
 def llms(make_checkpoint):
-    return {fam: LLM(make_checkpoint(fam, **TINY_DIMS, vocab_size=131, seed=11 + i, tokenizer=False))
+    return {fam: LLM(make_checkpoint(fam, **TINY_DIMS, vocab_size=131, seed=11 + i, tokenizer=False), dtype="float32")
             for i, fam in enumerate(FAMILIES)}
 
 
@@ -77,7 +77,7 @@ def test_eos_cut_matches_reference(llms, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["eos_token_id"] = cfg["pad_token_id"] = common
     (d / "config.json").write_text(json.dumps(cfg))
-    llm = LLM(d)
+    llm = LLM(d, dtype="float32")
     assert llm.model.config.eos_id == common
     stopped = 0
     for prompt, ref in zip(prompts, refs):

@@ -266,7 +266,8 @@ def test_models_health_version_metrics_and_openapi(app, engine):
                  "unmask:denoising_steps_total", "unmask:positions_computed_total", "unmask:tokens_committed_total"):
         assert f'{name}{{' in text, name
     assert 'model_name="tiny"' in text and 'finished_reason="stop"' in text
-    steps = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("unmask:denoising_steps_total")))
+    steps = float(next(line.split()[-1] for line in text.splitlines()
+                       if line.startswith("unmask:denoising_steps_total")))
     assert steps == engine.stats().steps > 0
     schemas = openapi.json()["components"]["schemas"]
     chat = schemas["ChatCompletionRequest"]["properties"]
@@ -348,3 +349,50 @@ def test_random_option_mixes_never_500(app):
         if r.status_code == 400:
             err = assert_error(r, 400)
             assert err["param"] in body or err["param"] is None, (body, err)
+
+
+def test_request_larger_than_the_kv_pool_is_400_max_tokens():
+    """A KV pool of 5 pages of 4 tokens: a chat prompt plus 16 tokens can never fit."""
+    eng = LocalEngineClient.from_model(DEFAULT_MODEL_DIR, dtype=DTYPE, kv_cache_memory=5 * 4 * 6144, page_size=4)
+    try:
+        app = build_app(eng, ServerConfig(served_model_names=["tiny"]))
+
+        async def main():
+            async with client(app) as c:
+                return (await c.post("/v1/chat/completions", json={"messages": task.messages_for("sort 2 1")}),
+                        await c.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 4}))
+
+        too_big, fits = run(main())
+        assert eng.stats().kv_pages_total == 5
+        assert "KV pages" in assert_error(too_big, 400, "max_tokens")["message"]
+        assert fits.status_code == 200
+    finally:
+        run(eng.shutdown())
+
+
+def test_model_without_tokenizer_takes_token_ids_only(make_checkpoint):
+    ckpt = make_checkpoint("llada", tokenizer=False, vocab_size=101)
+    eng = LocalEngineClient.from_model(ckpt, dtype=DTYPE, kv_cache_memory=1 << 22, page_size=4)
+    try:
+        app = build_app(eng, ServerConfig(served_model_names=["raw"]))
+        ref = LLM(ckpt, dtype=DTYPE).generate([[5, 6, 7]], SamplingParams(max_tokens=6, block_length=3,
+                                                                          ignore_eos=True))[0]
+        body = {"prompt": [5, 6, 7], "max_tokens": 6, "block_length": 3, "ignore_eos": True}
+
+        async def main():
+            async with client(app) as c:
+                return (await c.post("/v1/completions", json=body),
+                        await c.post("/v1/completions", json={**body, "stream": True}),
+                        await c.post("/v1/completions", json={"prompt": "text"}),
+                        await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}))
+
+        plain, streamed, text, chat = run(main())
+        choice = plain.json()["choices"][0]
+        assert choice["text"] == "" and choice["token_ids"] == ref.token_ids
+        assert plain.json()["usage"]["completion_tokens"] == 6
+        final = [e for e in parse_sse(streamed.text)[:-1] if e["choices"][0]["finish_reason"]]
+        assert final[0]["choices"][0]["token_ids"] == ref.token_ids
+        assert "token ids" in assert_error(text, 400, "prompt")["message"]
+        assert_error(chat, 400, "messages")
+    finally:
+        run(eng.shutdown())

@@ -31,10 +31,11 @@ def test_auth_on_requires_bearer_key_except_public_paths():
                    "basic": await c.post("/v1/chat/completions", json=CHAT,
                                          headers={"Authorization": "Basic s3cret"}),
                    "models": await c.get("/v1/models"), "unknown": await c.get("/nope"),
-                   "docs": await c.get("/openapi.json")}
+                   "completions": await c.post("/v1/completions", json={"prompt": "x"},
+                                               headers={"Authorization": "Bearer "})}
             ok = await c.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "bearer s3cret"})
             models = await c.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
-            public = [await c.get(p) for p in ("/health", "/metrics", "/version")]
+            public = [await c.get(p) for p in ("/health", "/metrics", "/version", "/openapi.json", "/docs")]
             return out, ok, models, public
 
     denied, ok, models, public = run(main())
@@ -43,7 +44,7 @@ def test_auth_on_requires_bearer_key_except_public_paths():
         assert err["type"] == "AuthenticationError" and "s3cret" not in r.text, name
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "".join(WORDS)
     assert models.status_code == 200
-    assert [r.status_code for r in public] == [200, 200, 200]
+    assert [r.status_code for r in public] == [200] * 5
 
 
 def test_auth_off_by_default():

@@ -189,3 +189,41 @@ def test_bundled_model_accuracy_over_concurrent_chat_requests(server):
     print(f"\nbundled model through the server: {correct}/100 exact, 100 concurrent chats in "
           f"{time.monotonic() - t0:.1f} s")
     assert correct >= 95
+
+
+def test_sigterm_past_the_drain_timeout_ends_streams_with_an_error_and_exits_0():
+    srv = ServeProcess("--drain-timeout", "0.5")
+    body = {"messages": task.messages_for("sort 1 2"), "max_tokens": 480, "steps": 480, "block_length": 4,
+            "ignore_eos": True, "stream": True}
+    try:
+        with httpx.Client(base_url=srv.url, timeout=120) as c, c.stream("POST", "/v1/chat/completions",
+                                                                        json=body) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            srv.proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+    finally:
+        code = srv.proc.wait(60)
+    assert first.startswith("data: ") and '"role":"assistant"' in first
+    assert rest[-1] == "data: [DONE]"
+    assert '"error"' in rest[-2] and '"code":503' in rest[-2] and "shutting down" in rest[-2]
+    assert code == 0, srv.output
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--steps", "0"], "--steps"),
+    (["--model", "/no/such/dir"], "/no/such/dir"),
+    (["--kv-cache-memory", "lots"], "--kv-cache-memory"),
+    (["--dtype", "float8"], "dtype"),
+    (["--api-key", ""], "--api-key"),
+    (["--max-num-seqs", "0"], "--max-num-seqs"),
+])
+def test_serve_bad_flags_are_one_clear_line(args, needle):
+    import subprocess
+    import sys
+
+    from .serve_process import ROOT
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--port", "0", *args], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert needle in r.stderr and "Traceback" not in r.stderr
