@@ -119,20 +119,23 @@ def test_playground_shows_decoding_live_and_the_answer(browser, server):
     assert 1 <= int(second["run"].locator(".s-step").inner_text()) <= 4  # one step per block of 4; EOS may end early
     assert "steps 4" in second["run"].locator(".run-settings").inner_text()
     assert outside == [], outside
-
+    page.locator(".run").last.locator(".close").click()
+    assert page.locator(".run").count() == 1
     shot = os.environ.get("UNMASK_PLAYGROUND_SCREENSHOT")
     if shot:  # mid-generation screenshot for the README, in slow motion so the canvas is caught half-filled
         page.fill("#steps", "16")
         page.fill("#block_length", "8")
         page.select_option("#playback", "500")
-        page.fill("#message", q)
+        page.fill("#message", "sort 9 3 7 1 8 2")
         page.click("#compare")
         run = page.locator(".run").last
         page.wait_for_function("() => { const c = document.querySelector('.run:last-child .canvas');"
-                               " return c && c.querySelectorAll('.cell:not(.masked)').length >= 5; }",
+                               " return c && c.querySelectorAll('.cell:not(.masked)').length >= 6; }",
                                timeout=60_000)
-        page.screenshot(path=shot, full_page=False)
+        box = page.locator("#runs").bounding_box()
+        page.screenshot(path=shot, clip={"x": 0, "y": 0, "width": 1280, "height": box["y"] + box["height"] + 12})
         sync_api.expect(run).to_have_attribute("data-status", "done", timeout=60_000)
+        assert run.locator(".answer").inner_text().strip() == "1 2 3 7 8 9"
     page.close()
 
 
