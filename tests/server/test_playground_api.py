@@ -181,7 +181,7 @@ def test_slow_consumer_gets_every_step_without_a_queue_per_step():
     fast, plain, slow = run(main())
     blocks = 3
     assert [o.step_log for o in plain] == [None] * blocks and plain[-1].token_ids == expected.token_ids
-    assert len(fast) == expected.steps  # a fast consumer is woken after every step
+    assert blocks <= len(fast) <= expected.steps  # woken after each step (steps it was too slow for coalesce)
     assert len(slow) <= blocks + 2  # block outputs + at most one pending step notification + the first one
     for outs in (fast, slow):
         log = outs[-1].step_log
