@@ -121,6 +121,17 @@ def test_playground_shows_decoding_live_and_the_answer(browser, server):
     assert outside == [], outside
     page.locator(".run").last.locator(".close").click()
     assert page.locator(".run").count() == 1
+
+    # a setting the model cannot take: the server's 400 shows in the run, the page stays usable
+    page.select_option("#remasking", "origin")
+    page.fill("#message", q)
+    page.click("#compare")
+    bad = page.locator(".run").last
+    sync_api.expect(bad).to_have_attribute("data-status", "error", timeout=30_000)
+    sync_api.expect(bad.locator(".run-error")).to_contain_text("400")
+    sync_api.expect(bad.locator(".run-error")).to_contain_text("remasking")
+    bad.locator(".close").click()
+    page.select_option("#remasking", "low_confidence")
     shot = os.environ.get("UNMASK_PLAYGROUND_SCREENSHOT")
     if shot:  # mid-generation screenshot for the README, in slow motion so the canvas is caught half-filled
         page.fill("#steps", "16")
