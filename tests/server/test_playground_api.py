@@ -159,10 +159,10 @@ def test_step_options_need_stream(app):
     assert status == 400 and "stream_options" in text
 
 
-def test_slow_consumer_gets_every_step_without_a_queue_per_step():
+def test_slow_consumer_gets_every_step_without_a_queue_per_step(ref):
     """A consumer that reads nothing until the request has finished still gets every step (from the log), while
     the engine queued at most one step notification for it besides the block outputs."""
-    llm = LLM(DEFAULT_MODEL_DIR, dtype=DTYPE)
+    llm = ref
     prompt = llm.model.apply_chat_template(task.messages_for("reverse 1 2 3 4 5"))
     params = SamplingParams(max_tokens=24, steps=24, block_length=8, ignore_eos=True)
     expected = llm.generate(prompt, params)[0]
@@ -191,7 +191,7 @@ def test_slow_consumer_gets_every_step_without_a_queue_per_step():
         assert all(not o.finished for o in outs[:-1]) and outs[-1].finished
 
 
-def test_models_card_exposes_defaults_and_special_tokens(engine):
+def test_models_card_exposes_defaults_and_special_tokens(engine, ref):
     info = engine.info
     app = build_app(engine, ServerConfig(served_model_names=["tiny"], sampling_defaults={"steps": 8, "cache": "dual"}))
 
@@ -205,7 +205,7 @@ def test_models_card_exposes_defaults_and_special_tokens(engine):
     assert d["remasking"] == info.defaults.remasking and d["temperature"] == info.defaults.temperature
     assert d["steps"] == 8 and d["cache"] == "dual"  # server-wide defaults win over the model's
     assert d["threshold"] is None and d["seed"] is None
-    cfg = LLM(DEFAULT_MODEL_DIR, dtype=DTYPE).model.config
+    cfg = ref.model.config
     assert card["special_tokens"] == {"mask_token_id": cfg.mask_id, "eos_token_id": cfg.eos_id,
                                       "stop_token_ids": list(cfg.stop_ids)}
 
@@ -231,3 +231,34 @@ def test_playground_page_is_served_and_self_contained(engine, key):
     assert files["/playground.js"].headers["content-type"].startswith("text/javascript")
     assert 'src="/playground.js"' in files["/playground"].text
     assert models.status_code == (401 if key else 200)
+
+
+def test_recorders_and_plain_requests_batched_together(ref):
+    """Recording requests with different block geometry share a batch with a plain one: each log rebuilds its own
+    whole canvas (ignore_eos) and the plain request's output is the offline one."""
+    llm = ref
+    qs = [q for q, _ in task.make_problems(3, seed=3, split="held_out")]
+    prompts = [llm.model.apply_chat_template(task.messages_for(q)) for q in qs]
+    params = [SamplingParams(max_tokens=12, steps=6, block_length=4, ignore_eos=True),
+              SamplingParams(max_tokens=16, steps=16, block_length=8, ignore_eos=True),
+              SamplingParams(max_tokens=20, block_length=8, cache="dual", threshold=0.8, ignore_eos=True,
+                             temperature=0.5, seed=7)]
+    expected = llm.generate(prompts, params)
+    record = [True, False, True]
+
+    async def main():
+        async with AsyncEngine(llm) as eng:
+            async def one(i):
+                return [o async for o in eng.add_request(prompts[i], params[i], record_steps=record[i])][-1]
+            return await asyncio.gather(*(one(i) for i in range(3)))
+
+    outs = run(main())
+    mask = llm.model.config.mask_id
+    for out, exp, rec in zip(outs, expected, record):
+        assert out.token_ids == exp.token_ids
+        if rec:
+            assert out.step_log.canvas(mask) == exp.token_ids and out.step_log.num_steps == exp.steps
+            for s in out.step_log.since(0):
+                assert all(s.block[0] <= p < s.block[1] for p in s.positions)
+        else:
+            assert out.step_log is None
