@@ -114,7 +114,8 @@ function newRun(settings, message, beside) {
     playback: Number($("playback").value), controller: new AbortController(),
   };
   el.querySelector(".run-title").textContent = run.label;
-  el.querySelector(".run-settings").textContent = `“${message}” · ${summary(settings)}`;
+  const mode = $("raw").checked ? "raw prompt · " : "";
+  el.querySelector(".run-settings").textContent = `“${message}” · ${mode}${summary(settings)}`;
   el.querySelector(".close").addEventListener("click", () => removeRun(run));
   el.querySelector(".slider").addEventListener("input", (e) => showFrame(run, Number(e.target.value)));
   app.runs = [...keep, run];
@@ -258,6 +259,7 @@ function onChunk(run, obj) {
   for (const ch of obj.choices || []) {
     if (ch.diffusion_step) onStep(run, ch.diffusion_step);
     if (ch.delta && ch.delta.content) run.content += ch.delta.content;
+    if (typeof ch.text === "string") run.content += ch.text;
     if (ch.finish_reason) run.finish = ch.finish_reason;
     if (ch.diffusion) run.diffusion = ch.diffusion;
   }
@@ -277,16 +279,18 @@ async function generate(beside) {
     $("form-error").textContent = "type a message";
     return;
   }
+  const raw = $("raw").checked;  // raw: /v1/completions with the text as the prompt (models without a chat template)
   const run = newRun(settings, message, beside);
-  const body = { messages: [{ role: "user", content: message }], stream: true,
-    stream_options: { include_steps: true, include_usage: true } };
+  const body = { stream: true, stream_options: { include_steps: true, include_usage: true } };
+  if (raw) body.prompt = message;
+  else body.messages = [{ role: "user", content: message }];
   if (app.model) body.model = app.model;
   for (const [k, v] of Object.entries(settings)) if (v !== null) body[k] = v;
   app.running = run;
   setBusy(true);
   run.t0 = performance.now();
   try {
-    const resp = await fetch("/v1/chat/completions", { method: "POST", headers: authHeaders(true),
+    const resp = await fetch(raw ? "/v1/completions" : "/v1/chat/completions", { method: "POST", headers: authHeaders(true),
       body: JSON.stringify(body), signal: run.controller.signal });
     if (!resp.ok) {
       run.error = `${resp.status}: ${await errorText(resp)}`;

@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 
 from engine.bundled import task
@@ -76,7 +77,7 @@ def _generate(page, question: str, button: str = "#generate") -> dict:
     run = page.locator(".run").last
     sync_api.expect(run).to_have_attribute("data-status", "done", timeout=60_000)
     frames = page.evaluate("window.__frames.map(f => f.cells)")
-    return {"frames": frames, "answer": run.locator(".answer").inner_text(), "run": run}
+    return {"frames": frames, "answer": run.locator(".answer").text_content(), "run": run}
 
 
 def _intermediate(frames: list[list]) -> list[list]:
@@ -166,5 +167,13 @@ def test_playground_asks_for_the_api_key(browser, keyed_server):
     got = _generate(page, q)
     assert len(_intermediate(got["frames"])) >= 2
     assert got["answer"].strip() == a
+
+    # raw prompt: /v1/completions, the same text as the API gives for the same settings
+    page.check("#raw")
+    raw = _generate(page, "sort 2 1")
+    assert len(raw["frames"]) >= 2 and "raw prompt" in raw["run"].locator(".run-settings").inner_text()
+    api = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer pg-key-123"}, timeout=60,
+                     json={"prompt": "sort 2 1", "max_tokens": 16, "steps": 16, "block_length": 16}).json()
+    assert raw["answer"] == api["choices"][0]["text"]
     assert outside == []
     page.close()
