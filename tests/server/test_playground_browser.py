@@ -64,8 +64,12 @@ def keyed_server():
 
 def _page(browser, url: str):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
-    outside: list[str] = []
+    outside: list[str] = []  # requests to other origins, page errors, console errors: all must stay empty
     page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(url) else None)
+    page.on("pageerror", lambda e: outside.append(f"page error: {e}"))
+    expected = ("status of 400", "status of 401")  # the refused settings and keys these tests send on purpose
+    page.on("console", lambda m: outside.append(f"console {m.type}: {m.text}")
+            if m.type == "error" and not any(e in m.text for e in expected) else None)
     return page, outside
 
 
@@ -119,7 +123,6 @@ def test_playground_shows_decoding_live_and_the_answer(browser, server):
     assert page.locator(".run").first.locator(".answer").inner_text().strip() == a
     assert 1 <= int(second["run"].locator(".s-step").inner_text()) <= 4  # one step per block of 4; EOS may end early
     assert "steps 4" in second["run"].locator(".run-settings").inner_text()
-    assert outside == [], outside
     page.locator(".run").last.locator(".close").click()
     assert page.locator(".run").count() == 1
 
@@ -148,6 +151,7 @@ def test_playground_shows_decoding_live_and_the_answer(browser, server):
         page.screenshot(path=shot, clip={"x": 0, "y": 0, "width": 1280, "height": box["y"] + box["height"] + 12})
         sync_api.expect(run).to_have_attribute("data-status", "done", timeout=60_000)
         assert run.locator(".answer").inner_text().strip() == "1 2 3 7 8 9"
+    assert outside == [], outside
     page.close()
 
 
