@@ -1,11 +1,13 @@
 """unmask engine: model layer, loaders, diffusion decoding, caches, scheduling."""
 from .async_engine import AsyncEngine
 from .config import ModelConfig
-from .errors import CheckpointError, TokenizerMissingError
+from .errors import (CheckpointError, EngineError, RequestError, RequestTooLargeError, RequestTypeError,
+                     TokenizerMissingError)
 from .llm import LLM
 from .loader import load_model
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams, SamplingParamsError
 
-__all__ = ["AsyncEngine", "CheckpointError", "LLM", "ModelConfig", "RequestOutput", "SamplingParams", "SamplingParamsError",
-           "TokenizerMissingError", "load_model"]
+__all__ = ["AsyncEngine", "CheckpointError", "EngineError", "LLM", "ModelConfig", "RequestError", "RequestOutput",
+           "RequestTooLargeError", "RequestTypeError", "SamplingParams", "SamplingParamsError", "TokenizerMissingError",
+           "load_model"]

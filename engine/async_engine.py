@@ -14,9 +14,10 @@ How it works:
   the inbox before every step, so an aborted request's pages are free before the next step is scheduled.
 - The thread delivers outputs to each request's asyncio.Queue with `loop.call_soon_threadsafe`.
 - With nothing queued or unfinished the thread sleeps on a Condition (no spinning); add/abort/shutdown wake it.
-- An exception raised by a step fails every request that was running in it (its stream raises EngineError, its
-  pages are freed); waiting requests carry on. If nothing was running, every request fails, so a request that
-  breaks admission cannot wedge the loop.
+- An exception raised by a step fails every request of that step that had not finished (its stream raises
+  EngineError, its pages are freed); requests that finished in the step before the fault get their output, and
+  waiting requests carry on. If the step failed before anything was scheduled, the running requests fail (every
+  request when none runs), so a request that breaks admission cannot wedge the loop (LLMEngine.step).
 
 Streams: every completed block that is not the last yields an unfinished RequestOutput (finished=False,
 finish_reason None) whose token_ids are everything generated so far (cumulative, cut at the first stop token);
@@ -50,16 +51,13 @@ from typing import Any, AsyncIterator
 
 import torch
 
+from .errors import EngineError, EngineStepError, RequestError, RequestTypeError
 from .llm import LLM, Prompt
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import ResolvedParams, SamplingParams
 from .sequence import SeqStats, Sequence
 from .step_log import StepLog
-
-
-class EngineError(RuntimeError):
-    """A step of the engine failed while the request was running (the original exception is the __cause__)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,12 +154,12 @@ class AsyncEngine:
         whole KV pool and a request_id already in use raise here, before anything is queued. record_steps: keep
         the request's per-step commits and wake the stream after every step (see the module docstring)."""
         if params is not None and not isinstance(params, SamplingParams):
-            raise TypeError(f"params: expected a SamplingParams, got {type(params).__name__}")
-        ids = self.llm.prompt_ids(prompt)
+            raise RequestTypeError(f"params: expected a SamplingParams, got {type(params).__name__}", "params")
         resolved = self.llm.resolve_params(params, 1)[0]
+        ids = self.llm.prompt_ids(prompt, max_tokens=resolved.max_tokens)
         rid = request_id if request_id is not None else f"async-{next(self._ids)}"
         if not isinstance(rid, str):
-            raise TypeError(f"request_id: expected a string, got {type(rid).__name__}")
+            raise RequestTypeError(f"request_id: expected a string, got {type(rid).__name__}", "request_id")
         self._engine.new_sequence(rid, ids, resolved)  # pool-size check
         loop = asyncio.get_running_loop()
         req = _Request(rid, ids, resolved, prompt if isinstance(prompt, str) else None, loop, asyncio.Queue())
@@ -173,7 +171,7 @@ class AsyncEngine:
             if self._closing:
                 raise RuntimeError("the AsyncEngine is shut down")
             if rid in self._requests:
-                raise ValueError(f"request_id {rid!r} is already in use")
+                raise RequestError(f"request_id {rid!r} is already in use", "request_id")
             self._requests[rid] = req
             self._inbox.append(("add", req))
             self._cond.notify()
@@ -299,10 +297,21 @@ class AsyncEngine:
         eng = self._engine
         try:
             outs = eng.step()
-        except Exception as exc:
-            self._fail(exc, deliveries)
+        except EngineStepError as exc:  # the engine cleaned up: deliver what finished, fail what it failed
+            self._totals.steps += 1
+            self._outputs(exc.outputs, deliveries)
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            for rid in exc.failed:
+                req = self._requests.get(rid)
+                if req is not None and not req.done:
+                    self._retire(req)
+                    self._totals.failed += 1
+                    deliveries.append((req, _error(req, cause)))
             return
         self._totals.steps += 1
+        self._outputs(outs, deliveries)
+
+    def _outputs(self, outs: list[RequestOutput], deliveries: list[Delivery]) -> None:
         delivered = set()
         for out in outs:
             req = self._requests.get(out.request_id)
@@ -337,26 +346,6 @@ class AsyncEngine:
                 copy.copy(req.seq.stats) if req.seq is not None else SeqStats(), req.prompt, finished=False,
                 step_log=log)))
 
-
-    def _fail(self, exc: Exception, deliveries: list[Delivery]) -> None:
-        """A step raised: fail the requests it was running (all requests if none was running)."""
-        eng = self._engine
-        running = {s.request_id for s in eng.scheduler.running}
-        live = [r for r in map(self._requests.get, self._live_ids()) if r is not None and r.seq is not None]
-        victims = [r for r in live if r.request_id in running] or live
-        for req in victims:
-            try:
-                eng.abort(req.request_id)
-            except Exception:  # the step left the request half-updated: drop what is left of it
-                seq = eng.requests.pop(req.request_id, None) or req.seq
-                if seq is not None:
-                    eng.runner.canvases.pop(id(seq), None)
-                    if not seq.finished:
-                        eng.scheduler.finish(seq, "abort")
-            self._retire(req)
-            self._totals.failed += 1
-            deliveries.append((req, _error(req, exc)))
-        eng.runner.members = None  # rebuild the batch layout from scratch next step
 
     def _live_ids(self) -> list[str]:
         with self._cond:

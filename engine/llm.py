@@ -8,11 +8,11 @@ from typing import Any, Iterator, Sequence as Seq
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, RequestError, RequestTypeError
 from .llm_engine import CacheConfig, EngineConfig, LLMEngine
 from .loader import load_model
 from .outputs import RequestOutput
-from .sampling_params import GenerationDefaults, ResolvedParams, SamplingParams, model_defaults
+from .sampling_params import GenerationDefaults, ModelLimits, ResolvedParams, SamplingParams, model_defaults
 from .scheduler import SchedulerConfig
 
 Prompt = str | list[int]
@@ -44,7 +44,10 @@ class LLM:
                  page_size: int = 16) -> None:
         model_dir = Path(model) if model is not None else default_model_dir()
         self.model = load_model(model_dir, device=device, dtype=dtype)
-        self.defaults: GenerationDefaults = model_defaults(self.model.config.family, read_generation_config(model_dir))
+        cfg = self.model.config
+        self.defaults: GenerationDefaults = model_defaults(cfg.family, read_generation_config(model_dir))
+        self.limits = ModelLimits(vocab_size=cfg.vocab_size, max_model_len=cfg.max_position_embeddings,
+                                  has_tokenizer=self.model.tokenizer is not None)
         self.engine = LLMEngine(self.model, EngineConfig(
             cache=CacheConfig(kv_cache_memory=kv_cache_memory, page_size=page_size),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)))
@@ -54,23 +57,27 @@ class LLM:
     def tokenizer(self) -> Any:
         return self.model.tokenizer
 
-    def prompt_ids(self, prompt: Prompt, where: str = "prompt") -> list[int]:
-        """Text (tokenised with the checkpoint's tokenizer) or token ids, validated."""
+    def prompt_ids(self, prompt: Prompt, where: str = "prompt", max_tokens: int = 0) -> list[int]:
+        """Text (tokenised with the checkpoint's tokenizer) or token ids, validated; with max_tokens, also checked
+        to fit the model's context (before the ids are scanned)."""
         cfg = self.model.config
         if isinstance(prompt, str):
             ids = list(self.model.tokenizer_encode(prompt))
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
         else:
-            raise TypeError(f"{where}: must be a string or a list of token ids, got {type(prompt).__name__}")
-        for t in ids:
-            if not 0 <= t < cfg.vocab_size:
-                raise ValueError(f"{where}: token id {t} is outside the vocabulary (size {cfg.vocab_size})")
+            raise RequestTypeError(f"{where}: must be a string or a list of token ids, got {type(prompt).__name__}",
+                               where)
+        self.limits.check_length(len(ids), max_tokens, where)
+        if ids and not (0 <= min(ids) and max(ids) < cfg.vocab_size):
+            t = next(t for t in ids if not 0 <= t < cfg.vocab_size)
+            raise RequestError(f"{where}: token id {t} is outside the vocabulary (size {cfg.vocab_size})", where)
         if cfg.mask_id in ids:
-            raise ValueError(f"{where}: contains the mask token id {cfg.mask_id}; infilling is not supported")
+            raise RequestError(f"{where}: contains the mask token id {cfg.mask_id}; infilling is not supported",
+                               where)
         if not ids and cfg.shift_logits:
-            raise ValueError(f"{where}: is empty; {cfg.family} predicts each position from the one before it, "
-                             f"so it needs at least one prompt token")
+            raise RequestError(f"{where}: is empty; {cfg.family} predicts each position from the one before it, "
+                               f"so it needs at least one prompt token", where)
         return ids
 
     def resolve_params(self, params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[ResolvedParams]:
@@ -82,8 +89,9 @@ class LLM:
         else:
             plist = list(params)
             if len(plist) != n or not all(isinstance(p, SamplingParams) for p in plist):
-                raise ValueError(f"params: expected one SamplingParams or a list of {n}, got {len(plist)} items")
-        return [p.resolve(self.defaults) for p in plist]
+                raise RequestError(f"params: expected one SamplingParams or a list of {n}, got {len(plist)} items",
+                                   "params")
+        return [p.resolve(self.defaults, self.limits) for p in plist]
 
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
                  ) -> list[RequestOutput]:
@@ -91,27 +99,31 @@ class LLM:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
-        ids = [self.prompt_ids(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
         resolved = self.resolve_params(params, len(prompts))
+        ids = [self.prompt_ids(p, f"prompts[{i}]", r.max_tokens) for i, (p, r) in enumerate(zip(prompts, resolved))]
         return self._run(ids, resolved, prompts)
 
     def chat(self, messages: Messages | Seq[Messages],
              params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
         """Apply the checkpoint's chat template (with the generation prompt) and generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        ids = [self.prompt_ids(self.model.apply_chat_template(list(c)), f"messages[{i}]") for i, c in enumerate(convs)]
-        return self._run(ids, self.resolve_params(params, len(convs)), [None] * len(convs))
+        resolved = self.resolve_params(params, len(convs))
+        ids = [self.prompt_ids(self.model.apply_chat_template(list(c)), f"messages[{i}]", r.max_tokens)
+               for i, (c, r) in enumerate(zip(convs, resolved))]
+        return self._run(ids, resolved, [None] * len(convs))
 
     def iter_steps(self, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool = False,
                    ) -> Iterator[tuple[list[int], RequestOutput | None]]:
         """Generate one prompt step by step: yields (generated canvas with masks, None) after each step, then
         (final canvas, output) once it finishes. Used by `unmask generate --show-steps`."""
+        resolved = self.resolve_params(params, 1)[0]
         if chat:
-            ids = self.prompt_ids(self.model.apply_chat_template([{"role": "user", "content": prompt}]))
+            ids = self.prompt_ids(self.model.apply_chat_template([{"role": "user", "content": prompt}]),
+                                  max_tokens=resolved.max_tokens)
         else:
-            ids = self.prompt_ids(prompt)
+            ids = self.prompt_ids(prompt, max_tokens=resolved.max_tokens)
         rid = f"gen-{next(self._ids)}"
-        seq = self.engine.add_request(rid, ids, self.resolve_params(params, 1)[0])
+        seq = self.engine.add_request(rid, ids, resolved)
         try:
             while True:
                 finished = [o for o in self.engine.step() if o.request_id == rid and o.finished]
@@ -124,21 +136,22 @@ class LLM:
             self.engine.abort(rid)
 
     def _run(self, ids: list[list[int]], params: list[ResolvedParams], prompts: list[Any]) -> list[RequestOutput]:
-        order = {}
+        """Add the requests, step until all finish. Whatever is raised (a step fault, KeyboardInterrupt), none of
+        these requests is left in the engine: their pages are free and the engine is usable by the next call."""
+        order: dict[str, int] = {}
+        results: list[RequestOutput | None] = [None] * len(ids)
         try:
             for i, (p_ids, p) in enumerate(zip(ids, params)):
                 rid = f"gen-{next(self._ids)}"
                 self.engine.add_request(rid, p_ids, p)
                 order[rid] = i
-        except Exception:
+            while any(r is None for r in results):
+                for out in self.engine.step():
+                    if out.request_id in order and out.finished:
+                        i = order[out.request_id]
+                        out.prompt = prompts[i] if isinstance(prompts[i], str) else None
+                        results[i] = out
+        finally:
             for rid in order:
                 self.engine.abort(rid)
-            raise
-        results: list[RequestOutput | None] = [None] * len(ids)
-        while any(r is None for r in results):
-            for out in self.engine.step():
-                if out.request_id in order and out.finished:
-                    i = order[out.request_id]
-                    out.prompt = prompts[i] if isinstance(prompts[i], str) else None
-                    results[i] = out
         return results  # type: ignore[return-value]

@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import bisect
-
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from .cache_manager import PageAllocator
+from .errors import EngineStepError, RequestError
 from .kv_pool import KVPool, kv_bytes_per_token
 from .model.diffusion_model import DiffusionModel
 from .outputs import RequestOutput, cut_at_stop_string, cut_at_stop_token
-from .runner import ModelRunner
+from .runner import ModelRunner, param_row
 from .sampling_params import ResolvedParams
-from .scheduler import ScheduledRequest, Scheduler, SchedulerConfig
+from .scheduler import ScheduleOutput, ScheduledRequest, Scheduler, SchedulerConfig
 from .sequence import Sequence
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -66,17 +67,21 @@ class LLMEngine:
         self.keep_last_canvas = False
         self.last_canvas: dict[str, list[int]] = {}
         """With keep_last_canvas, each finished request's final generated canvas (for --show-steps)."""
+        self.fault_hook: Callable[[str, str | None], None] | None = None
+        """Fault-injection hook for tests: step() calls it at each phase, ("schedule", None), ("forward", None),
+        ("update", None), then ("output", request_id) before each output; whatever it raises is a step fault."""
 
     def new_sequence(self, request_id: str, prompt_ids: list[int], params: ResolvedParams) -> Sequence:
         """A request's host state, checked to fit the KV pool, not queued. Reads no mutable engine state, so any
         thread may call it (AsyncEngine does, to raise errors on the caller's thread)."""
         seq = Sequence(request_id, list(prompt_ids), params, shift=1 if self.model.config.shift_logits else 0)
         self.scheduler.check_fits(seq)
+        seq.row = param_row(params)
         return seq
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: ResolvedParams) -> Sequence:
         if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+            raise RequestError(f"request_id {request_id!r} is already in use", "request_id")
         seq = self.new_sequence(request_id, prompt_ids, params)
         self.scheduler.add(seq)
         self.requests[request_id] = seq
@@ -95,26 +100,70 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One engine step: schedule, one batched forward, update. Returns the requests that finished in it and,
-        with stream_deltas, one unfinished output for each request that completed a block."""
-        sched = self.scheduler.schedule()
-        for seq in sched.admitted:
-            if id(seq) not in self.runner.canvases:
-                self.runner.add(seq)
-        if not sched.scheduled:
-            return []
-        recorded = [r for r in sched.scheduled if r.seq.step_log is not None]
-        before = [self.runner.canvases[id(r.seq)][r.block[0]:r.block[1]].clone() for r in recorded]
-        result = self.runner.step(sched.scheduled)
-        if recorded:
-            self._record_steps(recorded, before)
-        upd = self.scheduler.update(sched, result)
-        outs = [self._finish(seq) for seq in upd.finished]
-        for seq in upd.blocks_done:
-            if self._hit_stop_string(seq):
+        with stream_deltas, one unfinished output for each request that completed a block.
+
+        If anything in the step raises, every request of the step that did not finish is failed (removed, its
+        pages freed) and EngineStepError carries the finished outputs and the failed ids; the engine stays usable.
+        A BaseException that is not an Exception (KeyboardInterrupt) is re-raised as is after the same cleanup."""
+        sched: ScheduleOutput | None = None
+        outs: list[RequestOutput] = []
+        hook = self.fault_hook
+        try:
+            if hook is not None:
+                hook("schedule", None)
+            sched = self.scheduler.schedule()
+            for seq in sched.admitted:
+                if id(seq) not in self.runner.canvases:
+                    self.runner.add(seq)
+            if not sched.scheduled:
+                return []
+            if hook is not None:
+                hook("forward", None)
+            recorded = [r for r in sched.scheduled if r.seq.step_log is not None]
+            before = [self.runner.canvases[id(r.seq)][r.block[0]:r.block[1]].clone() for r in recorded]
+            result = self.runner.step(sched.scheduled)
+            if recorded:
+                self._record_steps(recorded, before)
+            if hook is not None:
+                hook("update", None)
+            upd = self.scheduler.update(sched, result)
+            for seq in upd.finished:
+                if hook is not None:
+                    hook("output", seq.request_id)
                 outs.append(self._finish(seq))
-            elif self.stream_deltas:
-                outs.append(self._partial(seq))
-        return outs
+            for seq in upd.blocks_done:
+                if hook is not None:
+                    hook("output", seq.request_id)
+                if self._hit_stop_string(seq):
+                    outs.append(self._finish(seq))
+                elif self.stream_deltas:
+                    outs.append(self._partial(seq))
+            return outs
+        except BaseException as exc:
+            failed = self._fail_step(sched)
+            if not isinstance(exc, Exception):
+                raise
+            raise EngineStepError(f"engine step failed: {exc!r}", [o for o in outs if o.finished], failed) from exc
+
+    def _fail_step(self, sched: "ScheduleOutput | None") -> list[str]:
+        """End every unfinished request of a failed step (finish_reason 'error'). Without a schedule (scheduling
+        itself failed): the running requests, or every request when none runs, so a request that breaks
+        admission cannot wedge the engine. Returns the failed request ids."""
+        if sched is not None:
+            victims = [r.seq for r in sched.scheduled] + [s for s in sched.admitted if s not in sched.seqs]
+        else:
+            victims = list(self.scheduler.running) or list(self.scheduler.waiting)
+        failed = []
+        for seq in victims:
+            if seq.finished:
+                continue
+            self.runner.canvases.pop(id(seq), None)
+            self.scheduler.finish(seq, "error")
+            if self.requests.get(seq.request_id) is seq:
+                del self.requests[seq.request_id]
+            failed.append(seq.request_id)
+        self.runner.members = None  # the batch layout is rebuilt from the canvases left
+        return failed
 
     def _record_steps(self, recorded: list[ScheduledRequest], before: list[torch.Tensor]) -> None:
         """Append this step's commits to each recording request's StepLog: the block positions that were masked

@@ -20,8 +20,25 @@ from .decoding.select import SelectInputs, select
 from .kv_pool import KVPool
 from .model.attention import AttnContext
 from .model.diffusion_model import DiffusionModel
+from .sampling_params import ResolvedParams
 from .scheduler import RunnerOutput, ScheduledRequest
 from .sequence import Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class ParamRow:
+    """One request's numeric sampling parameters, batched by stacking rows (no per-request conversion per step)."""
+    ints: torch.Tensor  # [4] int64: seed (two's complement), top_k, score code, tempered (Dream/RND1 scoring)
+    floats: torch.Tensor  # [6] float64: temperature, top_p, cfg_scale, threshold (nan = off), factor, alg_temp
+
+
+def param_row(p: ResolvedParams) -> ParamRow:
+    """Build the request's parameter row on the host; raises for a value the engine cannot represent."""
+    seed = p.seed - (1 << 64) if p.seed >= 1 << 63 else p.seed  # 64-bit seeds, stored as int64
+    ints = torch.tensor([seed, p.top_k, SCORE_CODES[p.remasking], p.algorithm != "llada"], dtype=torch.long)
+    floats = torch.tensor([p.temperature, p.top_p, p.cfg_scale, math.nan if p.threshold is None else p.threshold,
+                           math.nan if p.factor is None else p.factor, p.alg_temp], dtype=torch.float64)
+    return ParamRow(ints, floats)
 
 
 def ranges(starts: list[int], lengths: list[int]) -> torch.Tensor:
@@ -68,18 +85,13 @@ class _Members:
         self.gen_valid = (gar[None, :] < torch.tensor(gen)[:, None]).to(dev)  # [B, G]
         gen_index = torch.tensor([o + s.prompt_len for o, s in zip(self.offsets, seqs)])[:, None] + gar[None, :]
         self.gen_index = torch.where(self.gen_valid.cpu(), gen_index, 0).to(dev)  # [B, G]
-        f64 = dict(dtype=torch.float64, device=dev)
         p = [s.params for s in seqs]
-        self.temperature = torch.tensor([x.temperature for x in p], dtype=torch.float32, device=dev)
-        self.top_k = torch.tensor([x.top_k for x in p], device=dev)
-        self.top_p = torch.tensor([x.top_p for x in p], dtype=torch.float32, device=dev)
-        self.score = torch.tensor([SCORE_CODES[x.remasking] for x in p], device=dev)
-        self.tempered = torch.tensor([x.algorithm != "llada" for x in p], device=dev)
-        self.seed = torch.tensor([x.seed for x in p], device=dev)
-        self.cfg_w = torch.tensor([x.cfg_scale for x in p], dtype=torch.float32, device=dev)
-        self.threshold = torch.tensor([math.nan if x.threshold is None else x.threshold for x in p], **f64)
-        self.factor = torch.tensor([math.nan if x.factor is None else x.factor for x in p], **f64)
-        self.alg_temp = torch.tensor([x.alg_temp for x in p], **f64)
+        ints = torch.stack([s.row.ints for s in seqs]).to(dev)  # [B, 4]
+        floats = torch.stack([s.row.floats for s in seqs]).to(dev)  # [B, 6]
+        self.seed, self.top_k, self.score, self.tempered = ints[:, 0], ints[:, 1], ints[:, 2], ints[:, 3].bool()
+        self.temperature, self.top_p = floats[:, 0].float(), floats[:, 1].float()
+        self.cfg_w = floats[:, 2].float()
+        self.threshold, self.factor, self.alg_temp = floats[:, 3], floats[:, 4], floats[:, 5]
         self.score_codes = frozenset(SCORE_CODES[x.remasking] for x in p)
         self.any_tempered = any(x.algorithm != "llada" for x in p)
         self.any_sampling = any(x.temperature > 0 for x in p)

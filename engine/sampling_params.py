@@ -17,18 +17,40 @@ import random
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .errors import RequestError, RequestTooLargeError
+
 REMASKING = ("low_confidence", "random", "margin", "entropy", "origin")
 REMASKING_ALIASES = {"maskgit_plus": "low_confidence", "topk_margin": "margin"}
 CACHE_MODES = ("none", "prefix", "dual")
 ALGORITHMS = ("llada", "dream", "rnd1")
 
 
-class SamplingParamsError(ValueError):
-    """A SamplingParams field is invalid; `.field` names it."""
+# Limits (README "Limits"): every field is bounded so that any accepted value is one the engine can honour.
+SEED_RANGE = (-(1 << 63), 1 << 64)
+"""Seeds are 64-bit: any integer in [-2**63, 2**64) (values >= 2**63 are used modulo 2**64)."""
+MAX_TOKENS_LIMIT = 1 << 20
+"""Hard bound on max_tokens and block_length; the model's context length is the real bound, checked per request."""
+MAX_STEPS = 1 << 14
+"""Denoising steps per request (each step is one forward pass)."""
+MAX_TOP_K = (1 << 31) - 1
+"""top_k larger than the vocabulary is refused when the request meets its model."""
+MAX_TEMPERATURE = 100.0
+MAX_CFG_SCALE = 100.0
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+"""Stop strings: at most MAX_STOP_STRINGS of at most MAX_STOP_LENGTH characters each."""
+
+
+class SamplingParamsError(RequestError):
+    """A SamplingParams field is invalid; `.field` (also `.param`) names it."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"SamplingParams.{field}: {message}")
+        super().__init__(f"SamplingParams.{field}: {message}", field)
         self.field = field
+
+
+class SamplingParamsTooLargeError(SamplingParamsError, RequestTooLargeError):
+    """A SamplingParams field asks for more than the model can do (e.g. max_tokens beyond its context length)."""
 
 
 def _is_int(v: Any) -> bool:
@@ -75,55 +97,75 @@ class SamplingParams:
     """Dream: final timestep of linspace(1, eps, steps + 1)."""
 
     def __post_init__(self) -> None:
-        def pos_int(name: str) -> None:
+        def int_in(name: str, lo: int, hi: int, what: str) -> None:
             v = getattr(self, name)
-            if v is not None and not (_is_int(v) and v >= 1):
-                raise SamplingParamsError(name, f"must be a positive integer, got {v!r}")
+            if v is not None and not (_is_int(v) and lo <= v <= hi):
+                raise SamplingParamsError(name, f"must be {what}, got {v!r}")
 
-        for name in ("max_tokens", "steps", "block_length"):
-            pos_int(name)
-        if self.temperature is not None and not (_is_num(self.temperature) and self.temperature >= 0):
-            raise SamplingParamsError("temperature", f"must be a number >= 0, got {self.temperature!r}")
-        if self.top_p is not None and not (_is_num(self.top_p) and 0 < self.top_p <= 1):
-            raise SamplingParamsError("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if self.top_k is not None and not (_is_int(self.top_k) and self.top_k >= 0):
-            raise SamplingParamsError("top_k", f"must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        def num_in(name: str, lo: float, hi: float, what: str, lo_open: bool = False) -> None:
+            v = getattr(self, name)
+            if v is not None and not (_is_num(v) and (lo < v if lo_open else lo <= v) and v <= hi):
+                raise SamplingParamsError(name, f"must be {what}, got {v!r}")
+
+        int_in("max_tokens", 1, MAX_TOKENS_LIMIT, f"an integer in [1, {MAX_TOKENS_LIMIT}]")
+        int_in("block_length", 1, MAX_TOKENS_LIMIT, f"an integer in [1, {MAX_TOKENS_LIMIT}]")
+        int_in("steps", 1, MAX_STEPS, f"an integer in [1, {MAX_STEPS}]")
+        num_in("temperature", 0, MAX_TEMPERATURE, f"a number in [0, {MAX_TEMPERATURE:g}]")
+        num_in("top_p", 0, 1, "in (0, 1]", lo_open=True)
+        int_in("top_k", 0, MAX_TOP_K, "an integer >= 0 (0 = off) and at most the vocabulary size")
         if self.remasking is not None:
             r = REMASKING_ALIASES.get(self.remasking, self.remasking) if isinstance(self.remasking, str) else None
             if r not in REMASKING:
                 raise SamplingParamsError("remasking", f"must be one of {', '.join(REMASKING)}, got {self.remasking!r}")
             self.remasking = r
-        if self.threshold is not None and not (_is_num(self.threshold) and 0 < self.threshold <= 1):
-            raise SamplingParamsError("threshold", f"must be in (0, 1], got {self.threshold!r}")
-        if self.factor is not None and not (_is_num(self.factor) and self.factor > 0):
-            raise SamplingParamsError("factor", f"must be a number > 0, got {self.factor!r}")
+        num_in("threshold", 0, 1, "in (0, 1]", lo_open=True)
+        num_in("factor", 0, math.inf, "a number > 0", lo_open=True)
         if self.threshold is not None and self.factor is not None:
             raise SamplingParamsError("factor", "threshold and factor are alternatives; set only one")
-        if not (_is_num(self.cfg_scale) and self.cfg_scale >= 0):
-            raise SamplingParamsError("cfg_scale", f"must be a number >= 0, got {self.cfg_scale!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise SamplingParamsError("seed", f"must be an integer, got {self.seed!r}")
+        if self.cfg_scale is None:
+            raise SamplingParamsError("cfg_scale", "must be a number in [0, 100], got None")
+        num_in("cfg_scale", 0, MAX_CFG_SCALE, f"a number in [0, {MAX_CFG_SCALE:g}]")
+        lo, hi = SEED_RANGE
+        if self.seed is not None and not (_is_int(self.seed) and lo <= self.seed < hi):
+            raise SamplingParamsError("seed", f"must be a 64-bit integer in [-2**63, 2**64), got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.stop is not None and not (isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop)):
-            raise SamplingParamsError("stop", f"must be a non-empty string or a list of them, got {self.stop!r}")
+        if isinstance(self.stop, tuple):
+            self.stop = list(self.stop)
+        if self.stop is not None:
+            if not (isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop)):
+                raise SamplingParamsError("stop", f"must be a non-empty string or a list of them, got {self.stop!r}")
+            if len(self.stop) > MAX_STOP_STRINGS:
+                raise SamplingParamsError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+            if max(map(len, self.stop), default=0) > MAX_STOP_LENGTH:
+                raise SamplingParamsError("stop", f"each stop string must be at most {MAX_STOP_LENGTH} characters")
         if not isinstance(self.ignore_eos, bool):
             raise SamplingParamsError("ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
-        if self.cache not in CACHE_MODES:
+        if not isinstance(self.cache, str) or self.cache not in CACHE_MODES:
             raise SamplingParamsError("cache", f"must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}")
-        if self.algorithm is not None and self.algorithm not in ALGORITHMS:
+        if self.algorithm is not None and (not isinstance(self.algorithm, str) or self.algorithm not in ALGORITHMS):
             raise SamplingParamsError("algorithm", f"must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
-        if not (_is_num(self.alg_temp) and self.alg_temp >= 0):
-            raise SamplingParamsError("alg_temp", f"must be a number >= 0, got {self.alg_temp!r}")
-        if not (_is_num(self.eps) and 0 < self.eps < 1):
+        if self.alg_temp is None:
+            raise SamplingParamsError("alg_temp", "must be a number in [0, 100], got None")
+        num_in("alg_temp", 0, MAX_TEMPERATURE, f"a number in [0, {MAX_TEMPERATURE:g}]")
+        if self.eps is None:
+            raise SamplingParamsError("eps", "must be in (0, 1), got None")
+        num_in("eps", 0, 1, "in (0, 1)", lo_open=True)
+        if self.eps == 1:
             raise SamplingParamsError("eps", f"must be in (0, 1), got {self.eps!r}")
         if self.remasking == "origin" and self.algorithm not in (None, "dream"):
             raise SamplingParamsError("remasking", "'origin' is Dream's algorithm; it needs algorithm='dream'")
 
-    def resolve(self, defaults: "GenerationDefaults") -> "ResolvedParams":
-        """Fill unset fields from the model's defaults and derive the block plan."""
+    def resolve(self, defaults: "GenerationDefaults", limits: "ModelLimits | None" = None) -> "ResolvedParams":
+        """Fill unset fields from the model's defaults and derive the block plan. With `limits`, also refuse what
+        this model cannot do (top_k beyond its vocabulary, max_tokens beyond its context, stop strings without a
+        tokenizer) before anything is allocated. Fields are re-validated, so a SamplingParams mutated after
+        construction is caught here too."""
+        self.__post_init__()
         get = lambda name: getattr(self, name) if getattr(self, name) is not None else getattr(defaults, name)  # noqa: E731
         max_tokens, steps = get("max_tokens"), get("steps")
+        if limits is not None:
+            limits.check(self, max_tokens, get("top_k"))
         block_length = min(get("block_length"), max_tokens)
         algorithm = get("algorithm")
         remasking = self.remasking or (defaults.remasking if algorithm == defaults.algorithm else "low_confidence")
@@ -175,6 +217,31 @@ class ResolvedParams:
     @property
     def adaptive(self) -> bool:
         return self.threshold is not None or self.factor is not None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLimits:
+    """What a model can honour: checked when a request is resolved against it."""
+    vocab_size: int
+    max_model_len: int
+    """Context length (config.json max_position_embeddings / max_sequence_length): prompt + max_tokens."""
+    has_tokenizer: bool = True
+
+    def check(self, params: SamplingParams, max_tokens: int, top_k: int | None) -> None:
+        if max_tokens > self.max_model_len:
+            raise SamplingParamsTooLargeError(
+                "max_tokens", f"{max_tokens} exceeds the model's context length of {self.max_model_len} tokens")
+        if top_k is not None and top_k > self.vocab_size:
+            raise SamplingParamsError("top_k", f"{top_k} exceeds the vocabulary size {self.vocab_size}")
+        if params.stop and not self.has_tokenizer:
+            raise SamplingParamsError("stop", "stop strings need a tokenizer and this checkpoint has none; "
+                                              "use token-id prompts without stop strings")
+
+    def check_length(self, prompt_len: int, max_tokens: int, where: str = "prompt") -> None:
+        if prompt_len + max_tokens > self.max_model_len:
+            raise RequestTooLargeError(
+                f"{where}: {prompt_len} prompt tokens + max_tokens {max_tokens} exceed the model's context length "
+                f"of {self.max_model_len} tokens", "max_tokens" if prompt_len < self.max_model_len else where)
 
 
 @dataclass(slots=True)

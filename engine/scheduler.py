@@ -26,6 +26,7 @@ import bisect
 from dataclasses import dataclass, field
 
 from .cache_manager import PageAllocator
+from .errors import RequestTooLargeError
 from .sequence import Sequence, Status
 
 
@@ -98,14 +99,14 @@ class Scheduler:
         return self.allocator.pages_for(seq.canvas_len) * seq.num_rows
 
     def check_fits(self, seq: Sequence) -> None:
-        """Raise MemoryError if the request could never run (its canvas needs more pages than the whole pool).
-        Reads only the pool's fixed size, so any thread may call it."""
+        """Raise RequestTooLargeError if the request could never run (its canvas needs more pages than the whole
+        pool). Reads only the pool's fixed size, so any thread may call it."""
         need = self.pages_needed(seq)
         if need > self.allocator.num_pages:
-            raise MemoryError(
+            raise RequestTooLargeError(
                 f"request {seq.request_id}: its canvas (prompt {seq.prompt_len} + max_tokens {seq.gen_len} tokens"
                 f"{', x2 for cfg_scale' if seq.num_rows > 1 else ''}) needs {need} KV pages but the pool has "
-                f"{self.allocator.num_pages} in all; lower max_tokens or raise the KV memory")
+                f"{self.allocator.num_pages} in all; lower max_tokens or raise the KV memory", "max_tokens")
 
     def add(self, seq: Sequence) -> None:
         self.check_fits(seq)
@@ -199,10 +200,11 @@ class Scheduler:
         return upd
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Mark finished (or aborted) and free its pages now."""
-        if seq.status is Status.RUNNING:
+        """Mark finished (or aborted, or failed) and free its pages now. Safe on a request that a failed step left
+        half-updated (whatever its status says, it leaves both queues)."""
+        if seq in self.running:
             self.running.remove(seq)
-        elif seq.status is Status.WAITING:
+        if seq in self.waiting:
             self.waiting.remove(seq)
         if seq is self._blocked_head:
             self._blocked_head, self._blocked_steps = None, 0

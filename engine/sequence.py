@@ -52,6 +52,9 @@ class Sequence:
     user_data: Any = None
     step_log: StepLog | None = None
     """Set for requests that asked for their per-step commits (see step_log.py); None costs nothing."""
+    row: Any = None
+    """The request's sampling parameters as small tensors, built once when the request is created (runner.param_row),
+    so a value that cannot be represented fails that request alone, before it joins a batch."""
 
     def __post_init__(self) -> None:
         self.masked_in_block = self.block_masks = self.block_len(0)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from engine import LLM, SamplingParams, SamplingParamsError
+from engine import LLM, RequestTooLargeError, SamplingParams, SamplingParamsError
 from engine.async_engine import AsyncEngine, EngineError
 
 
@@ -175,7 +175,7 @@ def test_bad_requests_raise_at_once_and_others_are_unaffected(llm):
                 eng.add_request([1], {"max_tokens": 4})
             with pytest.raises(SamplingParamsError, match="remasking"):
                 eng.add_request([1], SamplingParams(remasking="origin", algorithm="dream", threshold=0.5))
-            with pytest.raises(MemoryError, match="KV pages"):
+            with pytest.raises(RequestTooLargeError, match="context length"):  # a request fault, not MemoryError
                 eng.add_request([1], SamplingParams(max_tokens=pool_tokens))
             with pytest.raises(ValueError, match="already in use"):
                 eng.add_request([1], p, request_id="good")

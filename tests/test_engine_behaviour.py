@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, SamplingParams, SamplingParamsError
+from engine import LLM, RequestTooLargeError, SamplingParams, SamplingParamsError
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_bad_prompts_are_refused_clearly(llm):
 
 def test_request_larger_than_pool_is_refused_and_nothing_leaks(llm):
     pool_tokens = llm.engine.allocator.num_pages * llm.engine.allocator.page_size
-    with pytest.raises(MemoryError, match="max_tokens"):
+    with pytest.raises(RequestTooLargeError, match="max_tokens"):  # a request fault, not MemoryError
         llm.generate([[1, 2, 3], [4]], [SamplingParams(max_tokens=4), SamplingParams(max_tokens=pool_tokens)])
     assert llm.engine.allocator.num_used == 0 and not llm.engine.has_unfinished()
     out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, steps=4))[0]

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from engine.cache_manager import PageAllocator
+from engine.errors import RequestTooLargeError
 from engine.decoding.schedule import llada_count
 from engine.sampling_params import GenerationDefaults, SamplingParams
 from engine.scheduler import RunnerOutput, ScheduleOutput, Scheduler, SchedulerConfig, UpdateResult
@@ -288,7 +289,7 @@ def test_fuzz_page_accounting():
                 kw["threshold"] = rng.choice([0.1, 0.9])
             seq = make_seq(f"r{i}", rng.randint(1, 30), shift=rng.randint(0, 1), **kw)
             if h.sched.pages_needed(seq) > h.alloc.num_pages:
-                with pytest.raises(MemoryError):
+                with pytest.raises(RequestTooLargeError):  # a request fault (HTTP 400), not MemoryError
                     h.add(seq)
                 continue
             live.append(h.add(seq))

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,19 +21,24 @@ def llada_count(block_masks: int, steps: int, step: int) -> int:
     return base + (1 if step < rem else 0)
 
 
+@lru_cache(maxsize=64)
+def _dream_ratios(steps: int, eps: float) -> torch.Tensor:
+    """[steps] float32 1 - t[s+1]/t[s] over t = linspace(1, eps, steps + 1), as the reference computes it. Built
+    once per (steps, eps), not per request per step (steps is bounded by SamplingParams' MAX_STEPS)."""
+    t = torch.linspace(1, eps, steps + 1)  # float32, as the reference
+    return 1 - t[1:] / t[:-1]
+
+
 def dream_count(masked_now: int, steps: int, step: int, eps: float) -> int:
     if step >= steps - 1:
         return masked_now
-    t = torch.linspace(1, eps, steps + 1)  # float32, as the reference
-    ratio = 1 - t[step + 1] / t[step]
-    return int(torch.tensor(float(masked_now)) * ratio)
+    return int(torch.tensor(float(masked_now)) * _dream_ratios(steps, eps)[step])
 
 
 def dream_origin_prob(steps: int, step: int, eps: float) -> float:
     if step >= steps - 1:
         return 1.0
-    t = torch.linspace(1, eps, steps + 1)
-    return float(1 - t[step + 1] / t[step])
+    return float(_dream_ratios(steps, eps)[step])
 
 
 def rnd1_count(block_masks: int, masked_now: int, steps: int, step: int) -> int:

@@ -65,5 +65,5 @@ class DiffusionModel:
         if self.tokenizer is None:
             raise TokenizerMissingError(
                 f"{self.path}: this checkpoint has no tokenizer files (tokenizer.json or vocab.json + merges.txt); "
-                f"pass prompts as token-id lists")
+                f"pass prompts as token-id lists", "prompt")
         return self.tokenizer
