@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from benchmarks.memory import PeakMemory, rss_bytes
-from benchmarks.progress import Progress
 from benchmarks.reference_loop import reference_generate
 from engine import LLM, SamplingParams
 from engine.async_engine import AsyncEngine
@@ -98,7 +98,7 @@ def sync(device: torch.device) -> None:
 
 def run_reference(llm: LLM, prompts: list[list[int]], args: argparse.Namespace) -> tuple[list[list[int]], int]:
     outs, forwards = [], 0
-    bar = Progress(len(prompts) // args.batch_size * args.steps, "reference")
+    bar = tqdm(total=len(prompts) // args.batch_size * args.steps, desc="reference", unit="step", file=sys.stderr)
     for i in range(0, len(prompts), args.batch_size):
         chunk = prompts[i:i + args.batch_size]
         outs += reference_generate(llm.model, chunk, args.gen_len, args.block_length, args.steps,
@@ -112,7 +112,7 @@ def run_engine(llm: LLM, prompts: list[list[int]], params: SamplingParams, label
     eng = llm.engine
     resolved = params.resolve(llm.defaults)
     ids = [eng.add_request(f"{label}-{i}", p, resolved).request_id for i, p in enumerate(prompts)]
-    bar = Progress(len(prompts) * resolved.max_tokens, label)
+    bar = tqdm(total=len(prompts) * resolved.max_tokens, desc=label, unit="tok", file=sys.stderr)
     done, forwards = {}, 0
     while eng.has_unfinished():
         finished = eng.step()

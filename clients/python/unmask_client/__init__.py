@@ -1,0 +1,23 @@
+"""unmask_client: Python client for the unmask OpenAI-compatible server (masked-diffusion LMs).
+
+Needs only httpx and pydantic. See Client and AsyncClient.
+"""
+from .async_client import AsyncClient
+from .client import Client
+from .errors import (APIConnectionError, APIError, APITimeoutError, AuthenticationError, BadRequestError,
+                     InternalServerError, NotFoundError, RateLimitError, ReadyTimeoutError, ServiceUnavailableError,
+                     StreamError, UnmaskError)
+from .retry import RetryPolicy
+from .streaming import AsyncStream, Stream
+from .types import (ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, DiffusionStats, ModelCard,
+                    Usage)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client", "AsyncClient", "RetryPolicy", "Stream", "AsyncStream",
+    "ChatCompletion", "ChatCompletionChunk", "Completion", "CompletionChunk", "DiffusionStats", "ModelCard", "Usage",
+    "UnmaskError", "APIError", "BadRequestError", "AuthenticationError", "NotFoundError", "RateLimitError",
+    "InternalServerError", "ServiceUnavailableError", "StreamError", "APIConnectionError", "APITimeoutError",
+    "ReadyTimeoutError",
+]

@@ -1,0 +1,148 @@
+"""Typed responses: the OpenAI shapes plus the diffusion statistics the unmask server adds.
+
+Every model keeps fields it does not know (extra="allow"), so a newer server never breaks an older client.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Remasking = Literal["low_confidence", "random", "margin", "entropy", "origin", "maskgit_plus", "topk_margin"]
+CacheMode = Literal["none", "prefix", "dual"]
+Algorithm = Literal["llada", "dream", "rnd1"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True, protected_namespaces=())
+
+
+class DiffusionStats(_Model):
+    """How the request was decoded (the server's `diffusion` field, ignored by OpenAI clients)."""
+    steps: int | None = None
+    """Denoising steps the request ran."""
+    forward_passes: int | None = None
+    """Forward passes run for it (classifier-free guidance counts two per step)."""
+    tokens_committed: int | None = None
+    """Tokens committed over all steps."""
+    tokens_per_forward: float | None = None
+    """Committed tokens per forward pass: above 1 means parallel decoding paid off."""
+
+
+class Usage(_Model):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ChatMessage(_Model):
+    role: str
+    content: str | None = None
+
+
+class ChatChoice(_Model):
+    index: int = 0
+    message: ChatMessage
+    finish_reason: str | None = None
+
+
+class ChatCompletion(_Model):
+    id: str
+    object: str = "chat.completion"
+    created: int = 0
+    model: str = ""
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    diffusion: DiffusionStats | None = None
+
+    @property
+    def text(self) -> str:
+        """The first choice's content ('' when empty)."""
+        return (self.choices[0].message.content or "") if self.choices else ""
+
+
+class CompletionChoice(_Model):
+    index: int = 0
+    text: str = ""
+    finish_reason: str | None = None
+
+
+class Completion(_Model):
+    id: str
+    object: str = "text_completion"
+    created: int = 0
+    model: str = ""
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    diffusion: DiffusionStats | None = None
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text if self.choices else ""
+
+
+class ChatDelta(_Model):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Model):
+    index: int = 0
+    delta: ChatDelta = Field(default_factory=ChatDelta)
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Model):
+    """One streamed event: a finished block's text delta, the role (first), the finish reason (last) or, with
+    `choices == []`, the usage."""
+    id: str = ""
+    object: str = "chat.completion.chunk"
+    created: int = 0
+    model: str = ""
+    choices: list[ChatChunkChoice] = Field(default_factory=list)
+    usage: Usage | None = None
+    diffusion: DiffusionStats | None = None
+
+    @property
+    def text(self) -> str:
+        """The first choice's content delta ('' for role-only, finish-only and usage chunks)."""
+        return (self.choices[0].delta.content or "") if self.choices else ""
+
+
+class CompletionChunkChoice(_Model):
+    index: int = 0
+    text: str = ""
+    finish_reason: str | None = None
+
+
+class CompletionChunk(_Model):
+    id: str = ""
+    object: str = "text_completion"
+    created: int = 0
+    model: str = ""
+    choices: list[CompletionChunkChoice] = Field(default_factory=list)
+    usage: Usage | None = None
+    diffusion: DiffusionStats | None = None
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text if self.choices else ""
+
+
+class ModelCard(_Model):
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = ""
+    root: str | None = None
+    max_model_len: int | None = None
+    family: str | None = None
+    """llada, llada_moe, dream or rnd1 (unmask servers only)."""
+
+
+class ModelList(_Model):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+Message = dict[str, Any] | ChatMessage
