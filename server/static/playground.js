@@ -228,6 +228,10 @@ function finishRun(run) {
   showFrame(run, run.events.length);
   run.el.querySelector(".answer").textContent = run.content;
   const elapsed = ((run.tEnd || performance.now()) - run.t0) / 1000;
+  if (run.error === "stopped") {
+    setStatus(run, "stopped", `stopped after ${elapsed.toFixed(2)} s`);
+    return;
+  }
   if (run.error) {
     setStatus(run, "error", "error");
     run.el.querySelector(".run-error").textContent = run.error;

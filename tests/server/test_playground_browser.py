@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -125,6 +126,28 @@ def test_playground_shows_decoding_live_and_the_answer(browser, server):
     assert "steps 4" in second["run"].locator(".run-settings").inner_text()
     page.locator(".run").last.locator(".close").click()
     assert page.locator(".run").count() == 1
+
+    # Stop ends a long run: the page says so and the server aborts the request
+    page.fill("#max_tokens", "480")
+    page.fill("#steps", "480")
+    page.fill("#block_length", "480")
+    page.click("#compare")
+    long_run = page.locator(".run").last
+    page.wait_for_function("() => Number(document.querySelector('.run:last-child').dataset.frame || 0) >= 2",
+                           timeout=60_000)
+    page.click("#stop")
+    sync_api.expect(long_run).to_have_attribute("data-status", "stopped", timeout=30_000)
+    assert int(long_run.get_attribute("data-frame")) < 480
+    for _ in range(100):  # the server notices the closed connection and aborts the request
+        metrics = httpx.get(server.url + "/metrics", timeout=30).text
+        if 'finished_reason="abort"' in metrics:
+            break
+        time.sleep(0.1)
+    assert 'finished_reason="abort"' in metrics, metrics
+    long_run.locator(".close").click()
+    page.fill("#max_tokens", "16")
+    page.fill("#block_length", "16")
+    page.fill("#steps", "16")
 
     # a setting the model cannot take: the server's 400 shows in the run, the page stays usable
     page.select_option("#remasking", "origin")
