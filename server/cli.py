@@ -96,7 +96,8 @@ async def serve(client: Any, config: Any, host: str, port: int, log_level: str =
     app = build_app(client, config)
     serving = app.state.serving
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
-                                           timeout_graceful_shutdown=5, access_log=log_level == "debug"))
+                                           timeout_graceful_shutdown=5, access_log=log_level == "debug",
+                                           timeout_keep_alive=config.keep_alive_timeout))
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign] # we handle the signals
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -27,6 +27,9 @@ class ServerConfig:
     """On SIGTERM / Ctrl-C: seconds in-flight requests get to finish before they are aborted."""
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     """Server-wide values for unset SamplingParams fields (then the model's defaults apply)."""
+    keep_alive_timeout: float = 30.0
+    """Seconds an idle keep-alive connection stays open. Longer than the 5 s after which httpx / openai clients
+    drop idle pooled connections, so a client never reuses a connection the server is closing (a lost request)."""
     tokenize_inline_chars: int = 4096
     """Prompts up to this many characters (or token ids) are tokenized on the event loop; longer ones in a thread."""
 
