@@ -41,16 +41,18 @@ class LLM:
     def __init__(self, model: str | Path | None = None, device: str | torch.device = "cpu",
                  dtype: str | torch.dtype = "auto", *, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 16384, kv_cache_memory: int | None = None,
-                 page_size: int = 16) -> None:
+                 page_size: int = 16, logits_memory: int | None = None) -> None:
         model_dir = Path(model) if model is not None else default_model_dir()
         self.model = load_model(model_dir, device=device, dtype=dtype)
         cfg = self.model.config
         self.defaults: GenerationDefaults = model_defaults(cfg.family, read_generation_config(model_dir))
         self.limits = ModelLimits(vocab_size=cfg.vocab_size, max_model_len=cfg.max_position_embeddings,
                                   has_tokenizer=self.model.tokenizer is not None)
+        extra = {} if logits_memory is None else {"logits_memory": logits_memory}
         self.engine = LLMEngine(self.model, EngineConfig(
             cache=CacheConfig(kv_cache_memory=kv_cache_memory, page_size=page_size),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)))
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+            **extra))
         self._ids = itertools.count()
 
     @property

@@ -12,7 +12,7 @@ from .errors import EngineStepError, RequestError
 from .kv_pool import KVPool, kv_bytes_per_token
 from .model.diffusion_model import DiffusionModel
 from .outputs import RequestOutput, cut_at_stop_string, cut_at_stop_token
-from .runner import ModelRunner, param_row
+from .runner import DEFAULT_LOGITS_MEMORY, ModelRunner, param_row
 from .sampling_params import ResolvedParams
 from .scheduler import ScheduleOutput, ScheduledRequest, Scheduler, SchedulerConfig
 from .sequence import Sequence
@@ -40,6 +40,13 @@ class CacheConfig:
 class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    logits_memory: int = DEFAULT_LOGITS_MEMORY
+    """Bytes for one step's candidate pass over the vocabulary: the decoded positions are processed in chunks of
+    logits_memory / (vocab_size * 64 bytes) positions (at least one), whatever the batch."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.logits_memory, int) or self.logits_memory <= 0:
+            raise ValueError(f"logits_memory must be > 0 bytes, got {self.logits_memory!r}")
 
 
 class LLMEngine:
@@ -60,7 +67,7 @@ class LLMEngine:
         self.allocator = PageAllocator(num_pages, cc.page_size)
         self.pool = KVPool(model.config, num_pages, cc.page_size, model.dtype, model.device)
         self.scheduler = Scheduler(self.cfg.scheduler, self.allocator)
-        self.runner = ModelRunner(model, self.pool)
+        self.runner = ModelRunner(model, self.pool, self.cfg.logits_memory)
         self.requests: dict[str, Sequence] = {}
         self.stream_deltas = False
         """Also return an unfinished output each time a request completes a block (AsyncEngine streaming)."""

@@ -101,8 +101,15 @@ class _Members:
         self.any_alg_temp = any(x.alg_temp > 0 for x in p)
 
 
+LOGIT_ENTRY_BYTES = 64
+"""Working memory per (decoded position, vocabulary entry) of one candidate pass: float32 logits, tempered and
+filtered copies, the top-k/top-p sort (values, int64 order, cumsum), float64 Gumbel noise and perturbed scores,
+softmax and log-softmax. An upper estimate; it sizes the chunks of positions a step decodes at once."""
+DEFAULT_LOGITS_MEMORY = 512 << 20
+
+
 class ModelRunner:
-    def __init__(self, model: DiffusionModel, pool: KVPool) -> None:
+    def __init__(self, model: DiffusionModel, pool: KVPool, logits_memory: int = DEFAULT_LOGITS_MEMORY) -> None:
         self.model, self.net, self.cfg = model, model.net, model.config
         self.device, self.pool = model.device, pool
         self.canvases: dict[int, torch.Tensor] = {}
@@ -110,6 +117,8 @@ class ModelRunner:
         self.members: _Members | None = None
         self.stop_ids = torch.tensor(self.cfg.stop_ids, device=self.device)
         self.shift = 1 if self.cfg.shift_logits else 0
+        self.max_logit_rows = max(1, logits_memory // (self.cfg.vocab_size * LOGIT_ENTRY_BYTES))
+        """Decoded positions whose logits are materialised at once (logits_memory / (vocab * LOGIT_ENTRY_BYTES))."""
 
     # canvases -------------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -139,8 +148,8 @@ class ModelRunner:
     def step(self, reqs: list[ScheduledRequest]) -> RunnerOutput:
         m = self._sync_members([r.seq for r in reqs])
         hidden, row_base = self._forward(reqs, m)  # [T, D]
-        logits, dec = self._block_logits(reqs, m, hidden, row_base)  # [N, V]
-        commit = self._commit(reqs, m, logits, dec)  # [B, M]
+        dec = self._decode_positions(reqs, m, hidden, row_base)
+        commit = self._commit(reqs, m, hidden, dec)  # [B, M]
         eos = self._eos(m)  # [B]
         out = torch.stack([commit.sum(1), eos.long()]).tolist()
         return RunnerOutput(committed=out[0], eos=[bool(x) for x in out[1]])
@@ -172,12 +181,13 @@ class ModelRunner:
         ctx.kv_pool = self.pool.tensors
         return self.net(tokens, pos, ctx, max_pos=max(m.lens) - 1), row_base
 
-    def _block_logits(self, reqs: list[ScheduledRequest], m: _Members, hidden: torch.Tensor,
-                      row_base: list[int]) -> tuple[torch.Tensor, "_Decode"]:
-        """Logits [N, V] at the still-masked positions of the current blocks only (CFG combined).
+    def _decode_positions(self, reqs: list[ScheduledRequest], m: _Members, hidden: torch.Tensor,
+                      row_base: list[int]) -> "_Decode":
+        """The still-masked positions of the current blocks only, and where their logits come from in hidden.
 
         Each request's masked count is known on the host, so the masked positions are compacted with
-        nonzero_static (fixed output size, no device sync)."""
+        nonzero_static (fixed output size, no device sync). The logits themselves are computed in chunks of
+        positions (`_logits`), so the [N, V] working set never exceeds the logits memory budget."""
         dev, shift = self.device, self.shift
         blocks = [r.block for r in reqs]
         blen = [e - b for b, e in blocks]
@@ -189,7 +199,6 @@ class ModelRunner:
         block_start = torch.tensor([b for b, _ in blocks], device=dev)
         flat_block_start = torch.tensor([0, *accumulate(blen)][:-1], device=dev)
         pos = block_start[seq] + keep - flat_block_start[seq]  # [N] canvas positions
-        dec = _Decode(pos=pos, buf=block_buf[keep], seq=seq, lengths=counts)
 
         def hidden_rows(rows: list[int]) -> torch.Tensor:
             """Index into hidden of the output that decodes each position, for the given forward rows."""
@@ -197,16 +206,25 @@ class ModelRunner:
                                  device=dev)
             return first[seq] + pos
 
-        logits = self.net.compute_logits(hidden[hidden_rows(list(range(len(reqs))))])  # [N, V]
-        if m.cfg_seqs:
-            twin_row = [m.twin_row_of.get(i, i) for i in range(len(reqs))]
-            sel = torch.nonzero_static(m.cfg_w[seq] > 0, size=sum(counts[i] for i in m.cfg_seqs))[:, 0]  # [Nc]
-            un = self.net.compute_logits(hidden[hidden_rows(twin_row)[sel]])
-            w = m.cfg_w[seq[sel]][:, None]
-            logits[sel] = un + (w + 1) * (logits[sel] - un)
-        return logits, dec
+        cond = hidden_rows(list(range(len(reqs))))  # [N]
+        twin = hidden_rows([m.twin_row_of.get(i, i) for i in range(len(reqs))]) if m.cfg_seqs else cond  # [N]
+        return _Decode(pos=pos, buf=block_buf[keep], seq=seq, lengths=counts, cond_rows=cond, twin_rows=twin)
 
-    def _commit(self, reqs: list[ScheduledRequest], m: _Members, logits: torch.Tensor, dec: "_Decode"
+    def _logits(self, m: _Members, hidden: torch.Tensor, dec: "_Decode", a: int, b: int) -> torch.Tensor:
+        """Logits [b - a, V] of decoded positions [a, b) (CFG combined: un + (w + 1)(cond - un))."""
+        logits = self.net.compute_logits(hidden[dec.cond_rows[a:b]])  # [n, V]
+        if m.cfg_seqs:
+            starts = [0, *accumulate(dec.lengths)]
+            n_cfg = sum(max(0, min(b, starts[i + 1]) - max(a, starts[i])) for i in m.cfg_seqs)  # host-known
+            if n_cfg:
+                w_all = m.cfg_w[dec.seq[a:b]]  # [n]
+                sel = torch.nonzero_static(w_all > 0, size=n_cfg)[:, 0]  # [Nc]
+                un = self.net.compute_logits(hidden[dec.twin_rows[a:b][sel]])
+                w = w_all[sel][:, None]
+                logits[sel] = un + (w + 1) * (logits[sel] - un)
+        return logits
+
+    def _commit(self, reqs: list[ScheduledRequest], m: _Members, hidden: torch.Tensor, dec: "_Decode"
                 ) -> torch.Tensor:
         """Candidates and scores, then each row's selection rule; writes the commits into the canvases.
         Returns the commit mask [B, M] (padded layout)."""
@@ -217,9 +235,17 @@ class ModelRunner:
         seqs = [r.seq for r in reqs]
         step_no = torch.tensor([s.stats.steps for s in seqs], device=dev)[dec.seq]
         keys = row_keys(m.seed[dec.seq], step_no, dec.pos, STREAM_GUMBEL)  # [N]
-        x0, score, conf = candidates(logits, CandidateInputs(
-            m.temperature[dec.seq], m.top_k[dec.seq], m.top_p[dec.seq], m.score[dec.seq], m.tempered[dec.seq],
-            keys, mask_id, m.any_sampling, m.any_filter, m.score_codes, m.any_tempered))
+        n, chunk = len(dec.pos), self.max_logit_rows
+        if n <= chunk:
+            x0, score, conf = candidates(self._logits(m, hidden, dec, 0, n), self._candidate_inputs(m, dec, keys))
+        else:  # bounded working set: one [chunk, V] pass at a time
+            x0 = torch.empty(n, dtype=torch.long, device=dev)
+            score = torch.empty(n, dtype=torch.float64, device=dev)
+            conf = torch.empty(n, dtype=torch.float64, device=dev)
+            for a in range(0, n, chunk):
+                b = min(a + chunk, n)
+                x0[a:b], score[a:b], conf[a:b] = candidates(self._logits(m, hidden, dec, a, b),
+                                                            self._candidate_inputs(m, dec, keys, a, b))
         pad_valid = (torch.arange(mmax)[None, :] < torch.tensor(dec.lengths)[:, None]).to(dev)  # [B, M]
         flat_start = torch.tensor([0, *accumulate(dec.lengths)][:-1], device=dev)  # [B]
         pad_idx = torch.where(pad_valid, flat_start[:, None] + torch.arange(mmax, device=dev)[None, :], 0)  # [B, M]
@@ -239,6 +265,13 @@ class ModelRunner:
         self.buf[dec.buf] = torch.where(commit[pad_valid], x0, current)
         return commit
 
+    def _candidate_inputs(self, m: _Members, dec: "_Decode", keys: torch.Tensor, a: int = 0,
+                          b: int | None = None) -> CandidateInputs:
+        seq = dec.seq[a:b]
+        return CandidateInputs(m.temperature[seq], m.top_k[seq], m.top_p[seq], m.score[seq], m.tempered[seq],
+                               keys[a:b], self.cfg.mask_id, m.any_sampling, m.any_filter, m.score_codes,
+                               m.any_tempered)
+
     def _eos(self, m: _Members) -> torch.Tensor:
         """[B] bool: a stop token is committed with every generated position before it committed."""
         gen = self.buf[m.gen_index]  # [B, G]
@@ -256,3 +289,5 @@ class _Decode:
     buf: torch.Tensor  # index into the runner's token buffer
     seq: torch.Tensor  # request index
     lengths: list[int]  # positions per request (host): its masked positions in the current block
+    cond_rows: torch.Tensor  # index into hidden of the output that decodes each position
+    twin_rows: torch.Tensor  # the same in the CFG twin's row (cond_rows for requests without CFG)

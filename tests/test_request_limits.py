@@ -142,3 +142,34 @@ def test_a_canvas_larger_than_the_kv_pool_is_a_request_fault(make_checkpoint):
     with pytest.raises(RequestTooLargeError, match="KV pages") as e:
         llm.generate([[1, 2]], SamplingParams(max_tokens=pool_tokens))
     assert e.value.param == "max_tokens" and not isinstance(e.value, MemoryError)
+
+
+def test_logits_working_set_is_bounded_and_chunking_changes_no_token(make_checkpoint):
+    """A tiny logits budget splits each step's candidate pass into chunks of a few positions; every row of every
+    compute_logits call stays within the chunk, and the tokens are those of one unbounded pass."""
+    path = make_checkpoint("llada")
+    params = [SamplingParams(max_tokens=24, block_length=12, steps=12, temperature=0.8, top_k=7, seed=3,
+                             ignore_eos=True),
+              SamplingParams(max_tokens=16, block_length=16, steps=8, cfg_scale=1.5, remasking="margin",
+                             ignore_eos=True),
+              SamplingParams(max_tokens=20, block_length=10, steps=10, remasking="entropy", top_p=0.7,
+                             temperature=0.5, seed=9, cache="dual", ignore_eos=True),
+              SamplingParams(max_tokens=18, block_length=9, threshold=0.3, remasking="random", seed=4,
+                             cfg_scale=0.5, ignore_eos=True)]
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
+    wide = LLM(path, kv_cache_memory=1 << 22, page_size=8)
+    assert wide.engine.runner.max_logit_rows >= 78
+    expected = wide.generate(prompts, params)
+    vocab = wide.model.config.vocab_size
+    narrow = LLM(path, kv_cache_memory=1 << 22, page_size=8, logits_memory=5 * vocab * 64)
+    assert narrow.engine.runner.max_logit_rows == 5
+    real, rows = narrow.model.net.compute_logits, []
+
+    def recording(h):
+        rows.append(h.shape[0])
+        return real(h)
+
+    narrow.model.net.compute_logits = recording
+    got = narrow.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    assert max(rows) == 5  # the first steps decode 12-16 positions per request: they were split
