@@ -45,6 +45,13 @@ def tokens_per_forward(r: dict[str, Any]) -> float | None:
     return (r.get("diffusion") or {}).get("committed_per_step")
 
 
+def _cache_order(r: dict[str, Any]) -> tuple[int, int]:
+    """none, prefix, dual, then anything else; then by concurrency."""
+    cache = r.get("options", {}).get("cache")
+    return (["none", "prefix", "dual"].index(cache) if cache in ("none", "prefix", "dual") else 9,
+            r.get("max_concurrency") or 0)
+
+
 def _footer(fig: plt.Figure, results: list[dict[str, Any]]) -> None:
     names = sorted({Path(r["_path"]).name for r in results})
     text = "from: " + ", ".join(names)
@@ -77,6 +84,7 @@ def plot_concurrency(results: list[dict[str, Any]], out: str, title: str | None)
 def plot_latency(results: list[dict[str, Any]], out: str, title: str | None) -> None:
     metrics = [("ttft", "TTFT"), ("itl", "ITL (block interval)"), ("tpot", "TPOT"), ("e2el", "E2EL")]
     stats = [("mean", "mean"), ("median", "median"), ("p99", "p99")]
+    results = sorted(results, key=_cache_order)
     fig, axes = plt.subplots(1, len(metrics), figsize=(14, 4))
     width = 0.8 / max(len(results), 1)
     for ax, (key, label) in zip(axes, metrics):
@@ -118,8 +126,7 @@ def plot_threshold(results: list[dict[str, Any]], out: str, title: str | None) -
 
 
 def plot_cache(results: list[dict[str, Any]], out: str, title: str | None) -> None:
-    rs = sorted(results, key=lambda r: ["none", "prefix", "dual"].index(r.get("options", {}).get("cache", "none"))
-                if r.get("options", {}).get("cache") in ("none", "prefix", "dual") else 9)
+    rs = sorted(results, key=_cache_order)
     names = [r.get("label") or r.get("options", {}).get("cache", "default") for r in rs]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.bar(names, [r["output_throughput"] for r in rs], color="C0")
