@@ -163,7 +163,8 @@ function cellText(run, i) {
 
 // Draw the canvas as it was after step k (0 = before the first step).
 function showFrame(run, k) {
-  const total = Math.max(run.settings.steps, run.events.length);
+  // colours span the run's steps: the requested count while streaming, the actual count once all have arrived
+  const total = run.streamDone ? run.events.length : Math.max(run.settings.steps, run.events.length);
   const block = k > 0 ? run.events[k - 1].block : null;
   const cells = run.el.querySelector(".canvas").children;
   for (let i = 0; i < run.length; i++) {
@@ -184,6 +185,7 @@ function showFrame(run, k) {
   if (!slider.disabled) slider.value = String(k);
   run.el.querySelector(".slider-label").textContent = run.streamDone ? `step ${k} / ${run.events.length}` : "";
   run.el.dataset.frame = String(k);
+  run.el.querySelector(".legend-last").textContent = `step ${total}`;
 }
 
 function showStats(run, k) {
