@@ -97,7 +97,7 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
         ..., description="Who wrote the message.")
     content: Annotated[Any, WithJsonSchema(_CONTENT_SCHEMA)] = Field(
-        None, description="A string, or OpenAI's list of text parts `[{\"type\": \"text\", \"text\": ...}]` "
+        "", description="A string, or OpenAI's list of text parts `[{\"type\": \"text\", \"text\": ...}]` "
                           "(joined).")
     name: str | None = Field(None, description="Accepted, unused.")
 

@@ -201,3 +201,15 @@ def test_server_defaults_fill_unset_fields_and_requests_override_them():
     (_, p1, _), (_, p2, _) = engine.added
     assert (p1.steps, p1.cache, p1.block_length, p1.max_tokens) == (3, "dual", 2, None)
     assert (p2.steps, p2.cache, p2.top_k, p2.max_tokens) == (5, "dual", 0, 4)
+
+
+def test_message_without_content_is_empty_content():
+    """Found by schemathesis: a message without `content` used to raise (500)."""
+    app, engine = make()
+
+    async def main():
+        async with client(app) as c:
+            return await c.post("/v1/chat/completions", json={"messages": [{"role": "tool"}, {"role": "user",
+                                                                                              "content": None}]})
+
+    assert run(main()).status_code == 200
