@@ -19,24 +19,26 @@ How it works:
   waiting requests carry on. If the step failed before anything was scheduled, the running requests fail (every
   request when none runs), so a request that breaks admission cannot wedge the loop (LLMEngine.step).
 
-Streams: every completed block that is not the last yields an unfinished RequestOutput (finished=False,
-finish_reason None) whose token_ids are everything generated so far (cumulative, cut at the first stop token);
-the stream then ends with the final output (finished=True, finish_reason 'stop' or 'length'), the same output
-LLM.generate returns for that request. After `abort(request_id)` (or `shutdown()`) the stream ends with a final
-output whose finish_reason is 'abort' and whose token_ids are the completed blocks streamed so far. A consumer
-that stops iterating early (break, cancellation) aborts its request.
+Streams (RequestStream): every completed block that is not the last yields an unfinished RequestOutput
+(finished=False, finish_reason None) whose token_ids and text are everything generated so far (cumulative, cut at
+the first stop token, never retracting earlier text); the stream then ends with the final output (finished=True,
+finish_reason 'stop' or 'length'), the same output LLM.generate returns for that request. A consumer slower than
+the engine sees only the latest cumulative output (intermediate ones are replaced, never queued). After
+`abort(request_id)` (or `shutdown()`) the stream ends with a final output whose finish_reason is 'abort' and whose
+token_ids are the completed blocks streamed so far. A consumer that goes away aborts its request: see
+RequestStream for the exact rule.
 
 Step streams (`add_request(..., record_steps=True)`, used by the playground and `stream_options.include_steps`):
-every output of the request carries `step_log`, its StepLog (engine/step_log.py), which the engine thread extends after
-each denoising step; besides the block outputs, the stream yields an unfinished output (the completed blocks so
-far, like the last block output) after steps that completed no block, so the consumer wakes up to read the new
-steps with `out.step_log.since(cursor)`. The rule that bounds memory: at most one such step notification waits
-undelivered per request (it is not queued again until the consumer has taken it), and the log itself holds each
-committed position once, so a slow consumer costs O(max_tokens + steps) per request and reads the steps it missed
-in one go, never a queue of per-step items. Requests that do not ask carry no log and get no extra outputs.
+every output of the request carries `step_log`, its StepLog (engine/step_log.py), which the engine thread extends
+after each denoising step; besides the block outputs, the stream is woken after every step of the request with an
+unfinished output carrying the completed blocks so far (the same content as the last block output), and the
+consumer reads the new steps with `out.step_log.since(cursor)`. Memory does not grow with a slow consumer: these
+wake-ups are cumulative outputs like the others, so at most the latest one waits (a consumer that falls behind
+reads every step it missed from the log in one go), and the log holds each committed position once: at most
+max_tokens + steps entries per request. Requests that do not ask carry no log and get no extra outputs.
 
-While an AsyncEngine runs, its LLM's engine belongs to the background thread: do not call that LLM's generate /
-chat concurrently (after `shutdown()` they are usable again).
+While an AsyncEngine runs, its LLM's engine belongs to the background thread: that LLM's generate / chat and a
+second AsyncEngine on it are refused (after `shutdown()` they are usable again).
 """
 from __future__ import annotations
 
@@ -45,9 +47,10 @@ import copy
 import dataclasses
 import itertools
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import torch
 
@@ -86,14 +89,31 @@ class _Request:
     params: ResolvedParams
     prompt: str | None
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    ready: asyncio.Event
+    """Set (on the caller's loop) when `pending` holds an item."""
     seq: Sequence | None = None
     last: RequestOutput | None = None
     done: bool = False
+    """Retired by the engine thread (finished, aborted or failed)."""
     step_log: StepLog | None = None
-    step_pending: bool = False
-    """A step notification is on its way to the consumer (do not queue another)."""
+    """record_steps: the request's per-step commits."""
     steps_notified: int = 0
+    """Steps of step_log the consumer has been woken for (engine thread)."""
+    pending: "RequestOutput | BaseException | None" = None
+    """The latest undelivered item: outputs are cumulative, so a newer one replaces an unread unfinished one and a
+    slow consumer holds one output, not a queue. The final output (or error) is never replaced."""
+    ended: bool = False
+    """The final output or error has been posted (caller's loop)."""
+    consumed: bool = False
+    """The consumer has taken the final output or error."""
+
+    def post(self, item: "RequestOutput | BaseException") -> None:
+        """Caller's loop: keep only the latest output."""
+        if self.ended:
+            return
+        self.ended = isinstance(item, BaseException) or item.finished
+        self.pending = item
+        self.ready.set()
 
 
 @dataclass(slots=True)
@@ -114,8 +134,11 @@ class AsyncEngine:
         """Serve `llm`'s model and engine (its scheduler, KV pool and options) from a background thread."""
         self.llm = llm
         self._engine: LLMEngine = llm.engine
+        if self._engine.owner is not None:
+            raise RuntimeError("this LLM is already served by an AsyncEngine; shut that one down first")
         if self._engine.has_unfinished():
             raise RuntimeError("the LLM's engine has unfinished requests")
+        self._engine.owner = self
         self._saved_stream_deltas = self._engine.stream_deltas
         self._engine.stream_deltas = True
         self._cond = threading.Condition()
@@ -148,7 +171,7 @@ class AsyncEngine:
         return self._thread.is_alive() and not self._closing
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None, *, record_steps: bool = False) -> AsyncIterator[RequestOutput]:
+                    request_id: str | None = None, *, record_steps: bool = False) -> "RequestStream":
         """Queue one request (a string or a list of token ids) and return its stream of outputs. Must be called
         from a running event loop; the outputs arrive on it. Invalid prompts or params, a canvas larger than the
         whole KV pool and a request_id already in use raise here, before anything is queued. record_steps: keep
@@ -162,7 +185,7 @@ class AsyncEngine:
             raise RequestTypeError(f"request_id: expected a string, got {type(rid).__name__}", "request_id")
         self._engine.new_sequence(rid, ids, resolved)  # pool-size check
         loop = asyncio.get_running_loop()
-        req = _Request(rid, ids, resolved, prompt if isinstance(prompt, str) else None, loop, asyncio.Queue())
+        req = _Request(rid, ids, resolved, prompt if isinstance(prompt, str) else None, loop, asyncio.Event())
         if record_steps:
             req.step_log = StepLog(resolved.max_tokens)
         with self._cond:
@@ -175,14 +198,18 @@ class AsyncEngine:
             self._requests[rid] = req
             self._inbox.append(("add", req))
             self._cond.notify()
-        return self._stream(req)
+        return RequestStream(self, req)
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None) -> RequestOutput:
         """The final output of one request."""
         out = None
-        async for out in self.add_request(prompt, params, request_id):
-            pass
+        stream = self.add_request(prompt, params, request_id)
+        try:
+            async for out in stream:
+                pass
+        finally:
+            await stream.aclose()  # a no-op once the final output was taken
         assert out is not None and out.finished
         return out
 
@@ -212,22 +239,29 @@ class AsyncEngine:
     async def __aexit__(self, *exc: Any) -> None:
         await self.aclose()
 
-    async def _stream(self, req: _Request) -> AsyncIterator[RequestOutput]:
-        ended = False
-        try:
-            while True:
-                item = await req.queue.get()
-                if isinstance(item, BaseException):
-                    ended = True
-                    raise item
-                ended = item.finished
-                req.step_pending = False
-                yield item
-                if ended:
-                    return
-        finally:
-            if not ended:  # the consumer went away early
-                self.abort(req.request_id)
+    def _abandon(self, req: _Request) -> None:
+        """The consumer of `req` is gone: abort that very request (not a later one reusing its id). Any thread."""
+        with self._cond:
+            if not req.done and self._requests.get(req.request_id) is req:
+                self._inbox.append(("abort", req))
+                self._cond.notify()
+
+    async def _next(self, req: _Request) -> RequestOutput:
+        while req.pending is None:
+            if req.consumed:
+                raise StopAsyncIteration
+            req.ready.clear()
+            try:
+                await req.ready.wait()
+            except asyncio.CancelledError:  # the consumer was cancelled while waiting: it is gone
+                self._abandon(req)
+                raise
+        item, req.pending = req.pending, None
+        if req.ended:
+            req.consumed = True
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     # engine thread ---------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -243,6 +277,9 @@ class AsyncEngine:
                 for kind, arg in cmds:
                     if kind == "add":
                         self._add(arg, deliveries)
+                    elif isinstance(arg, _Request):  # a stream's consumer went away: that request only
+                        if self._requests.get(arg.request_id) is arg:
+                            self._abort(arg.request_id, deliveries)
                     else:
                         self._abort(arg, deliveries)
                 if closing:
@@ -251,7 +288,8 @@ class AsyncEngine:
                 elif eng.has_unfinished():
                     self._step(deliveries)
                 self._publish()
-                self._deliver(deliveries)
+                if self._deliver(deliveries):
+                    self._publish()
                 if closing:
                     return
         except BaseException as exc:  # a bug in this loop: fail everything rather than hang the callers
@@ -261,10 +299,20 @@ class AsyncEngine:
                 self._requests.clear()
             err = EngineError(f"the engine thread died: {exc!r}")
             err.__cause__ = exc
+            for req in reqs:
+                req.done = True
+                self._totals.failed += 1
+            for rid in list(eng.requests):  # leave the LLM's engine empty and its pages free
+                try:
+                    eng.abort(rid)
+                except Exception:  # noqa: BLE001 - best effort on a broken engine
+                    pass
+            self._publish()
             self._deliver([(r, err) for r in reqs])
             raise
         finally:
             eng.stream_deltas = self._saved_stream_deltas
+            eng.owner = None
 
     def _add(self, req: _Request, deliveries: list[Delivery]) -> None:
         if req.done:
@@ -291,7 +339,7 @@ class AsyncEngine:
         deliveries.append((req, RequestOutput(
             request_id, req.prompt_ids, list(last.token_ids) if last else [],
             last.text if last else ("" if tok is not None else None), "abort", stats, req.prompt, finished=True,
-            step_log=req.step_log)))
+            seed=req.params.seed, step_log=req.step_log)))
 
     def _step(self, deliveries: list[Delivery]) -> None:
         eng = self._engine
@@ -330,22 +378,23 @@ class AsyncEngine:
         self._notify_steps(delivered, deliveries)
 
     def _notify_steps(self, delivered: set[str], deliveries: list[Delivery]) -> None:
-        """Wake the consumers of recording requests that took a step but got no output in it: one pending
-        notification per request at most (the consumer reads every step it missed from the log)."""
+        """Wake the consumers of recording requests that took a step but got no output in it (the wake-up is a
+        cumulative output, so an unread one is replaced, never queued; the steps themselves are in the log)."""
+        tok = self._engine.model.tokenizer
         for req in list(self._recording.values()):
             log = req.step_log
             assert log is not None
-            if req.request_id in delivered or req.step_pending or log.num_steps == req.steps_notified:
+            if log.num_steps == req.steps_notified:
                 continue
-            req.steps_notified, req.step_pending = log.num_steps, True
+            req.steps_notified = log.num_steps
+            if req.request_id in delivered:
+                continue
             last = req.last
-            tok = self._engine.model.tokenizer
             deliveries.append((req, RequestOutput(
                 req.request_id, req.prompt_ids, last.token_ids if last else [],
                 last.text if last else ("" if tok is not None else None), None,
                 copy.copy(req.seq.stats) if req.seq is not None else SeqStats(), req.prompt, finished=False,
-                step_log=log)))
-
+                seed=req.params.seed, step_log=log)))
 
     def _live_ids(self) -> list[str]:
         with self._cond:
@@ -370,16 +419,73 @@ class AsyncEngine:
             tokens_committed=t.tokens + sum(s.stats.tokens_committed for s in live),
             preemptions=eng.scheduler.num_preemptions, finished=t.finished, aborted=t.aborted, failed=t.failed)
 
-    def _deliver(self, deliveries: list[Delivery]) -> None:
+    def _deliver(self, deliveries: list[Delivery]) -> bool:
+        """Hand each item to its request's loop; returns True if a request was aborted because its loop is gone."""
+        aborted = False
         for req, item in deliveries:
             try:
-                req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
+                req.loop.call_soon_threadsafe(req.post, item)
             except RuntimeError:  # the caller's event loop is closed: nobody will read this request
                 if not req.done:
                     self._abort(req.request_id, [])
+                    aborted = True
+        return aborted
 
 
 def _error(req: _Request, exc: BaseException) -> EngineError:
     err = EngineError(f"request {req.request_id}: engine step failed: {exc!r}")
     err.__cause__ = exc
     return err
+
+
+class RequestStream:
+    """The outputs of one request, as an async iterator: unfinished cumulative outputs (at most the latest one is
+    kept while the consumer is busy), then the final output; or EngineError if the engine failed the request.
+
+    The request is aborted (its pages freed) as soon as its consumer is gone, that is when, before the final
+    output was taken:
+    - an `async for` over the stream is left by `break` (each `async for` gets its own iterator, dropped then);
+    - the task awaiting the next output is cancelled;
+    - `await stream.aclose()` is called;
+    - the stream, or an `async for` iterator over it, is garbage-collected (a stream never iterated and dropped;
+      a loop left by an exception, once its traceback is released).
+    Only this request is aborted, never a later request that reuses its id. Iterating the stream itself
+    (`await stream.__anext__()`) keeps the request alive for as long as the stream object is referenced.
+    """
+
+    def __init__(self, engine: AsyncEngine, req: _Request) -> None:
+        self._engine, self._req = engine, req
+        weakref.finalize(self, _abandon_unless_consumed, engine, req)
+
+    @property
+    def request_id(self) -> str:
+        return self._req.request_id
+
+    def __aiter__(self) -> "_StreamIterator":
+        return _StreamIterator(self)
+
+    async def __anext__(self) -> RequestOutput:
+        return await self._engine._next(self._req)
+
+    async def aclose(self) -> None:
+        if not self._req.consumed:
+            self._engine._abandon(self._req)
+
+
+class _StreamIterator:
+    """One `async for` over a RequestStream; dropping it before the final output aborts the request."""
+
+    def __init__(self, stream: RequestStream) -> None:
+        self._stream = stream
+        self._finalizer = weakref.finalize(self, _abandon_unless_consumed, stream._engine, stream._req)
+
+    def __aiter__(self) -> "_StreamIterator":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        return await self._stream.__anext__()
+
+
+def _abandon_unless_consumed(engine: AsyncEngine, req: _Request) -> None:
+    if not req.consumed:
+        engine._abandon(req)

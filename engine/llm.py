@@ -124,6 +124,7 @@ class LLM:
                                   max_tokens=resolved.max_tokens)
         else:
             ids = self.prompt_ids(prompt, max_tokens=resolved.max_tokens)
+        self._check_not_served()
         rid = f"gen-{next(self._ids)}"
         seq = self.engine.add_request(rid, ids, resolved)
         try:
@@ -137,9 +138,15 @@ class LLM:
         finally:
             self.engine.abort(rid)
 
+    def _check_not_served(self) -> None:
+        if self.engine.owner is not None:
+            raise RuntimeError("this LLM is being served by an AsyncEngine, whose thread owns its engine; submit "
+                               "requests through the AsyncEngine, or shut it down first")
+
     def _run(self, ids: list[list[int]], params: list[ResolvedParams], prompts: list[Any]) -> list[RequestOutput]:
         """Add the requests, step until all finish. Whatever is raised (a step fault, KeyboardInterrupt), none of
         these requests is left in the engine: their pages are free and the engine is usable by the next call."""
+        self._check_not_served()
         order: dict[str, int] = {}
         results: list[RequestOutput | None] = [None] * len(ids)
         try:

@@ -11,11 +11,12 @@ from .cache_manager import PageAllocator
 from .errors import EngineStepError, RequestError
 from .kv_pool import KVPool, kv_bytes_per_token
 from .model.diffusion_model import DiffusionModel
-from .outputs import RequestOutput, cut_at_stop_string, cut_at_stop_token
+from .outputs import RequestOutput, cut_at_stop_token
 from .runner import DEFAULT_LOGITS_MEMORY, ModelRunner, param_row
 from .sampling_params import ResolvedParams
 from .scheduler import ScheduleOutput, ScheduledRequest, Scheduler, SchedulerConfig
 from .sequence import Sequence
+from .stop_strings import StopStrings, decode, prefix_ids, stream_safe
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
 
@@ -74,6 +75,8 @@ class LLMEngine:
         self.keep_last_canvas = False
         self.last_canvas: dict[str, list[int]] = {}
         """With keep_last_canvas, each finished request's final generated canvas (for --show-steps)."""
+        self.owner: object | None = None
+        """The AsyncEngine serving this engine from its thread, if any (then nobody else may step it)."""
         self.fault_hook: Callable[[str, str | None], None] | None = None
         """Fault-injection hook for tests: step() calls it at each phase, ("schedule", None), ("forward", None),
         ("update", None), then ("output", request_id) before each output; whatever it raises is a step fault."""
@@ -141,10 +144,9 @@ class LLMEngine:
             for seq in upd.blocks_done:
                 if hook is not None:
                     hook("output", seq.request_id)
-                if self._hit_stop_string(seq):
-                    outs.append(self._finish(seq))
-                elif self.stream_deltas:
-                    outs.append(self._partial(seq))
+                out = self._block_done(seq)
+                if out is not None:
+                    outs.append(out)
             return outs
         except BaseException as exc:
             failed = self._fail_step(sched)
@@ -189,19 +191,37 @@ class LLMEngine:
             r.seq.step_log.record((off, off + be - bs), [f - start + off for f in flat[lo:hi]], toks[lo:hi])
             start = end
 
-    def _partial(self, seq: Sequence) -> RequestOutput:
-        """The completed blocks so far, as an unfinished output."""
+    def _text_state(self, seq: Sequence) -> "_TextState":
+        if seq.text is None:
+            p = seq.params
+            seq.text = _TextState(StopStrings(p.stop) if p.stop and self.model.tokenizer is not None else None)
+        return seq.text
+
+    def _block_done(self, seq: Sequence) -> RequestOutput | None:
+        """A block of seq completed: finish it if its committed text now holds a stop string (searching only the
+        new text), else (streaming) its unfinished output."""
+        st = self._text_state(seq)
+        if st.stops is None and not self.stream_deltas:
+            return None
         done = self.runner.generated(seq)[:seq.block_bounds()[0] - seq.prompt_len]
         ids = done if seq.params.ignore_eos else cut_at_stop_token(done, self.model.config.stop_ids)[0]
-        text = self.model.tokenizer.decode(ids, skip_special_tokens=True) if self.model.tokenizer else None
-        return RequestOutput(seq.request_id, seq.prompt_ids, ids, text, None, seq.stats, finished=False)
-
-    def _hit_stop_string(self, seq: Sequence) -> bool:
-        if not seq.params.stop or self.model.tokenizer is None:
-            return False
-        gen = self.runner.generated(seq)
-        done = gen[:gen.index(self.model.config.mask_id)] if self.model.config.mask_id in gen else gen
-        return cut_at_stop_string(done, seq.params.stop, self.model.tokenizer)[2]
+        tok = self.model.tokenizer
+        text = decode(tok, ids) if tok is not None else None
+        if st.stops is not None:
+            if st.stops.find(text, st.searched) >= 0:
+                return self._finish(seq)
+            st.searched = len(text)
+        if not self.stream_deltas:
+            return None
+        if text is not None:  # stream only text that can no longer change or be cut
+            safe = stream_safe(text, st.stops)
+            if not safe.startswith(st.emitted):  # a tokenizer whose prefix decodes differ: never retract
+                safe = st.emitted
+            if safe != text:
+                ids = prefix_ids(ids, safe, tok)
+            st.emitted = text = safe
+        return RequestOutput(seq.request_id, seq.prompt_ids, ids, text, None, seq.stats, finished=False,
+                             seed=seq.params.seed)
 
     def _finish(self, seq: Sequence) -> RequestOutput:
         gen = self.runner.remove(seq)
@@ -211,11 +231,23 @@ class LLMEngine:
         tok = self.model.tokenizer
         text = None
         if tok is not None:
-            if seq.params.stop:
-                ids, text, hit = cut_at_stop_string(ids, seq.params.stop, tok)
+            stops = self._text_state(seq).stops
+            if stops is not None:
+                ids, text, hit = stops.cut(ids, tok)
                 stopped = stopped or hit
             else:
-                text = tok.decode(ids, skip_special_tokens=True)
+                text = decode(tok, ids)
         self.scheduler.finish(seq, "stop" if stopped else "length")
         self.requests.pop(seq.request_id, None)
-        return RequestOutput(seq.request_id, seq.prompt_ids, ids, text, seq.finish_reason, seq.stats)
+        return RequestOutput(seq.request_id, seq.prompt_ids, ids, text, seq.finish_reason, seq.stats,
+                             seed=seq.params.seed)
+
+
+@dataclass(slots=True)
+class _TextState:
+    """A request's committed text, for stop strings and streaming."""
+    stops: StopStrings | None
+    searched: int = 0
+    """Characters of the committed text already searched for stop strings."""
+    emitted: str = ""
+    """The text of the last unfinished output (each one extends the previous)."""

@@ -21,6 +21,9 @@ class RequestOutput:
     stats: SeqStats
     prompt: str | None = None
     finished: bool = True
+    seed: int | None = None
+    """The sampling seed used (drawn at random when the request gave none): SamplingParams(seed=out.seed) with the
+    same prompt and parameters replays it exactly."""
     step_log: StepLog | None = None
     """The request's per-step commits, for requests that asked (AsyncEngine record_steps); else None."""
 
@@ -47,11 +50,5 @@ def cut_at_stop_token(ids: list[int], stop_ids: tuple[int, ...]) -> tuple[list[i
 
 def cut_at_stop_string(ids: list[int], stop: tuple[str, ...], tokenizer: Any) -> tuple[list[int], str, bool]:
     """Shortest prefix of ids whose text contains a stop string; text is cut just before it."""
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    hits = [text.find(s) for s in stop if s in text]
-    if not hits:
-        return ids, text, False
-    cut = min(hits)
-    n = next(n for n in range(1, len(ids) + 1)
-             if any(s in tokenizer.decode(ids[:n], skip_special_tokens=True) for s in stop))
-    return ids[:n], text[:cut], True
+    from .stop_strings import StopStrings
+    return StopStrings(stop).cut(ids, tokenizer)

@@ -46,10 +46,11 @@ def test_stream_yields_one_delta_per_block_then_the_generate_output(llm, cache):
             return streams
 
     for outs, exp in zip(run(main()), expected):
-        assert [o.finished for o in outs] == [False, False, False, True]
-        assert [len(o.token_ids) for o in outs[:3]] == [4, 8, 12]
-        assert all(o.finish_reason is None and exp.token_ids[:len(o.token_ids)] == o.token_ids for o in outs[:3])
-        assert [o.stats.steps for o in outs[:3]] == [4, 8, 12]  # a snapshot, not the live counters
+        # a consumer slower than the engine sees only the latest cumulative output, so some deltas may be skipped
+        assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
+        assert [len(o.token_ids) for o in outs[:-1]] == sorted({len(o.token_ids) for o in outs[:-1]} & {4, 8, 12})
+        assert all(o.finish_reason is None and exp.token_ids[:len(o.token_ids)] == o.token_ids for o in outs[:-1])
+        assert all(o.stats.steps == len(o.token_ids) for o in outs[:-1])  # a snapshot, not the live counters
         same_output(outs[-1], exp)
     assert not llm.engine.stream_deltas  # restored for LLM.generate
 
@@ -116,7 +117,8 @@ def test_abort_mid_stream_ends_the_stream_and_frees_pages(llm):
 
     outs, freed, done, stats = run(main())
     assert [o.finished for o in outs] == [False, False, True]
-    assert outs[-1].finish_reason == "abort" and outs[-1].token_ids == outs[1].token_ids
+    # the abort output carries the latest completed blocks (the consumer may not have seen the newest delta)
+    assert outs[-1].finish_reason == "abort" and outs[-1].token_ids[:len(outs[1].token_ids)] == outs[1].token_ids
     assert outs[-1].stats.steps < 64
     pages_other = llm.engine.allocator.pages_for(3 + 32)
     assert freed.kv_pages_used in (0, pages_other) and freed.aborted == 1  # only the other request's pages left
