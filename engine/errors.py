@@ -43,3 +43,7 @@ class EngineStepError(EngineError):
     def __init__(self, message: str, outputs: list, failed: list[str]) -> None:
         super().__init__(message)
         self.outputs, self.failed = outputs, failed
+
+
+class ChatMessageError(RequestError):
+    """A chat message is malformed; `.param` names the message index and field ('messages[2].content')."""

@@ -138,6 +138,7 @@ def parse_config(cfg: dict[str, Any], path: str) -> ModelConfig:
     if out["num_heads"] % out["num_kv_heads"]:
         raise CheckpointError(f"{path}: num_heads {out['num_heads']} is not a multiple of kv heads {out['num_kv_heads']}")
     ids = {name: k.special(name) for name in ("mask", "eos", "pad", "bos")}
+    eos_ids = stop_token_ids(cfg.get("eos_token_id"), path, "eos_token_id", out["vocab_size"])
     if ids["pad"] is None:
         ids["pad"] = ids["eos"]
     for name in ("mask", "eos", "pad"):
@@ -145,7 +146,19 @@ def parse_config(cfg: dict[str, Any], path: str) -> ModelConfig:
             raise CheckpointError(f"{path}: key '{name}_token_id' = {ids[name]} is outside the vocabulary "
                                   f"(size {out['vocab_size']})")
     return ModelConfig(family=family, mask_id=ids["mask"], eos_id=ids["eos"], pad_id=ids["pad"], bos_id=ids["bos"],
-                       stop_ids=(ids["eos"],), **out)
+                       stop_ids=tuple(dict.fromkeys([ids["eos"], *eos_ids])), **out)
+
+
+def stop_token_ids(value: Any, path: str, key: str, vocab_size: int) -> list[int]:
+    """Every id of an `eos_token_id` entry (an int or a list of ints; generation ends at any of them)."""
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < vocab_size:
+            raise CheckpointError(f"{path}: key '{key}' = {value!r} must be token ids in the vocabulary "
+                                  f"(size {vocab_size})")
+    return list(values)
 
 
 @dataclass(frozen=True, slots=True)

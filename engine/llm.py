@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence as Seq
 
 import torch
 
-from .errors import CheckpointError, RequestError, RequestTypeError
+from .errors import RequestError, RequestTypeError
 from .llm_engine import CacheConfig, EngineConfig, LLMEngine
-from .loader import load_model
+from .loader import load_model, read_generation_config
 from .outputs import RequestOutput
 from .sampling_params import GenerationDefaults, ModelLimits, ResolvedParams, SamplingParams, model_defaults
 from .scheduler import SchedulerConfig
@@ -22,19 +21,6 @@ Messages = list[dict[str, str]]
 def default_model_dir() -> Path:
     from .bundled import DEFAULT_MODEL_DIR
     return DEFAULT_MODEL_DIR
-
-
-def read_generation_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "generation_config.json"
-    if not path.exists():
-        return {}
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable generation config ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: generation config must be a JSON object")
-    return cfg
 
 
 class LLM:

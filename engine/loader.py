@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .families import parse_config, tensor_mapper
+from .families import parse_config, stop_token_ids, tensor_mapper
 from .model.diffusion_model import DiffusionModel
 from .model.transformer import Transformer
 from .tokenizer import end_of_turn_ids, load_tokenizer
@@ -58,6 +59,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
     return dev
+
+
+def read_generation_config(model_dir: Path) -> dict[str, Any]:
+    """generation_config.json as a dict ({} when absent)."""
+    path = model_dir / "generation_config.json"
+    if not path.exists():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable generation config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: generation config must be a JSON object")
+    return cfg
 
 
 def read_config(model_dir: Path) -> ModelConfig:
@@ -166,9 +181,11 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     cfg = read_config(model_dir)
     files = weight_files(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    if tokenizer is not None:
-        extra = [i for i in end_of_turn_ids(tokenizer) if i < cfg.vocab_size and i != cfg.eos_id]
-        cfg.stop_ids = (cfg.eos_id, *extra)
+    gen_cfg = read_generation_config(model_dir)
+    gen_eos = stop_token_ids(gen_cfg.get("eos_token_id"), str(model_dir / "generation_config.json"), "eos_token_id",
+                             cfg.vocab_size)
+    turn = [i for i in end_of_turn_ids(tokenizer) if i < cfg.vocab_size] if tokenizer is not None else []
+    cfg.stop_ids = tuple(dict.fromkeys([*cfg.stop_ids, *gen_eos, *turn]))  # EOS first, no duplicates
     with torch.device("meta"):
         net = Transformer(cfg)
     net = net.to_empty(device="cpu").to(torch_dtype)

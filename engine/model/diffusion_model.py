@@ -1,13 +1,15 @@
 """DiffusionModel: the loaded network with its config and tokenizer (what load_model returns)."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import ModelConfig
-from ..errors import TokenizerMissingError
+from ..chat import encode_chat
+from ..errors import RequestError, TokenizerMissingError
 from .attention import AttnContext
 from .transformer import Transformer
 
@@ -17,6 +19,7 @@ class DiffusionModel:
                  dtype: torch.dtype, path: Path) -> None:
         self.net, self.config, self.tokenizer = net, config, tokenizer
         self.device, self.dtype, self.path = device, dtype, path
+        self._encode_lock = threading.Lock()
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -45,21 +48,23 @@ class DiffusionModel:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Tokenise as the checkpoint's tokenizer does by default (e.g. with its BOS)."""
-        return self._require_tokenizer().encode(text, add_special_tokens=add_special_tokens)
+        tok = self._require_tokenizer()
+        with self._encode_lock:
+            return tok.encode(text, add_special_tokens=add_special_tokens)
 
     tokenizer_encode = encode
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._require_tokenizer().decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Prompt ids of chat messages (validated; content encoded as plain text, special tokens only from the
+        template). Raises ChatMessageError naming the message index and field."""
         tok = self._require_tokenizer()
         if getattr(tok, "chat_template", None) is None:
-            raise ValueError(f"{self.path}: the tokenizer has no chat template; pass a plain prompt instead")
-        out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(out, dict) or hasattr(out, "input_ids"):
-            out = out["input_ids"]
-        return list(out)
+            raise RequestError(f"{self.path}: the tokenizer has no chat template; pass a plain prompt instead",
+                               "messages")
+        return encode_chat(tok, messages, self._encode_lock)
 
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:
