@@ -26,7 +26,7 @@ function authHeaders(json) {
 async function loadModel() {
   let resp;
   try {
-    resp = await fetch("/v1/models", { headers: authHeaders(false) });
+    resp = await fetch("v1/models", { headers: authHeaders(false) });
   } catch (e) {
     $("model-info").textContent = "cannot reach the server: " + e;
     return;
@@ -296,7 +296,7 @@ async function generate(beside) {
   setBusy(true);
   run.t0 = performance.now();
   try {
-    const resp = await fetch(raw ? "/v1/completions" : "/v1/chat/completions", { method: "POST", headers: authHeaders(true),
+    const resp = await fetch(raw ? "v1/completions" : "v1/chat/completions", { method: "POST", headers: authHeaders(true),
       body: JSON.stringify(body), signal: run.controller.signal });
     if (!resp.ok) {
       run.error = `${resp.status}: ${await errorText(resp)}`;
