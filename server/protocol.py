@@ -121,6 +121,8 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation so far.")
+    logprobs: bool | None = Field(None, description="Not supported (true is refused with 400).")
+    top_logprobs: int | None = Field(None, description="Not supported (a value > 0 is refused with 400).")
     max_tokens: int | None = Field(None, ge=1, description="Generation length: the number of masked positions "
                                                            "appended to the prompt (deprecated by OpenAI in favour "
                                                            "of max_completion_tokens, which wins if both are set).")
@@ -139,6 +141,8 @@ class CompletionRequest(SamplingFields):
                          "(one completion per prompt, times n).")
     max_tokens: int | None = Field(None, ge=1, description="Generation length: the number of masked positions "
                                                            "appended to the prompt. Unset: the model's default.")
+    logprobs: int | None = Field(None, description="Not supported (a value is refused with 400).")
+    echo: bool | None = Field(None, description="Not supported (true is refused with 400).")
 
     @field_validator("prompt", mode="before")
     @classmethod

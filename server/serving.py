@@ -37,6 +37,8 @@ PARAM_FIELDS = ("temperature", "top_p", "top_k", "seed", "stop", "steps", "block
                 "factor", "cfg_scale", "cache", "ignore_eos", "algorithm", "alg_temp")
 """Request fields passed to SamplingParams under the same name (max_tokens is handled apart)."""
 SEED_MASK = 2 ** 63 - 1
+UNSUPPORTED_LOGPROBS = ("logprobs are not supported by this server (refused rather than ignored, so that "
+                        "log-likelihood evaluations do not get silently wrong answers)")
 
 
 @dataclass(slots=True)
@@ -82,6 +84,8 @@ class OpenAIServing:
     # entry points --------------------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         self._check_common(req)
+        if req.logprobs or req.top_logprobs:
+            raise bad_request(UNSUPPORTED_LOGPROBS, "logprobs" if req.logprobs else "top_logprobs")
         if not self.engine.info.has_chat_template:
             raise bad_request("this model has no chat template; use /v1/completions", "messages")
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -93,6 +97,10 @@ class OpenAIServing:
 
     async def completion(self, req: CompletionRequest, raw: Request) -> Response:
         self._check_common(req)
+        if req.logprobs is not None:
+            raise bad_request(UNSUPPORTED_LOGPROBS, "logprobs")
+        if req.echo:
+            raise bad_request("echo is not supported by this server", "echo")
         prompts: list[str | list[int]] = req.prompt
         size = sum(len(p) for p in prompts)
         many = len(prompts) > 1
