@@ -10,7 +10,9 @@ KV pool size) and get identical prompts and sampling options (temperature 0, so 
 server runs as a child process on 127.0.0.1; the load generator runs in this process, so on a small machine
 it competes with the server for the same cores (the in-process side has no client to run beside the engine).
 Rounds alternate which side goes first; the ratio is output tokens/s over HTTP divided by in-process, over all
-rounds. Writes a JSON result with every round and both sides' serve.py summary (latency percentiles included).
+rounds. Because wall time on a shared machine swings with other load, it also reports CPU time: the server's
+plus the load generator's for HTTP against this process's for in-process, and the ratio of output tokens per CPU
+second (what the throughput ratio becomes when the cores are saturated). Writes a JSON result with every round and both sides' serve.py summary (latency percentiles included).
 """
 from __future__ import annotations
 
@@ -90,16 +92,19 @@ def stop_server(proc: subprocess.Popen) -> int:
         return proc.wait()
 
 
-async def run_inprocess(engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams, concurrency: int,
-                        decode: Any) -> tuple[list[serve.RequestResult], float]:
+async def run_inprocess(engine: AsyncEngine, requests: list[serve.BenchRequest], params: SamplingParams,
+                        concurrency: int, decode: Any) -> tuple[list[serve.RequestResult], float]:
     """serve.run_load's loop with AsyncEngine.add_request in place of the HTTP client; the same timing rules
-    (TTFT: first delta with text; ITL: gaps between later ones)."""
+    (TTFT: first delta with text; ITL: gaps between later ones). Chat requests are templated and tokenized inside
+    the timed part, as the server does them."""
     limit = asyncio.Semaphore(concurrency)
+    model = engine.llm.model
 
-    async def one(ids: list[int]) -> serve.RequestResult:
+    async def one(req: serve.BenchRequest) -> serve.RequestResult:
         async with limit:
-            res = serve.RequestResult(prompt_tokens=len(ids))
             t0 = last = time.perf_counter()
+            ids = req.prompt if req.messages is None else model.apply_chat_template(req.messages)
+            res = serve.RequestResult(prompt_tokens=len(ids))
             seen = 0
             async for out in engine.add_request(ids, params):
                 now = time.perf_counter()
@@ -118,7 +123,7 @@ async def run_inprocess(engine: AsyncEngine, prompts: list[list[int]], params: S
             return res
 
     t0 = time.perf_counter()
-    results = await asyncio.gather(*(one(p) for p in prompts))
+    results = await asyncio.gather(*(one(r) for r in requests))
     return list(results), time.perf_counter() - t0
 
 
@@ -151,11 +156,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if task is None:  # token-id prompts, lengths spread over [prompt-len / 2, 3 * prompt-len / 2]
         reqs = serve.random_requests(args.num_prompts + 1, args.prompt_len, args.gen_len, 0.5,
                                      (0, cfg.vocab_size - 64), args.seed)
-        prompts = [r.prompt for r in reqs]
         gen_len = args.gen_len
     else:
         reqs = serve.task_requests(args.num_prompts + 1, None, args.seed)
-        prompts = [model.apply_chat_template(r.messages) for r in reqs]
         gen_len = engine.llm.defaults.max_tokens
     for r in reqs:
         r.max_tokens = gen_len
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "steps": args.steps, "threshold": args.threshold}
     opts = {k: v for k, v in opts.items() if v is not None}
     params = SamplingParams(max_tokens=gen_len, **opts)
-    (warm_req, *reqs), (warm_prompt, *prompts) = reqs, prompts
+    warm_req, *reqs = reqs
 
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
@@ -175,16 +178,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         asyncio.run(client.wait_until_ready(timeout=600))
         print(f"# model {model_dir} ({cfg.family}, d={cfg.hidden_size}, layers={cfg.num_layers}), device "
               f"{args.device}, dtype {args.dtype}, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}; "
-              f"{len(prompts)} requests, {args.concurrency} concurrent, options {opts}, max_tokens {gen_len}",
+              f"{len(reqs)} requests, {args.concurrency} concurrent, options {opts}, max_tokens {gen_len}",
               flush=True)
 
         async def inproc() -> tuple[list[serve.RequestResult], float]:
-            return await run_inprocess(engine, prompts, params, args.concurrency, model.decode)
+            return await run_inprocess(engine, reqs, params, args.concurrency, model.decode)
 
         async def http() -> tuple[list[serve.RequestResult], float]:
             return await run_http(base_url, reqs, opts, args.concurrency)
 
-        asyncio.run(run_inprocess(engine, [warm_prompt], params, 1, model.decode))  # warm-up, both sides
+        asyncio.run(run_inprocess(engine, [warm_req], params, 1, model.decode))  # warm-up, both sides
         asyncio.run(run_http(base_url, [warm_req], opts, 1))
         for i in range(args.rounds):
             order = ("in-process", "http") if i % 2 == 0 else ("http", "in-process")
@@ -217,14 +220,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     per_round = [(serve.summarize(row["http"]["results"], row["http"]["seconds"])["output_throughput"]
                   / serve.summarize(row["in-process"]["results"], row["in-process"]["seconds"])["output_throughput"])
                  for row in rounds]
+    cpu_h = sum(row["http"]["cpu_s"]["this_process"] + row["http"]["cpu_s"]["server_process"] for row in rounds)
+    cpu_i = sum(row["in-process"]["cpu_s"]["this_process"] for row in rounds)
+    cpu_ratio = (tok_h / cpu_h) / (tok_i / cpu_i)
     print(f"\nHTTP / in-process output tokens/s: {ratio:.3f} (rounds: {', '.join(f'{r:.3f}' for r in per_round)}); "
           f"identical outputs: {same}")
+    print(f"CPU seconds: HTTP {cpu_h:.1f} (server + load generator), in-process {cpu_i:.1f}; "
+          f"HTTP / in-process output tokens per CPU second: {cpu_ratio:.3f}")
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": args.random and f"random LLaDA d{args.random}" or str(model_dir), "device": args.device,
         "dtype": args.dtype, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "concurrency": args.concurrency, "num_prompts": len(prompts), "options": opts, "max_tokens": gen_len,
+        "concurrency": args.concurrency, "num_prompts": len(reqs), "options": opts, "max_tokens": gen_len,
         "http_over_inprocess": ratio, "per_round": per_round, "identical_outputs": same,
+        "http_over_inprocess_tokens_per_cpu_s": cpu_ratio,
         "cpu_s": [{side: row[side]["cpu_s"] for side in ("http", "in-process")} for row in rounds],
         "http": serve.summarize([r for row in rounds for r in row["http"]["results"]], sec_h),
         "in_process": serve.summarize([r for row in rounds for r in row["in-process"]["results"]], sec_i),
