@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from engine import LLM, SamplingParams
+from engine.async_engine import AsyncEngine
 from engine.bundled import DEFAULT_MODEL_DIR, task
 from engine.outputs import cut_at_stop_token
 from server.app import build_app
@@ -50,8 +51,7 @@ def _check(chunks: list, ref: LLM, question: str) -> None:
 
 
 def test_async_client_step_stream(ref):
-    engine = LocalEngineClient.from_model(DEFAULT_MODEL_DIR, dtype=DTYPE, max_num_seqs=4, kv_cache_memory=1 << 24,
-                                          page_size=4)
+    engine = LocalEngineClient(AsyncEngine(ref))  # the reference LLM, served (offline calls resume after shutdown)
     app = build_app(engine, ServerConfig(served_model_names=["tiny"]))
     (q, _), = task.make_problems(1, seed=21, split="held_out")
 
