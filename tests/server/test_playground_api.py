@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import httpx
 import pytest
 
 from engine import LLM, SamplingParams
@@ -262,3 +263,33 @@ def test_recorders_and_plain_requests_batched_together(ref):
                 assert all(s.block[0] <= p < s.block[1] for p in s.positions)
         else:
             assert out.step_log is None
+
+
+def test_openai_client_reads_step_chunks(app, ref):
+    """The official `openai` package parses step chunks (the step in the choice's extra fields, no content) and a
+    plain stream from it carries none."""
+    openai = pytest.importorskip("openai")
+    (q, _), = task.make_problems(1, seed=31, split="held_out")
+
+    async def main():
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+        client = openai.AsyncOpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http)
+        args = dict(model="tiny", messages=task.messages_for(q), stream=True, max_tokens=16)
+        steps = [c async for c in await client.chat.completions.create(
+            **args, stream_options={"include_steps": True})]
+        plain = [c async for c in await client.chat.completions.create(**args)]
+        await http.aclose()
+        return steps, plain
+
+    steps, plain = run(main())
+    events = [c.choices[0].model_extra["diffusion_step"] for c in steps
+              if c.choices and "diffusion_step" in (c.choices[0].model_extra or {})]
+    assert [e["step"] for e in events] == list(range(1, len(events) + 1)) and events
+    assert all(c.choices[0].delta.content is None for c in steps
+               if c.choices and "diffusion_step" in (c.choices[0].model_extra or {}))
+    exp = ref.chat(task.messages_for(q), SamplingParams(max_tokens=16))[0]
+    text = "".join(c.choices[0].delta.content or "" for c in steps if c.choices)
+    assert text == "".join(c.choices[0].delta.content or "" for c in plain if c.choices) == exp.text
+    assert not any("diffusion_step" in (c.choices[0].model_extra or {}) for c in plain if c.choices)
+    canvas = _replay(events, ref.model.config.mask_id)
+    assert cut_at_stop_token(canvas, ref.model.config.stop_ids)[0] == exp.token_ids
