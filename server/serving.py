@@ -6,6 +6,7 @@ text only ever extended; the request is aborted in the engine as soon as its cli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -250,7 +251,7 @@ class OpenAIServing:
         now = time.monotonic()
         if c.t_first is None:
             c.t_first = now
-        if not out.finished:
+        if not out.finished or c.done:  # done: already released (aborted) by the server
             return
         c.final, c.done = out, True
         self._end_one()
@@ -266,33 +267,39 @@ class OpenAIServing:
             async for out in c.stream:
                 self._on_output(job, c, out)
 
+        tasks = [asyncio.ensure_future(one(c)) for c in job.choices]
         try:
-            await asyncio.gather(*(one(c) for c in job.choices))
+            await asyncio.gather(*tasks)
         except EngineError as e:
             log.error("engine failure in %s: %s", job.id, e, exc_info=e)
             raise APIError(500, f"the engine failed while running this request: {e}")
+        finally:  # one choice failed: stop consuming the others (the caller aborts them)
+            for t in tasks:
+                t.cancel()
 
     async def _stream(self, job: Job, include_usage: bool, include_steps: bool = False) -> AsyncIterator[bytes]:
         try:
-            if job.kind == "chat":
-                for c in job.choices:
-                    yield self._chunk(job, c.index, {"role": "assistant", "content": ""}, None)
-            async for c, out in _merge(job.choices):
-                if include_steps and out.step_log is not None:
-                    for step in out.step_log.since(c.steps_sent):
-                        c.steps_sent += 1
-                        yield self._chunk(job, c.index, {}, None, {"diffusion_step": step_event(self.engine, step,
-                                                                                            out.step_log.gen_len)})
-                self._on_output(job, c, out)
-                text = self._new_text(c, out)
-                if out.finished:
-                    extra = {"diffusion": _diffusion([out])}
-                    if out.text is None:
-                        extra["token_ids"] = out.token_ids
-                    delta = {"content": text} if text else {}
-                    yield self._chunk(job, c.index, delta, out.finish_reason, extra)
-                elif text:
-                    yield self._chunk(job, c.index, {"content": text}, None)
+            async with contextlib.aclosing(_merge(job.choices)) as merged:  # closed (pumps cancelled) on error
+                async for c, out in merged:
+                    first = c.t_first is None
+                    self._on_output(job, c, out)
+                    if first and job.kind == "chat":  # with the first block, as vLLM does after prefill: clients
+                        # (vllm bench, guidellm) time TTFT to the first chunk that has choices
+                        yield self._chunk(job, c.index, {"role": "assistant", "content": ""}, None)
+                    if include_steps and out.step_log is not None:  # the steps so far, before the block's text
+                        for step in out.step_log.since(c.steps_sent):
+                            c.steps_sent += 1
+                            yield self._chunk(job, c.index, {}, None, {
+                                "diffusion_step": step_event(self.engine, step, out.step_log.gen_len)})
+                    text = self._new_text(c, out)
+                    if out.finished:
+                        extra = {"diffusion": _diffusion([out])}
+                        if out.text is None:
+                            extra["token_ids"] = out.token_ids
+                        delta = {"content": text} if text else {}
+                        yield self._chunk(job, c.index, delta, out.finish_reason, extra)
+                    elif text:
+                        yield self._chunk(job, c.index, {"content": text}, None)
             if include_usage:
                 yield _sse({"id": job.id, "object": self._chunk_object(job), "created": job.created,
                             "model": self.config.model_name, "choices": [], "usage": self._usage(job),

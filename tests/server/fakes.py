@@ -19,12 +19,14 @@ class FakeEngine:
     fail_after: raise EngineError after that many blocks. hang: never finish (until aborted)."""
 
     def __init__(self, block: int = 2, delay: float = 0.0, fail_after: int | None = None, hang: bool = False,
-                 alive: bool = True, max_running: int = 1000) -> None:
+                 alive: bool = True, max_running: int = 1000, fail_only: str | None = None) -> None:
         self.info = ModelInfo(path="/fake", family="llada", dtype="float32", device="cpu", vocab_size=100,
                               max_model_len=64, defaults=GenerationDefaults(max_tokens=6, steps=6, block_length=6),
                               has_tokenizer=True, has_chat_template=True)
         self.block, self.delay, self.fail_after, self.hang, self.alive = block, delay, fail_after, hang, alive
         self.max_running = max_running
+        self.fail_only = fail_only
+        """With fail_after: only requests whose id ends with this fail."""
         self.live: dict[str, asyncio.Event] = {}
         self.added: list[tuple[list[int], SamplingParams, str]] = []
         self.aborted: list[str] = []
@@ -58,9 +60,12 @@ class FakeEngine:
                     await asyncio.wait_for(aborted.wait(), self.delay)
                 except asyncio.TimeoutError:
                     pass
-                if aborted.is_set():
+                if aborted.is_set():  # as AsyncEngine: a final output with finish_reason 'abort'
+                    k = min(end - self.block, n)
+                    yield RequestOutput(rid, ids, list(range(k)), "".join(WORDS[:k]), "abort", stats)
                     return
-                if self.fail_after is not None and blocks >= self.fail_after:
+                fails = self.fail_only is None or rid.endswith(self.fail_only)
+                if self.fail_after is not None and blocks >= self.fail_after and fails:
                     raise EngineError(f"request {rid}: engine step failed: injected")
                 blocks += 1
                 stats.steps += self.block

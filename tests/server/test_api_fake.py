@@ -213,3 +213,33 @@ def test_message_without_content_is_empty_content():
                                                                                               "content": None}]})
 
     assert run(main()).status_code == 200
+
+
+def test_role_chunk_comes_with_the_first_block():
+    """Load tools time TTFT to the first chunk with choices: nothing but the response head goes out before the
+    first block is finished."""
+    app, engine = make(FakeEngine(delay=1.0))
+    sent = run(call_and_leave(app, "/v1/chat/completions", {**CHAT, "stream": True}, 0.3))
+    bodies = [m.get("body", b"") for m in sent if m["type"] == "http.response.body"]
+    assert sent[0]["type"] == "http.response.start" and not any(bodies)
+    assert engine.aborted
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_one_failing_choice_fails_the_request_and_releases_the_others(stream):
+    app, engine = make(FakeEngine(block=1, delay=0.02, fail_after=1, fail_only="-1", hang=True))
+
+    async def main():
+        async with client(app) as c:
+            r = await c.post("/v1/chat/completions", json={**CHAT, "n": 3, "stream": stream})
+            await asyncio.sleep(0.1)
+            return r
+
+    r = run(main())
+    if stream:
+        events = parse_sse(r.text)
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == 500
+    else:
+        assert_error(r, 500)
+    assert app.state.serving.inflight == 0 and not engine.live
+    assert sorted(engine.aborted) == sorted(rid for _, _, rid in engine.added)
