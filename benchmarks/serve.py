@@ -27,6 +27,7 @@ import asyncio
 import importlib.util
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -344,13 +345,13 @@ def make_requests(args: argparse.Namespace) -> list[BenchRequest]:
 
 
 def make_client(base_url: str, api_key: str | None, model: str | None, concurrency: int | None) -> AsyncClient:
-    limits = httpx.Limits(max_connections=max(concurrency or 0, 1000), max_keepalive_connections=max(concurrency or 0, 100))
+    limits = httpx.Limits(max_connections=max(concurrency or 0, 1000),
+                          max_keepalive_connections=max(concurrency or 0, 100))
     return AsyncClient(base_url, api_key, model=model, read_timeout=3600, retry=RetryPolicy(max_retries=0),
                        transport=httpx.AsyncHTTPTransport(limits=limits))
 
 
 async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    import os
     key = args.api_key or os.environ.get("UNMASK_API_KEY") or os.environ.get("OPENAI_API_KEY")
     percentiles = [float(p) for p in args.metric_percentiles.split(",")]
     requests = make_requests(args)

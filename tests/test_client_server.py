@@ -141,22 +141,26 @@ def test_api_key_is_required_and_sent(server):
 
 @pytest.mark.slow
 def test_queue_full_503_is_retried_until_served():
-    """--max-num-seqs 1 --max-queue 1: a burst overflows the queue. Without retries some requests get 503 with
-    Retry-After; with them every request is eventually served."""
+    """--max-num-seqs 1 --max-queue 1: a burst of 6 overflows the queue (requests decode the whole 64-token canvas,
+    so the first is still running when the others arrive). Without retries some get 503 with Retry-After; with
+    them every request is served, with the answer it gets alone."""
     s = Server("--max-num-seqs", "1", "--max-queue", "1")
     msgs = [{"role": "user", "content": "sort 9 8 7 6 5"}]
+    opts = {"temperature": 0, "max_tokens": 64, "steps": 64, "block_length": 64, "ignore_eos": True}
 
     async def burst(retry: RetryPolicy) -> list:
         async with AsyncClient(s.url, retry=retry) as c:
-            return await asyncio.gather(*(c.chat(msgs, temperature=0)
-                                          for _ in range(6)), return_exceptions=True)
+            return await asyncio.gather(*(c.chat(msgs, **opts) for _ in range(6)), return_exceptions=True)
 
     try:
+        alone = Client(s.url).chat(msgs, **opts)
         no_retry = asyncio.run(burst(RetryPolicy(max_retries=0)))
         refused = [r for r in no_retry if isinstance(r, ServiceUnavailableError)]
         assert refused and all(r.status == 503 and r.retry_after is not None for r in refused)
+        assert all(isinstance(r, ServiceUnavailableError) or r.text == alone.text for r in no_retry)
         retried = asyncio.run(burst(RetryPolicy(max_retries=50, max_delay=0.5)))
-        assert all(not isinstance(r, Exception) and r.text == "5 6 7 8 9" for r in retried), retried
+        assert all(not isinstance(r, Exception) and r.text == alone.text for r in retried), retried
+        assert alone.usage.completion_tokens == 64
     finally:
         s.stop()
 
