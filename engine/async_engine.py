@@ -28,6 +28,15 @@ the engine sees only the latest cumulative output (intermediate ones are replace
 token_ids are the completed blocks streamed so far. A consumer that goes away aborts its request: see
 RequestStream for the exact rule.
 
+Step streams (`add_request(..., record_steps=True)`, used by the playground and `stream_options.include_steps`):
+every output of the request carries `step_log`, its StepLog (engine/step_log.py), which the engine thread extends
+after each denoising step; besides the block outputs, the stream is woken after every step of the request with an
+unfinished output carrying the completed blocks so far (the same content as the last block output), and the
+consumer reads the new steps with `out.step_log.since(cursor)`. Memory does not grow with a slow consumer: these
+wake-ups are cumulative outputs like the others, so at most the latest one waits (a consumer that falls behind
+reads every step it missed from the log in one go), and the log holds each committed position once: at most
+max_tokens + steps entries per request. Requests that do not ask carry no log and get no extra outputs.
+
 While an AsyncEngine runs, its LLM's engine belongs to the background thread: that LLM's generate / chat and a
 second AsyncEngine on it are refused (after `shutdown()` they are usable again).
 """
@@ -51,6 +60,7 @@ from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import ResolvedParams, SamplingParams
 from .sequence import SeqStats, Sequence
+from .step_log import StepLog
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +95,10 @@ class _Request:
     last: RequestOutput | None = None
     done: bool = False
     """Retired by the engine thread (finished, aborted or failed)."""
+    step_log: StepLog | None = None
+    """record_steps: the request's per-step commits."""
+    steps_notified: int = 0
+    """Steps of step_log the consumer has been woken for (engine thread)."""
     pending: "RequestOutput | BaseException | None" = None
     """The latest undelivered item: outputs are cumulative, so a newer one replaces an unread unfinished one and a
     slow consumer holds one output, not a queue. The final output (or error) is never replaced."""
@@ -132,6 +146,8 @@ class AsyncEngine:
         self._requests: dict[str, _Request] = {}
         """Live requests by id: added on the caller's thread, removed by the engine thread (under _cond)."""
         self._ids = itertools.count()
+        self._recording: dict[str, _Request] = {}
+        """Live requests with record_steps (engine thread only)."""
         self._closing = False
         self._owns_llm = False
         """Created by from_model: shutdown() also stops the LLM (its tensor-parallel workers)."""
@@ -171,10 +187,11 @@ class AsyncEngine:
         return self.is_running and self._dead is None and self.llm.model.executor.healthy
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> "RequestStream":
+                    request_id: str | None = None, *, record_steps: bool = False) -> "RequestStream":
         """Queue one request (a string or a list of token ids) and return its stream of outputs. Must be called
         from a running event loop; the outputs arrive on it. Invalid prompts or params, a canvas larger than the
-        whole KV pool and a request_id already in use raise here, before anything is queued."""
+        whole KV pool and a request_id already in use raise here, before anything is queued. record_steps: keep
+        the request's per-step commits and wake the stream after every step (see the module docstring)."""
         if params is not None and not isinstance(params, SamplingParams):
             raise RequestTypeError(f"params: expected a SamplingParams, got {type(params).__name__}", "params")
         self.llm.model.executor.check()  # a lost tensor-parallel worker fails new requests at once
@@ -186,6 +203,8 @@ class AsyncEngine:
         self._engine.new_sequence(rid, ids, resolved)  # pool-size check
         loop = asyncio.get_running_loop()
         req = _Request(rid, ids, resolved, prompt if isinstance(prompt, str) else None, loop, asyncio.Event())
+        if record_steps:
+            req.step_log = StepLog(resolved.max_tokens)
         with self._cond:
             if self._dead is not None:
                 raise RuntimeError("the engine thread has died") from self._dead
@@ -319,6 +338,9 @@ class AsyncEngine:
             return
         try:
             req.seq = self._engine.add_request(req.request_id, req.prompt_ids, req.params)
+            req.seq.step_log = req.step_log
+            if req.step_log is not None:
+                self._recording[req.request_id] = req
         except Exception as exc:  # validated on the caller's side already; only an engine invariant breaks here
             self._retire(req)
             self._totals.failed += 1
@@ -336,7 +358,7 @@ class AsyncEngine:
         deliveries.append((req, RequestOutput(
             request_id, req.prompt_ids, list(last.token_ids) if last else [],
             last.text if last else ("" if tok is not None else None), "abort", stats, req.prompt, finished=True,
-            seed=req.params.seed)))
+            seed=req.params.seed, step_log=req.step_log)))
 
     def _step(self, deliveries: list[Delivery]) -> None:
         eng = self._engine
@@ -357,11 +379,14 @@ class AsyncEngine:
         self._outputs(outs, deliveries)
 
     def _outputs(self, outs: list[RequestOutput], deliveries: list[Delivery]) -> None:
+        delivered = set()
         for out in outs:
             req = self._requests.get(out.request_id)
             if req is None:
                 continue
             out.prompt = req.prompt
+            out.step_log = req.step_log
+            delivered.add(out.request_id)
             if out.finished:
                 self._retire(req)
                 self._totals.finished += 1
@@ -369,6 +394,26 @@ class AsyncEngine:
                 out = dataclasses.replace(out, stats=copy.copy(out.stats))
                 req.last = out
             deliveries.append((req, out))
+        self._notify_steps(delivered, deliveries)
+
+    def _notify_steps(self, delivered: set[str], deliveries: list[Delivery]) -> None:
+        """Wake the consumers of recording requests that took a step but got no output in it (the wake-up is a
+        cumulative output, so an unread one is replaced, never queued; the steps themselves are in the log)."""
+        tok = self._engine.model.tokenizer
+        for req in list(self._recording.values()):
+            log = req.step_log
+            assert log is not None
+            if log.num_steps == req.steps_notified:
+                continue
+            req.steps_notified = log.num_steps
+            if req.request_id in delivered:
+                continue
+            last = req.last
+            deliveries.append((req, RequestOutput(
+                req.request_id, req.prompt_ids, last.token_ids if last else [],
+                last.text if last else ("" if tok is not None else None), None,
+                copy.copy(req.seq.stats) if req.seq is not None else SeqStats(), req.prompt, finished=False,
+                seed=req.params.seed, step_log=log)))
 
     def _live_ids(self) -> list[str]:
         with self._cond:
@@ -376,6 +421,7 @@ class AsyncEngine:
 
     def _retire(self, req: _Request) -> None:
         req.done = True
+        self._recording.pop(req.request_id, None)
         if req.seq is not None:
             self._totals.positions += req.seq.stats.positions_computed
             self._totals.tokens += req.seq.stats.tokens_committed

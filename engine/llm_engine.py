@@ -1,6 +1,7 @@
 """LLMEngine: the step loop (schedule -> run -> update) over the scheduler, the runner and the KV pool."""
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -13,7 +14,7 @@ from .model.diffusion_model import DiffusionModel
 from .outputs import RequestOutput, cut_at_stop_token
 from .runner import DEFAULT_LOGITS_MEMORY, ModelRunner, param_row
 from .sampling_params import ResolvedParams
-from .scheduler import ScheduleOutput, Scheduler, SchedulerConfig
+from .scheduler import ScheduleOutput, ScheduledRequest, Scheduler, SchedulerConfig
 from .sequence import Sequence
 from .stop_strings import StopStrings, decode, prefix_ids, stream_safe
 
@@ -132,7 +133,11 @@ class LLMEngine:
                 return []
             if hook is not None:
                 hook("forward", None)
+            recorded = [r for r in sched.scheduled if r.seq.step_log is not None]
+            before = [self.runner.canvases[id(r.seq)][r.block[0]:r.block[1]].clone() for r in recorded]
             result = self.runner.step(sched.scheduled)
+            if recorded:
+                self._record_steps(recorded, before)
             if hook is not None:
                 hook("update", None)
             upd = self.scheduler.update(sched, result)
@@ -172,6 +177,23 @@ class LLMEngine:
             failed.append(seq.request_id)
         self.runner.members = None  # the batch layout is rebuilt from the canvases left
         return failed
+
+    def _record_steps(self, recorded: list[ScheduledRequest], before: list[torch.Tensor]) -> None:
+        """Append this step's commits to each recording request's StepLog: the block positions that were masked
+        before the step and hold a token after it. One device-to-host copy for all of them."""
+        mask_id = self.model.config.mask_id
+        old = torch.cat(before)  # [Nr] block tokens before the step, recorded requests concatenated
+        new = torch.cat([self.runner.canvases[id(r.seq)][r.block[0]:r.block[1]] for r in recorded])  # [Nr]
+        idx = torch.nonzero((old == mask_id) & (new != mask_id))[:, 0]  # [C] ascending
+        flat, toks = torch.stack([idx, new[idx]]).tolist() if idx.numel() else ([], [])
+        start = 0
+        for r in recorded:
+            bs, be = r.block
+            end = start + be - bs
+            lo, hi = bisect.bisect_left(flat, start), bisect.bisect_left(flat, end)
+            off = bs - r.seq.prompt_len
+            r.seq.step_log.record((off, off + be - bs), [f - start + off for f in flat[lo:hi]], toks[lo:hi])
+            start = end
 
     def _text_state(self, seq: Sequence) -> "_TextState":
         if seq.text is None:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .sequence import SeqStats
+from .step_log import StepLog
 
 
 @dataclass(slots=True)
@@ -23,6 +24,8 @@ class RequestOutput:
     seed: int | None = None
     """The sampling seed used (drawn at random when the request gave none): SamplingParams(seed=out.seed) with the
     same prompt and parameters replays it exactly."""
+    step_log: StepLog | None = None
+    """The request's per-step commits, for requests that asked (AsyncEngine record_steps); else None."""
 
     @property
     def steps(self) -> int:

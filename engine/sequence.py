@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .sampling_params import ResolvedParams
+from .step_log import StepLog
 
 
 class Status(enum.Enum):
@@ -49,6 +50,8 @@ class Sequence:
     output_ids: list[int] | None = None
     emitted_blocks: int = 0
     user_data: Any = None
+    step_log: StepLog | None = None
+    """Set for requests that asked for their per-step commits (see step_log.py); None costs nothing."""
     row: Any = None
     text: Any = None
     """The engine's text state of the request (stop-string search position, streamed text)."""

@@ -23,6 +23,7 @@ from .config import PUBLIC_PATHS, ServerConfig
 from .engine_client import EngineClient
 from .errors import APIError
 from .metrics import CONTENT_TYPE, Metrics
+from .playground import add_playground, effective_defaults, special_tokens
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        ErrorResponse, ModelCard, ModelList)
 from .serving import ClientDisconnected, OpenAIServing
@@ -74,7 +75,11 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     async def models() -> ModelList:
         info = engine.info
         return ModelList(data=[ModelCard(id=name, created=created, root=info.path, max_model_len=info.max_model_len,
-                                         family=info.family) for name in config.served_model_names])
+                                         family=info.family, diffusion_defaults=effective_defaults(info, config),
+                                         special_tokens=special_tokens(info))
+                               for name in config.served_model_names])
+
+    add_playground(app)
 
     @app.get("/health", summary="200 while the engine loop is alive, 503 once it is dead or shutting down",
              response_class=Response, responses={200: {"description": "Alive (empty body)", "content": None},

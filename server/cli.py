@@ -151,5 +151,6 @@ async def _announce(server: Any, client: Any, config: Any) -> None:
             print(f"unmask serve: model {config.model_name!r} (family {info.family}, {info.dtype} on {info.device}, "
                   f"context {info.max_model_len}) from {info.path}", flush=True)
             auth = "; API key required" if config.api_key else ""
-            print(f"unmask serve: listening on http://{shown}:{port} (docs at /docs){auth}", flush=True)
+            print(f"unmask serve: listening on http://{shown}:{port} (docs at /docs, playground at /){auth}",
+                  flush=True)
             return

@@ -8,6 +8,9 @@ from .limits import RequestLimits
 
 PUBLIC_PATHS = ("/health", "/metrics", "/version", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 """Paths that answer without an API key (probes, scrapers, the API description)."""
+PUBLIC_PATHS += ("/", "/playground", "/playground.js", "/playground.css")
+"""The playground's static page is public too: it holds no data, asks the user for the key and sends it with its
+API calls."""
 
 
 @dataclass(slots=True)

@@ -30,6 +30,9 @@ class ModelInfo:
     has_chat_template: bool
     max_token_chars: int | None = None
     """Characters of the vocabulary's longest token (bounds the tokens a text can need from below); None: unknown."""
+    mask_token_id: int | None = None
+    eos_token_id: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
 
 
 class EngineClient(Protocol):
@@ -44,7 +47,9 @@ class EngineClient(Protocol):
 
     def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
         """Queue a request; its stream yields one unfinished output per finished block, then the final output.
-        Invalid params or a request that can never fit raise here. Stopping iteration early aborts it."""
+        Invalid params or a request that can never fit raise here. Stopping iteration early aborts it.
+        Implementations that support step streams also take `record_steps=True` (see AsyncEngine.add_request):
+        then every output carries `step_log` (a StepLog)."""
 
     def abort(self, request_id: str) -> None:
         """End a request (its pages are free by the next step); unknown ids are ignored."""
@@ -73,7 +78,9 @@ class LocalEngineClient:
             device=str(model.device), vocab_size=cfg.vocab_size, max_model_len=cfg.max_position_embeddings,
             defaults=llm.defaults, has_tokenizer=tok is not None,
             has_chat_template=getattr(tok, "chat_template", None) is not None,
-            max_token_chars=max(map(len, tok.get_vocab()), default=None) if tok is not None else None)
+            max_token_chars=max(map(len, tok.get_vocab()), default=None) if tok is not None else None,
+            mask_token_id=cfg.mask_id, eos_token_id=cfg.eos_id, stop_token_ids=tuple(cfg.stop_ids))
+        self._pieces: dict[int, str] = {}
 
     @classmethod
     def from_model(cls, model: str | Path | None, **kwargs) -> "LocalEngineClient":
@@ -87,8 +94,20 @@ class LocalEngineClient:
         llm = self.engine.llm
         return llm.prompt_ids(llm.model.apply_chat_template(messages), "messages")
 
-    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
-        return self.engine.add_request(prompt_ids, params, request_id)
+    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str, *,
+            record_steps: bool = False) -> AsyncIterator[RequestOutput]:
+        return self.engine.add_request(prompt_ids, params, request_id, record_steps=record_steps)
+
+    def token_pieces(self, ids: list[int]) -> list[str] | None:
+        """The text of each token on its own (special tokens as their names); None without a tokenizer."""
+        tok = self.engine.llm.model.tokenizer
+        if tok is None:
+            return None
+        pieces = self._pieces
+        for t in ids:
+            if t not in pieces:
+                pieces[t] = tok.decode([t], skip_special_tokens=False)
+        return [pieces[t] for t in ids]
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)

@@ -21,6 +21,12 @@ class _Request(BaseModel):
 class StreamOptions(_Request):
     include_usage: bool = Field(False, description="Send one last chunk with `usage` (and `choices: []`) before "
                                                    "`data: [DONE]`.")
+    include_steps: bool = Field(False, description="unmask extension: also send one chunk per denoising step whose "
+                                                   "choice has an empty delta and `diffusion_step`: {step, block "
+                                                   "[start, end), length, positions, token_ids, tokens}, positions "
+                                                   "and block as offsets into the generated tokens. Replaying the "
+                                                   "steps over an all-mask canvas rebuilds the output. Only "
+                                                   "requests that ask pay for it.")
 
 
 _STOP_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]}
@@ -219,6 +225,10 @@ class ModelCard(BaseModel):
     parent: str | None = None
     max_model_len: int
     family: str = Field(description="Model family (llada, llada_moe, dream, rnd1).")
+    diffusion_defaults: dict[str, Any] = Field(default_factory=dict, description="unmask extension: the value each "
+                                               "unset sampling field takes (server-wide defaults over the model's).")
+    special_tokens: dict[str, Any] = Field(default_factory=dict, description="unmask extension: mask_token_id, "
+                                           "eos_token_id and stop_token_ids (ids that end generation).")
 
 
 class ModelList(BaseModel):

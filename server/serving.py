@@ -30,6 +30,7 @@ from .errors import APIError, bad_request
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .sse import SSEResponse
+from .step_events import step_event
 
 log = logging.getLogger("unmask.server")
 
@@ -55,6 +56,8 @@ class Choice:
     """Text streamed so far."""
     t_first: float | None = None
     done: bool = False
+    steps_sent: int = 0
+    """Denoising steps already streamed (stream_options.include_steps)."""
 
 
 @dataclass(slots=True)
@@ -193,20 +196,22 @@ class OpenAIServing:
                 if i > 0 and base.seed is not None:
                     params = SamplingParams(**{**_fields(base), "seed": (base.seed + i) & SEED_MASK})
                 job.choices.append(Choice(len(job.choices), p, ids, params, f"{job.id}-{len(job.choices)}"))
-        self._submit(job)
+        include_steps = bool(req.stream and req.stream_options and req.stream_options.include_steps)
+        self._submit(job, include_steps)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return SSEResponse(self._stream(job, include_usage), on_close=lambda: self._release(job))
+            return SSEResponse(self._stream(job, include_usage, include_steps), on_close=lambda: self._release(job))
         try:
             await _until_disconnected(raw, self._collect(job))
         finally:
             self._release(job)
         return JSONResponse(self._response(job))
 
-    def _submit(self, job: Job) -> None:
+    def _submit(self, job: Job, record_steps: bool = False) -> None:
+        extra = {"record_steps": True} if record_steps else {}  # plain requests: the EngineClient call as before
         try:
             for c in job.choices:
-                c.stream = self.engine.add(c.prompt_ids, c.params, c.request_id)
+                c.stream = self.engine.add(c.prompt_ids, c.params, c.request_id, **extra)
                 self._acquire()
         except SamplingParamsError as e:
             self._release(job)
@@ -279,7 +284,7 @@ class OpenAIServing:
             for t in tasks:
                 t.cancel()
 
-    async def _stream(self, job: Job, include_usage: bool) -> AsyncIterator[bytes]:
+    async def _stream(self, job: Job, include_usage: bool, include_steps: bool = False) -> AsyncIterator[bytes]:
         try:
             async with contextlib.aclosing(_merge(job.choices)) as merged:  # closed (pumps cancelled) on error
                 async for c, out in merged:
@@ -288,6 +293,11 @@ class OpenAIServing:
                     if first and job.kind == "chat":  # with the first block, as vLLM does after prefill: clients
                         # (vllm bench, guidellm) time TTFT to the first chunk that has choices
                         yield self._chunk(job, c.index, {"role": "assistant", "content": ""}, None)
+                    if include_steps and out.step_log is not None:  # the steps so far, before the block's text
+                        for step in out.step_log.since(c.steps_sent):
+                            c.steps_sent += 1
+                            yield self._chunk(job, c.index, {}, None, {
+                                "diffusion_step": step_event(self.engine, step, out.step_log.gen_len)})
                     text = self._new_text(c, out)
                     if out.finished:
                         extra = {"diffusion": _diffusion([out])}

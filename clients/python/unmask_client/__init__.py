@@ -8,15 +8,17 @@ from .errors import (APIConnectionError, APIError, APITimeoutError, Authenticati
                      InternalServerError, NotFoundError, RateLimitError, ReadyTimeoutError, ServiceUnavailableError,
                      StreamError, UnmaskError)
 from .retry import RetryPolicy
+from .steps import StepCanvas
 from .streaming import AsyncStream, Stream
-from .types import (ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, DiffusionStats, ModelCard,
-                    Usage)
+from .types import (ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, DiffusionStats, DiffusionStep,
+                    ModelCard, Usage)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Client", "AsyncClient", "RetryPolicy", "Stream", "AsyncStream",
-    "ChatCompletion", "ChatCompletionChunk", "Completion", "CompletionChunk", "DiffusionStats", "ModelCard", "Usage",
+    "ChatCompletion", "ChatCompletionChunk", "Completion", "CompletionChunk", "DiffusionStats", "DiffusionStep",
+    "ModelCard", "Usage", "StepCanvas",
     "UnmaskError", "APIError", "BadRequestError", "AuthenticationError", "NotFoundError", "RateLimitError",
     "InternalServerError", "ServiceUnavailableError", "StreamError", "APIConnectionError", "APITimeoutError",
     "ReadyTimeoutError",

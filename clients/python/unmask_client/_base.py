@@ -31,11 +31,16 @@ def normalize_base_url(base_url: str) -> str:
 def build_body(options: Mapping[str, Any], stream: bool, include_usage: bool | None,
                extra_body: Mapping[str, Any] | None) -> dict[str, Any]:
     body = {k: options[k] for k in (*OPENAI_FIELDS, *DIFFUSION_FIELDS) if options.get(k) is not None}
+    include_steps = options.get("include_steps")
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True if include_usage is None else include_usage}
+        if include_steps:
+            body["stream_options"]["include_steps"] = True
     elif include_usage is not None:
         raise ValueError("include_usage only applies to stream=True")
+    elif include_steps:
+        raise ValueError("include_steps only applies to stream=True")
     if extra_body:
         body.update(extra_body)
     return body

@@ -104,7 +104,7 @@ class AsyncClient(BaseClient):
              **kwargs: Any) -> AsyncStream[ChatCompletionChunk]: ...
 
     async def chat(self, messages: Sequence[Mapping[str, Any] | BaseModel], *, model: str | None = None,
-             stream: bool = False, include_usage: bool | None = None,
+             stream: bool = False, include_usage: bool | None = None, include_steps: bool | None = None,
              max_tokens: int | None = None, max_completion_tokens: int | None = None,
              temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
              stop: str | list[str] | None = None, n: int | None = None, user: str | None = None,
@@ -116,6 +116,8 @@ class AsyncClient(BaseClient):
              ) -> ChatCompletion | AsyncStream[ChatCompletionChunk]:
         """POST /v1/chat/completions. With stream=True, an iterator of ChatCompletionChunk: the role, then one
         content delta per finished block, the finish reason, and the usage (include_usage, default on).
+        include_steps=True (unmask extension) adds one chunk per denoising step whose `.step` is a DiffusionStep
+        (positions committed and their tokens); StepCanvas replays them.
 
         OpenAI fields: max_tokens / max_completion_tokens (the generation length: masked positions appended to
         the prompt), temperature (0: greedy), top_p, seed, stop, n, user.
@@ -146,7 +148,7 @@ class AsyncClient(BaseClient):
                  **kwargs: Any) -> AsyncStream[CompletionChunk]: ...
 
     async def complete(self, prompt: str | list[str] | list[int] | list[list[int]], *, model: str | None = None,
-                 stream: bool = False, include_usage: bool | None = None,
+                 stream: bool = False, include_usage: bool | None = None, include_steps: bool | None = None,
                  max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                  seed: int | None = None, stop: str | list[str] | None = None, n: int | None = None,
                  user: str | None = None,

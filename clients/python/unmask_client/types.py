@@ -81,6 +81,21 @@ class Completion(_Model):
         return self.choices[0].text if self.choices else ""
 
 
+class DiffusionStep(_Model):
+    """One denoising step of a choice (`stream_options.include_steps`): the positions it committed and their
+    tokens. Positions and block are offsets into the generated tokens; replay with StepCanvas."""
+    step: int
+    """1-based; every step of the choice comes once, in order, before the content of the block it completes."""
+    block: tuple[int, int]
+    """The block decoded in this step, [start, end)."""
+    length: int
+    """Generated positions (max_tokens)."""
+    positions: list[int] = Field(default_factory=list)
+    token_ids: list[int] = Field(default_factory=list)
+    tokens: list[str] | None = None
+    """Text pieces of token_ids (special tokens by name); None for a model without a tokenizer."""
+
+
 class ChatDelta(_Model):
     role: str | None = None
     content: str | None = None
@@ -90,6 +105,8 @@ class ChatChunkChoice(_Model):
     index: int = 0
     delta: ChatDelta = Field(default_factory=ChatDelta)
     finish_reason: str | None = None
+    diffusion_step: DiffusionStep | None = None
+    """Only in step chunks (include_steps=True)."""
 
 
 class ChatCompletionChunk(_Model):
@@ -108,11 +125,18 @@ class ChatCompletionChunk(_Model):
         """The first choice's content delta ('' for role-only, finish-only and usage chunks)."""
         return (self.choices[0].delta.content or "") if self.choices else ""
 
+    @property
+    def step(self) -> DiffusionStep | None:
+        """The first choice's denoising step, in a step chunk (include_steps=True); else None."""
+        return self.choices[0].diffusion_step if self.choices else None
+
 
 class CompletionChunkChoice(_Model):
     index: int = 0
     text: str = ""
     finish_reason: str | None = None
+    diffusion_step: DiffusionStep | None = None
+    """Only in step chunks (include_steps=True)."""
 
 
 class CompletionChunk(_Model):
@@ -128,6 +152,11 @@ class CompletionChunk(_Model):
     def text(self) -> str:
         return self.choices[0].text if self.choices else ""
 
+    @property
+    def step(self) -> DiffusionStep | None:
+        """The first choice's denoising step, in a step chunk (include_steps=True); else None."""
+        return self.choices[0].diffusion_step if self.choices else None
+
 
 class ModelCard(_Model):
     id: str
@@ -138,6 +167,10 @@ class ModelCard(_Model):
     max_model_len: int | None = None
     family: str | None = None
     """llada, llada_moe, dream or rnd1 (unmask servers only)."""
+    diffusion_defaults: dict[str, Any] | None = None
+    """The value each unset request field takes (unmask servers only)."""
+    special_tokens: dict[str, Any] | None = None
+    """mask_token_id, eos_token_id, stop_token_ids (unmask servers only)."""
 
 
 class ModelList(_Model):
