@@ -8,7 +8,7 @@ ARG BASE_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
 # cuda: keep the base image's CUDA torch. cpu: install torch==TORCH_VERSION's CPU build, from wheels put in
-# docker/wheels/ first (offline builds), else from TORCH_INDEX_URL (PyTorch's CPU index; empty to skip it).
+# benchmarks/docker/wheels/ first (offline builds), else from TORCH_INDEX_URL (PyTorch's CPU index; empty to skip it).
 ARG DEVICE=cuda
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -22,9 +22,9 @@ ENV UNMASK_DEVICE=${DEVICE} \
     HF_HOME=/home/unmask/.cache/huggingface
 
 # A venv that sees the base image's packages (the CUDA image's torch) without touching the system Python.
-# A CA bundle put in docker/certs/ca-bundle.crt (a TLS-intercepting proxy's) is used by pip during the build
+# A CA bundle put in benchmarks/docker/certs/ca-bundle.crt (a TLS-intercepting proxy's) is used by pip during the build
 # only: the venv's pip.conf naming it is removed at the end.
-COPY docker/certs/ /tmp/certs/
+COPY benchmarks/docker/certs/ /tmp/certs/
 RUN python3 -m venv --system-site-packages /opt/venv \
  && if [ -s /tmp/certs/ca-bundle.crt ]; then \
       cp /tmp/certs/ca-bundle.crt /opt/venv/build-ca.crt \
@@ -32,7 +32,7 @@ RUN python3 -m venv --system-site-packages /opt/venv \
     fi \
  && rm -rf /tmp/certs
 
-COPY docker/wheels/ /tmp/wheels/
+COPY benchmarks/docker/wheels/ /tmp/wheels/
 RUN set -eu; \
     case "$DEVICE" in \
       cpu) pip install --find-links /tmp/wheels ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
@@ -54,7 +54,6 @@ COPY README.md ./
 COPY engine engine
 COPY kernels kernels
 COPY server server
-COPY docker/entrypoint.sh docker/
 RUN pip install --no-deps . && python -c "import engine, server" \
  && rm -f /opt/venv/pip.conf /opt/venv/build-ca.crt
 
@@ -68,6 +67,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 
-# `unmask serve --host 0.0.0.0 --port 8000 --device $UNMASK_DEVICE`; arguments after the image name are appended
-# (--model /models/m --max-num-seqs 64 ...) and override these.
-ENTRYPOINT ["/opt/unmask/docker/entrypoint.sh"]
+# `unmask serve --host 0.0.0.0 --port 8000` on the image's device (`--device` defaults to $UNMASK_DEVICE); arguments
+# after the image name are appended (--model /models/m --max-num-seqs 64 ...) and override these.
+ENTRYPOINT ["unmask", "serve", "--host", "0.0.0.0", "--port", "8000"]

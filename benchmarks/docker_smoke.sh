@@ -62,22 +62,22 @@ podman image ls "$BASE"
 # 2. CPU image ------------------------------------------------------------------------------------------------
 step "how this machine resolves torch==2.13.0 (the image installs the same wheel)"
 pip config list 2>/dev/null | grep -E 'index|find-links|constraint' || true
-rm -f docker/wheels/*.whl
-pip download torch==2.13.0 --no-deps -d docker/wheels 2>&1 | grep -E 'Processing|Downloading|Saved' || true
-ls -l docker/wheels/*.whl
+rm -f benchmarks/docker/wheels/*.whl
+pip download torch==2.13.0 --no-deps -d benchmarks/docker/wheels 2>&1 | grep -E 'Processing|Downloading|Saved' || true
+ls -l benchmarks/docker/wheels/*.whl
 # pip here reaches PyPI through a TLS proxy whose CA is in pip's `cert` setting: the build's pip uses the same
-mkdir -p docker/certs
+mkdir -p benchmarks/docker/certs
 CERT=${PIP_CERT:-$(pip config list 2>/dev/null | sed -nE "s/^[^=]*\.cert='(.*)'$/\1/p" | head -1)}
-if [ -n "$CERT" ] && [ -s "$CERT" ]; then cp "$CERT" docker/certs/ca-bundle.crt; echo "pip cert: $CERT (copied for the build)"; fi
+if [ -n "$CERT" ] && [ -s "$CERT" ]; then cp "$CERT" benchmarks/docker/certs/ca-bundle.crt; echo "pip cert: $CERT (copied for the build)"; fi
 step "podman build --isolation=chroot (DEVICE=cpu, BASE_IMAGE=$BASE) -> $IMAGE"
-# TORCH_INDEX_URL is emptied: download.pytorch.org does not resolve here; the CPU wheel comes from docker/wheels
+# TORCH_INDEX_URL is emptied: download.pytorch.org does not resolve here; the CPU wheel comes from benchmarks/docker/wheels
 # and everything else from PyPI, as for `pip install torch==2.13.0` on the host.
 t0=$(date +%s)
 podman --cgroup-manager=cgroupfs build --isolation=chroot --network=host --format docker $([ "$FRESH" = 1 ] && echo --no-cache) \
   --build-arg DEVICE=cpu --build-arg BASE_IMAGE="$BASE" --build-arg TORCH_INDEX_URL= \
   -t "$IMAGE" -f Dockerfile . 2>&1 | grep --line-buffered -vE '^(Collecting|Downloading|  Downloading|Requirement already|Using cached|  Obtaining|  Preparing|  Building|  Installing|  Getting|  Created|  Stored| +━)' \
   | sed -u -E 's/^(Successfully installed .{0,300}).*/\1 .../'
-rm -f docker/wheels/*.whl docker/certs/ca-bundle.crt
+rm -f benchmarks/docker/wheels/*.whl benchmarks/docker/certs/ca-bundle.crt
 echo "build took $(( $(date +%s) - t0 ))s"
 podman image ls "$IMAGE"
 echo "entrypoint: $(podman image inspect --format '{{json .Config.Entrypoint}}' "$IMAGE")"

@@ -46,7 +46,8 @@ def add_serve_parser(sub: Any) -> None:
                    help="name(s) accepted in requests' `model`; the first is reported (default: the model dir)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: the checkpoint's "
                                                    "torch_dtype; on CPU bfloat16 where the CPU supports it)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=os.environ.get("UNMASK_DEVICE") or "cpu",
+                   help="torch device, e.g. cpu, cuda, cuda:1 (default: env UNMASK_DEVICE, else cpu)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch at most")
     p.add_argument("--max-queue", type=int, default=1000, help="waiting requests before new ones get 503")
     p.add_argument("--kv-cache-memory", type=parse_bytes, metavar="BYTES",
