@@ -6,6 +6,7 @@ text only ever extended; the request is aborted in the engine as soon as its cli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -280,21 +281,22 @@ class OpenAIServing:
 
     async def _stream(self, job: Job, include_usage: bool) -> AsyncIterator[bytes]:
         try:
-            async for c, out in _merge(job.choices):
-                first = c.t_first is None
-                self._on_output(job, c, out)
-                if first and job.kind == "chat":  # with the first block, as vLLM does after prefill: clients
-                    # (vllm bench, guidellm) time TTFT to the first chunk that has choices
-                    yield self._chunk(job, c.index, {"role": "assistant", "content": ""}, None)
-                text = self._new_text(c, out)
-                if out.finished:
-                    extra = {"diffusion": _diffusion([out])}
-                    if out.text is None:
-                        extra["token_ids"] = out.token_ids
-                    delta = {"content": text} if text else {}
-                    yield self._chunk(job, c.index, delta, out.finish_reason, extra)
-                elif text:
-                    yield self._chunk(job, c.index, {"content": text}, None)
+            async with contextlib.aclosing(_merge(job.choices)) as merged:  # closed (pumps cancelled) on error
+                async for c, out in merged:
+                    first = c.t_first is None
+                    self._on_output(job, c, out)
+                    if first and job.kind == "chat":  # with the first block, as vLLM does after prefill: clients
+                        # (vllm bench, guidellm) time TTFT to the first chunk that has choices
+                        yield self._chunk(job, c.index, {"role": "assistant", "content": ""}, None)
+                    text = self._new_text(c, out)
+                    if out.finished:
+                        extra = {"diffusion": _diffusion([out])}
+                        if out.text is None:
+                            extra["token_ids"] = out.token_ids
+                        delta = {"content": text} if text else {}
+                        yield self._chunk(job, c.index, delta, out.finish_reason, extra)
+                    elif text:
+                        yield self._chunk(job, c.index, {"content": text}, None)
             if include_usage:
                 yield _sse({"id": job.id, "object": self._chunk_object(job), "created": job.created,
                             "model": self.config.model_name, "choices": [], "usage": self._usage(job),
