@@ -1,7 +1,8 @@
 """Request limits: what one HTTP request may ask for, checked before any engine memory is committed.
 
     limits = RequestLimits(max_n=8).resolve(max_model_len=512)
-    limits.check_messages(len(req.messages))            # APIError(400, param="messages") beyond
+    limits.check_fields(req)                 # APIError(400, param="n") for n=9, before tokenizing
+    limits.check_prompt_tokens(len(ids), "prompt")
 
 Every limit is an `unmask serve` flag (add_limit_flags). A limit left at None takes a default derived from the
 model, chosen so that the defaults never refuse a request the model's context and the KV pool could serve:
@@ -31,7 +32,7 @@ MAX_N = 128
 PROMPT_CHARS_SLACK = 4
 """Text prompts longer than max_prompt_tokens x (longest token's characters) x this are refused untokenized."""
 MAX_STOP_CHARS = MAX_STOP_LENGTH
-"""The engine's caps (engine.sampling_params) are the defaults; the flags can only lower them."""
+"""The engine's caps (engine.sampling_params) are the defaults; a flag above them is moot (the engine refuses)."""
 
 
 @dataclass(frozen=True, slots=True)
