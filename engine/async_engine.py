@@ -12,7 +12,7 @@ How it works:
   `LLM.resolve_params`, the KV-pool size check): a bad request raises there and then and never reaches the engine. The
   request is handed to the thread through a lock-protected inbox; `abort` goes the same way. The thread drains
   the inbox before every step, so an aborted request's pages are free before the next step is scheduled.
-- The thread delivers outputs to each request's asyncio.Queue with `loop.call_soon_threadsafe`.
+- The thread hands outputs to each request's one-item slot on the caller's loop with `loop.call_soon_threadsafe`.
 - With nothing queued or unfinished the thread sleeps on a Condition (no spinning); add/abort/shutdown wake it.
 - An exception raised by a step fails every request of that step that had not finished (its stream raises
   EngineError, its pages are freed); requests that finished in the step before the fault get their output, and

@@ -217,13 +217,14 @@ class LLMEngine:
             st.searched = len(text)
         if not self.stream_deltas:
             return None
-        if text is not None:  # stream only text that can no longer change or be cut
+        if text is not None:  # stream only text that can no longer change or be cut, at a token boundary
             safe = stream_safe(text, st.stops)
             if not safe.startswith(st.emitted):  # a tokenizer whose prefix decodes differ: never retract
                 safe = st.emitted
             if safe != text:
                 ids = prefix_ids(ids, safe, tok)
-            st.emitted = text = safe
+                text = decode(tok, ids)
+            st.emitted = text
         return RequestOutput(seq.request_id, seq.prompt_ids, ids, text, None, seq.stats, finished=False,
                              seed=seq.params.seed)
 

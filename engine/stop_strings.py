@@ -7,7 +7,8 @@ token prefix whose text contains it is located by bisection (O(log n) decodes, n
 
 While streaming, text that might still change or be cut is held back, so each streamed text extends the previous
 one and the final text extends them all: a trailing incomplete multi-byte character (decoded as U+FFFD) and the
-longest tail of the text that is a prefix of some stop string.
+longest tail of the text that is a prefix of some stop string; the streamed text is then the text of the longest
+token prefix within what is left, so token_ids and text always agree.
 """
 from __future__ import annotations
 

@@ -116,7 +116,8 @@ def test_abort_mid_stream_ends_the_stream_and_frees_pages(llm):
             return outs, freed, done, eng.stats
 
     outs, freed, done, stats = run(main())
-    assert [o.finished for o in outs] == [False, False, True]
+    # a block may complete between the consumer's abort and the engine handling it: one more delta may come
+    assert [o.finished for o in outs] in ([False, False, True], [False, False, False, True])
     # the abort output carries the latest completed blocks (the consumer may not have seen the newest delta)
     assert outs[-1].finish_reason == "abort" and outs[-1].token_ids[:len(outs[1].token_ids)] == outs[1].token_ids
     assert outs[-1].stats.steps < 64

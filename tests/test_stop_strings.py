@@ -56,10 +56,10 @@ def test_streamed_text_only_extends_and_the_cut_matches_the_reference(llm):
     tok = llm.tokenizer
     cfg = llm.model.config
     checked_hits = 0
-    for case in range(14):
+    for case in range(10):
         prompt = [t for t in (rng.randrange(cfg.vocab_size) for _ in range(8)) if t not in (cfg.mask_id, *cfg.stop_ids)]
-        gen = rng.choice([12, 16, 20])
-        base = dict(max_tokens=gen, steps=gen, block_length=rng.choice([1, 2, 3, 5, 8]), ignore_eos=True)
+        gen, block = rng.choice([12, 16]), rng.choice([1, 2, 3, 5, 8])
+        base = dict(max_tokens=gen, steps=-(-gen // block), block_length=block, ignore_eos=True)
         full = llm.generate([prompt], SamplingParams(**base))[0]
         stops = []
         for _ in range(rng.randint(1, 4)):  # substrings of the text: they hit, often across block boundaries
@@ -79,8 +79,8 @@ def test_streamed_text_only_extends_and_the_cut_matches_the_reference(llm):
             assert b.startswith(a), (case, stops, texts)  # never retracted
         for o in outs[:-1]:
             assert final.token_ids[:len(o.token_ids)] == o.token_ids
-            assert tok.decode(o.token_ids, skip_special_tokens=True) == o.text
-    assert checked_hits >= 8
+            assert tok.decode(o.token_ids, skip_special_tokens=True) == o.text, (case, stops, o.token_ids, texts)
+    assert checked_hits >= 6
 
 
 def test_a_stop_straddling_a_block_boundary_is_held_back_not_retracted(llm):
@@ -99,7 +99,7 @@ def test_a_stop_straddling_a_block_boundary_is_held_back_not_retracted(llm):
 
 def test_stop_detection_decodes_per_block_and_bisects_the_cut(llm, monkeypatch):
     tok = llm.tokenizer
-    base = dict(max_tokens=96, steps=96, block_length=16, ignore_eos=True)
+    base = dict(max_tokens=96, steps=12, block_length=16, ignore_eos=True)
     full = llm.generate([[9, 8]], SamplingParams(**base))[0]
     stop = full.text[-6:-3]  # late in the text
     calls = []

@@ -77,7 +77,7 @@ def test_a_slow_consumer_holds_only_the_latest_output(llm):
         async with AsyncEngine(llm) as eng:
             stream = eng.add_request([4, 5, 6], SHORT)
             await until(lambda: eng.stats.finished == 1)  # 7 block deltas and the final output were produced
-            await asyncio.sleep(0.05)
+            await until(lambda: stream._req.ended)  # ... and handed to this loop
             return [o async for o in stream]
 
     outs = run(main())
