@@ -24,7 +24,6 @@ from .model.attention import AttnContext
 from .model.diffusion_model import DiffusionModel
 from .scheduler import RunnerOutput, ScheduledRequest
 from .sequence import Sequence
-from .step_upload import StepUpload
 
 GRAPHS_ENV = "UNMASK_CUDA_GRAPHS"
 
@@ -104,12 +103,11 @@ class ModelRunner:
         self.buf = torch.empty(0, dtype=torch.long, device=self.device)
         self.members: _Members | None = None
         self.stop_ids = torch.tensor(self.cfg.stop_ids, device=self.device)
+        self.shift = 1 if self.cfg.shift_logits else 0
         self.kernels = model.kernels
-        self.upload = StepUpload(self.device)
         use_graphs = self.device.type == "cuda" and self.kernels == "triton" and os.environ.get(GRAPHS_ENV, "1") != "0"
         self.graphs = BlockGraphs(self.net, pool, self.device) if use_graphs else None
         """Captured block passes (CUDA + Triton kernels; UNMASK_CUDA_GRAPHS=0 turns them off)."""
-        self.shift = 1 if self.cfg.shift_logits else 0
 
     # canvases -------------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -138,130 +136,112 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, reqs: list[ScheduledRequest]) -> RunnerOutput:
         m = self._sync_members([r.seq for r in reqs])
-        plan = self._plan(reqs, m)  # host metadata -> device, one copy
-        hidden = self._forward(reqs, m, plan)  # [T, D]
-        logits, dec = self._block_logits(reqs, m, hidden, plan)  # [N, V]
-        commit = self._commit(reqs, m, logits, dec, plan)  # [B, M]
+        hidden, row_base = self._forward(reqs, m)  # [T, D]
+        logits, dec = self._block_logits(reqs, m, hidden, row_base)  # [N, V]
+        commit = self._commit(reqs, m, logits, dec)  # [B, M]
         eos = self._eos(m)  # [B]
         out = torch.stack([commit.sum(1), eos.long()]).tolist()
         return RunnerOutput(committed=out[0], eos=[bool(x) for x in out[1]])
 
-    def _plan(self, reqs: list[ScheduledRequest], m: _Members) -> "_Plan":
-        """Everything the host knows about this step, built as host tensors and sent in one StepUpload copy."""
-        shift = self.shift
+    def _forward(self, reqs: list[ScheduledRequest], m: _Members) -> tuple[torch.Tensor, list[int]]:
+        """One packed forward over every row's query range; K/V written to and read from the pool.
+        Returns hidden [T, D] and each row's first index in it."""
+        dev, mask_id = self.device, self.cfg.mask_id
         rows_q = [reqs[i].query for i in m.row_seq]
         row_len = [b - a for a, b in rows_q]
-        row_base = [0, *accumulate(row_len)]
-        T = row_base[-1]
-        host: dict[str, torch.Tensor] = {
-            "tok_idx": ranges([m.offsets[i] + a for i, (a, _) in zip(m.row_seq, rows_q)], row_len),  # [T]
-            "pos": ranges([a for a, _ in rows_q], row_len),  # [T]
-            "row_of_tok": torch.repeat_interleave(torch.arange(len(row_len)), torch.tensor(row_len)),  # [T]
-        }
-        if shift:  # a block pass's first query (the position before the block) keeps its cached K/V
-            keep = torch.zeros(T, dtype=torch.bool)
-            keep[[row_base[r] for r, i in enumerate(m.row_seq) if not reqs[i].refresh]] = True
-            host["keep_cached"] = keep
-        if self.kernels == "triton":
-            host["cu_seqlens_q"] = torch.tensor(row_base, dtype=torch.int32)  # [R + 1]
-        else:  # the padded [R, Lq] layout SDPA needs, built here so it rides in the same copy
-            padded = AttnContext.from_lengths(row_len, "cpu")
-            if padded.q_index is not None:
-                host.update(q_index=padded.q_index, q_valid=padded.q_valid, unpad_index=padded.unpad_index)
-        # the positions decoded this step: each request's still-masked block positions (counts known here)
-        blocks = [r.block for r in reqs]
-        blen = [e - b for b, e in blocks]
-        counts = [r.seq.masked_in_block for r in reqs]
-        host["block_buf"] = ranges([o + b for o, (b, _) in zip(m.offsets, blocks)], blen)  # [Nb]
-        host["dec_seq"] = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(counts))  # [N]
-        host["block_start"] = torch.tensor([b for b, _ in blocks])  # [B]
-        host["flat_block_start"] = torch.tensor([0, *accumulate(blen)][:-1])  # [B]
-        host["first"] = torch.tensor([row_base[i] - reqs[i].query[0] - shift for i in range(len(reqs))])  # [B]
-        if m.cfg_seqs:
-            twin = [m.twin_row_of.get(i, i) for i in range(len(reqs))]
-            host["first_twin"] = torch.tensor([row_base[r] - reqs[i].query[0] - shift for i, r in enumerate(twin)])
-        mmax = max(counts)
-        seqs = [r.seq for r in reqs]
-        if mmax:
-            lens = torch.tensor(counts)
-            pad_valid = torch.arange(mmax)[None, :] < lens[:, None]  # [B, M]
-            flat_start = torch.tensor([0, *accumulate(counts)][:-1])  # [B]
-            host["pad_valid"] = pad_valid
-            host["pad_idx"] = torch.where(pad_valid, flat_start[:, None] + torch.arange(mmax)[None, :], 0)  # [B, M]
-            host["step_no"] = torch.tensor([s.stats.steps for s in seqs])  # [B]
-            fixed = [schedule.fixed_count(s) for s in seqs]
-            origin = [schedule.origin_prob(s) for s in seqs]
-            host["count"] = torch.tensor(fixed)
-            host["origin"] = torch.tensor([math.nan if o is None else o for o in origin], dtype=torch.float64)
-            host["commit_all"] = torch.tensor([s.is_last_allowed_step and s.params.adaptive for s in seqs])
-            any_origin, max_count = any(o is not None for o in origin), max(fixed)
-        else:
-            any_origin, max_count = False, 0
         for r in reqs:
             r.seq.stats.positions_computed += (r.query[1] - r.query[0]) * r.seq.num_rows
-        return _Plan(self.upload.send(host), row_len, counts, mmax, max_count, any_origin)
-
-    def _forward(self, reqs: list[ScheduledRequest], m: _Members, plan: "_Plan") -> torch.Tensor:
-        """One packed forward over every row's query range; K/V written to and read from the pool. -> [T, D]."""
-        d, mask_id = plan.dev, self.cfg.mask_id
-        tokens, pos, row_of_tok = self.buf[d["tok_idx"]], d["pos"], d["row_of_tok"]
+        tok_idx = ranges([m.offsets[i] + a for i, (a, _) in zip(m.row_seq, rows_q)], row_len).to(dev)  # [T]
+        pos = ranges([a for a, _ in rows_q], row_len).to(dev)  # [T]
+        row_of_tok = torch.repeat_interleave(torch.arange(len(row_len)), torch.tensor(row_len)).to(dev)  # [T]
+        tokens = self.buf[tok_idx]
         if m.cfg_seqs:  # the unconditional twins see their prompt masked
             twin_prompt = m.row_twin[row_of_tok] & (pos < m.row_prompt[row_of_tok])
             tokens = torch.where(twin_prompt, mask_id, tokens)
         write = m.read_slots[row_of_tok, pos]  # [T] pool slot of each token
-        if self.shift:
-            write = torch.where(d["keep_cached"], self.pool.scratch_slot, write)
-        row_len = plan.row_len
+        row_base = [0, *accumulate(row_len)][:-1]
+        if self.shift:  # a block pass's first query (the position before the block) keeps its cached K/V
+            shifted_rows = [row_base[r] for r, i in enumerate(m.row_seq) if not reqs[i].refresh]
+            keep = torch.zeros(len(tok_idx), dtype=torch.bool)
+            keep[shifted_rows] = True
+            write = torch.where(keep.to(dev), self.pool.scratch_slot, write)
         if self.graphs is not None and BlockGraphs.eligible([reqs[i].refresh for i in m.row_seq], row_len):
-            return self.graphs.run(tokens, pos, write, m.block_table, m.seq_lens_k, len(row_len), row_len[0])
+            hidden = self.graphs.run(tokens, pos, write, m.block_table, m.seq_lens_k, len(row_len), row_len[0])
+            return hidden, row_base
         if self.kernels == "triton":  # packed layout: no padded query index, keys through the block table
             ctx = AttnContext(None, None, None, len(row_len), max(row_len), backend="triton",
-                              cu_seqlens_q=d["cu_seqlens_q"], block_table=m.block_table, seq_lens_k=m.seq_lens_k,
-                              page_size=self.pool.page_size)
+                              cu_seqlens_q=torch.tensor([0, *accumulate(row_len)], dtype=torch.int32).to(dev),
+                              block_table=m.block_table, seq_lens_k=m.seq_lens_k, page_size=self.pool.page_size)
         else:
-            ctx = AttnContext(d.get("q_index"), d.get("q_valid"), d.get("unpad_index"), len(row_len), max(row_len),
-                              key_valid=m.key_valid, read_slots=m.read_slots)
+            ctx = AttnContext.from_lengths(row_len, dev)
+            ctx.key_valid, ctx.read_slots = m.key_valid, m.read_slots
         ctx.write_slots, ctx.kv_pool = write, self.pool.tensors
-        return self.net(tokens, pos, ctx, max_pos=max(m.lens) - 1)
+        return self.net(tokens, pos, ctx, max_pos=max(m.lens) - 1), row_base
 
-    def _block_logits(self, reqs: list[ScheduledRequest], m: _Members, hidden: torch.Tensor, plan: "_Plan"
-                      ) -> tuple[torch.Tensor, "_Decode"]:
+    def _block_logits(self, reqs: list[ScheduledRequest], m: _Members, hidden: torch.Tensor,
+                      row_base: list[int]) -> tuple[torch.Tensor, "_Decode"]:
         """Logits [N, V] at the still-masked positions of the current blocks only (CFG combined).
 
         Each request's masked count is known on the host, so the masked positions are compacted with
         nonzero_static (fixed output size, no device sync)."""
-        d, counts = plan.dev, plan.counts
-        block_buf, seq = d["block_buf"], d["dec_seq"]
-        keep = torch.nonzero_static(self.buf[block_buf] == self.cfg.mask_id, size=sum(counts))[:, 0]  # [N]
-        pos = d["block_start"][seq] + keep - d["flat_block_start"][seq]  # [N] canvas positions
+        dev, shift = self.device, self.shift
+        blocks = [r.block for r in reqs]
+        blen = [e - b for b, e in blocks]
+        block_buf = ranges([o + b for o, (b, _) in zip(m.offsets, blocks)], blen).to(dev)  # [Nb]
+        counts = [r.seq.masked_in_block for r in reqs]
+        n = sum(counts)
+        keep = torch.nonzero_static(self.buf[block_buf] == self.cfg.mask_id, size=n)[:, 0]  # [N] into the blocks
+        seq = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(counts)).to(dev)  # [N]
+        block_start = torch.tensor([b for b, _ in blocks], device=dev)
+        flat_block_start = torch.tensor([0, *accumulate(blen)][:-1], device=dev)
+        pos = block_start[seq] + keep - flat_block_start[seq]  # [N] canvas positions
         dec = _Decode(pos=pos, buf=block_buf[keep], seq=seq, lengths=counts)
-        logits = self.net.compute_logits(hidden[d["first"][seq] + pos])  # [N, V]
+
+        def hidden_rows(rows: list[int]) -> torch.Tensor:
+            """Index into hidden of the output that decodes each position, for the given forward rows."""
+            first = torch.tensor([row_base[r] - reqs[i].query[0] - shift for r, i in zip(rows, range(len(reqs)))],
+                                 device=dev)
+            return first[seq] + pos
+
+        logits = self.net.compute_logits(hidden[hidden_rows(list(range(len(reqs))))])  # [N, V]
         if m.cfg_seqs:
+            twin_row = [m.twin_row_of.get(i, i) for i in range(len(reqs))]
             sel = torch.nonzero_static(m.cfg_w[seq] > 0, size=sum(counts[i] for i in m.cfg_seqs))[:, 0]  # [Nc]
-            un = self.net.compute_logits(hidden[(d["first_twin"][seq] + pos)[sel]])
+            un = self.net.compute_logits(hidden[hidden_rows(twin_row)[sel]])
             w = m.cfg_w[seq[sel]][:, None]
             logits[sel] = un + (w + 1) * (logits[sel] - un)
         return logits, dec
 
-    def _commit(self, reqs: list[ScheduledRequest], m: _Members, logits: torch.Tensor, dec: "_Decode",
-                plan: "_Plan") -> torch.Tensor:
+    def _commit(self, reqs: list[ScheduledRequest], m: _Members, logits: torch.Tensor, dec: "_Decode"
+                ) -> torch.Tensor:
         """Candidates and scores, then each row's selection rule; writes the commits into the canvases.
         Returns the commit mask [B, M] (padded layout)."""
-        dev, mask_id, d = self.device, self.cfg.mask_id, plan.dev
-        if plan.mmax == 0:  # nothing masked in any block (a fixed schedule's trailing zero-commit steps)
+        dev, mask_id = self.device, self.cfg.mask_id
+        mmax = max(dec.lengths)
+        if mmax == 0:  # nothing masked in any block (a fixed schedule's trailing zero-commit steps)
             return torch.zeros(len(reqs), 0, dtype=torch.bool, device=dev)
-        keys = row_keys(m.seed[dec.seq], d["step_no"][dec.seq], dec.pos, STREAM_GUMBEL)  # [N]
+        seqs = [r.seq for r in reqs]
+        step_no = torch.tensor([s.stats.steps for s in seqs], device=dev)[dec.seq]
+        keys = row_keys(m.seed[dec.seq], step_no, dec.pos, STREAM_GUMBEL)  # [N]
         x0, score, conf = candidates(logits, CandidateInputs(
             m.temperature[dec.seq], m.top_k[dec.seq], m.top_p[dec.seq], m.score[dec.seq], m.tempered[dec.seq],
             keys, mask_id, m.any_sampling, m.any_filter, m.score_codes, m.any_tempered, self.kernels))
-        pad_valid, pad_idx = d["pad_valid"], d["pad_idx"]  # [B, M]
+        pad_valid = (torch.arange(mmax)[None, :] < torch.tensor(dec.lengths)[:, None]).to(dev)  # [B, M]
+        flat_start = torch.tensor([0, *accumulate(dec.lengths)][:-1], device=dev)  # [B]
+        pad_idx = torch.where(pad_valid, flat_start[:, None] + torch.arange(mmax, device=dev)[None, :], 0)  # [B, M]
         current = self.buf[dec.buf]  # [N]
         selectable = (current == mask_id)[pad_idx] & pad_valid
+        counts = [schedule.fixed_count(s) for s in seqs]
+        origin = [schedule.origin_prob(s) for s in seqs]
         commit = select(score[pad_idx], conf[pad_idx], selectable, SelectInputs(
-            count=d["count"], max_count=plan.max_count, threshold=m.threshold, factor=m.factor,
-            origin_prob=d["origin"], alg_temp=m.alg_temp, commit_all=d["commit_all"],
+            count=torch.tensor(counts, device=dev), max_count=max(counts),
+            threshold=m.threshold, factor=m.factor,
+            origin_prob=torch.tensor([math.nan if o is None else o for o in origin], dtype=torch.float64,
+                                     device=dev),
+            alg_temp=m.alg_temp,
+            commit_all=torch.tensor([s.is_last_allowed_step and s.params.adaptive for s in seqs], device=dev),
             noise_keys=keys[pad_idx], any_threshold=m.any_threshold, any_factor=m.any_factor,
-            any_origin=plan.any_origin, any_alg_temp=m.any_alg_temp))  # [B, M]
+            any_origin=any(o is not None for o in origin), any_alg_temp=m.any_alg_temp))  # [B, M]
         self.buf[dec.buf] = torch.where(commit[pad_valid], x0, current)
         return commit
 
@@ -273,17 +253,6 @@ class ModelRunner:
         g = torch.arange(gen.shape[1], device=self.device)[None, :]
         first_stop = torch.where(is_stop, g, gen.shape[1]).amin(1, keepdim=True)  # [B, 1]
         return is_stop.any(1) & ~(is_mask & (g < first_stop)).any(1)
-
-
-@dataclass(slots=True)
-class _Plan:
-    """A step's host-known layout: `dev` holds the device copies (StepUpload), the rest stays on the host."""
-    dev: dict[str, torch.Tensor]
-    row_len: list[int]  # query tokens per forward row
-    counts: list[int]  # positions decoded per request
-    mmax: int  # max(counts)
-    max_count: int  # the largest fixed-schedule commit count
-    any_origin: bool
 
 
 @dataclass(slots=True)
