@@ -5,6 +5,10 @@ The runner describes a step (query ranges, block positions, per-row counts, sche
 non_blocking copy from pinned memory (on CUDA) and hands back device views with the original dtypes and shapes.
 Two pinned buffers alternate; before one is refilled, the event recorded after its last copy is waited on, so a
 copy still in flight is never overwritten (the wait is on that copy only, not on the step's compute).
+
+NOTE(kernels): not wired into the runner yet. The runner's step inputs are being restructured by the
+tensor-parallel work (ForwardBatch); once that lands, the step's host lists (query ranges, decoded positions,
+schedule counts) should be built as host tensors and sent through one `send` per step.
 """
 from __future__ import annotations
 
