@@ -186,6 +186,18 @@ class AsyncEngine:
         """Running, and able to run the model (False once a tensor-parallel worker is lost): what /health reports."""
         return self.is_running and self._dead is None and self.llm.model.executor.healthy
 
+    @property
+    def unhealthy_reason(self) -> str | None:
+        """Why `healthy` is False (None while healthy): the engine thread's fatal error, a lost tensor-parallel
+        worker, or shutdown."""
+        if self._dead is not None:
+            return f"the engine loop died: {type(self._dead).__name__}: {self._dead}"
+        try:
+            self.llm.model.executor.check()
+        except Exception as exc:  # noqa: BLE001 - the executor's own description of the lost worker
+            return str(exc)
+        return None if self.is_running else "the engine is shut down"
+
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     request_id: str | None = None, *, record_steps: bool = False) -> "RequestStream":
         """Queue one request (a string or a list of token ids) and return its stream of outputs. Must be called

@@ -118,5 +118,8 @@ class LocalEngineClient:
     def healthy(self) -> bool:
         return self.engine.healthy
 
+    def unhealthy_reason(self) -> str | None:
+        return self.engine.unhealthy_reason
+
     async def shutdown(self) -> None:
         await self.engine.aclose()

@@ -123,7 +123,9 @@ class OpenAIServing:
         if self.draining:
             raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
         if not self.engine.healthy():
-            raise APIError(503, "the engine is not running", headers={"Retry-After": "5"})
+            reason = getattr(self.engine, "unhealthy_reason", lambda: None)()
+            raise APIError(503, "the engine is not running" + (f" ({reason})" if reason else ""),
+                           headers={"Retry-After": "5"})
         self.limits.check_fields(req)
 
     async def _offload(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:
