@@ -46,6 +46,7 @@ import asyncio
 import copy
 import dataclasses
 import itertools
+import logging
 import threading
 import weakref
 from dataclasses import dataclass
@@ -54,13 +55,15 @@ from typing import Any
 
 import torch
 
-from .errors import EngineError, EngineStepError, RequestError, RequestTypeError
+from .errors import EngineError, EngineStepError, ParallelError, RequestError, RequestTypeError
 from .llm import LLM, Prompt
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import ResolvedParams, SamplingParams
 from .sequence import SeqStats, Sequence
 from .step_log import StepLog
+
+log = logging.getLogger("unmask.engine")
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +343,9 @@ class AsyncEngine:
                     pass
             self._publish()
             self._deliver([(r, err) for r in reqs])
+            if isinstance(exc, ParallelError):  # an expected way to die (a lost worker): said once, no traceback
+                log.error("engine stopped: %s", exc)
+                return
             raise
         finally:
             eng.stream_deltas = self._saved_stream_deltas
