@@ -23,6 +23,7 @@ from .config import PUBLIC_PATHS, ServerConfig
 from .engine_client import EngineClient
 from .errors import APIError
 from .metrics import CONTENT_TYPE, Metrics
+from .api_docs import add_api_docs
 from .playground import add_playground, effective_defaults, special_tokens
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        ErrorResponse, ModelCard, ModelList)
@@ -53,7 +54,7 @@ def _version() -> str:
 def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     metrics = Metrics(config.model_name, engine)
     serving = OpenAIServing(engine, config, metrics)
-    app = FastAPI(title="unmask", version=_version(),
+    app = FastAPI(title="unmask", version=_version(), docs_url=None, redoc_url=None,
                   description="OpenAI-compatible server for masked-diffusion language models. The diffusion "
                               "options (steps, block_length, remasking, threshold, ...) are top-level request "
                               "fields; OpenAI clients send them through `extra_body`.")
@@ -80,6 +81,7 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
                                for name in config.served_model_names])
 
     add_playground(app)
+    add_api_docs(app)
 
     @app.get("/health", summary="200 while the engine loop is alive, 503 once it is dead or shutting down",
              response_class=Response, responses={200: {"description": "Alive (empty body)", "content": None},

@@ -4,9 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .api_docs import DOCS_PATHS
 from .limits import RequestLimits
 
-PUBLIC_PATHS = ("/health", "/metrics", "/version", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+PUBLIC_PATHS = ("/health", "/metrics", "/version", *DOCS_PATHS, "/openapi.json")
 """Paths that answer without an API key (probes, scrapers, the API description)."""
 PUBLIC_PATHS += ("/", "/playground", "/playground.js", "/playground.css")
 """The playground's static page is public too: it holds no data, asks the user for the key and sends it with its

@@ -243,3 +243,24 @@ def test_one_failing_choice_fails_the_request_and_releases_the_others(stream):
         assert_error(r, 500)
     assert app.state.serving.inflight == 0 and not engine.live
     assert sorted(engine.aborted) == sorted(rid for _, _, rid in engine.added)
+
+
+def test_api_docs_are_served_without_a_cdn():
+    """FastAPI's default /docs loads Swagger UI from jsdelivr; ours serves the files itself (offline machines)."""
+    import re
+
+    from fastapi.testclient import TestClient
+    from swagger_ui_bundle import swagger_ui_path
+    app, _ = make(api_key="k")
+    with TestClient(app) as c:
+        html = c.get("/docs").text
+        urls = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]|url: ?['"]([^'"]+)['"]""", html)
+        urls = [a or b for a, b in urls]
+        assert urls and all(u.startswith("/") for u in urls), urls  # no other origin
+        for u in urls:
+            r = c.get(u)  # public: no key needed for the page, its files or the schema
+            assert r.status_code == 200, u
+        js = c.get("/docs/swagger-ui-bundle.js").content
+        assert js == (swagger_ui_path / "swagger-ui-bundle.js").read_bytes()
+    with TestClient(make()[0]) as c:
+        assert c.get("/redoc").status_code == 404  # ReDoc is CDN-only: not served

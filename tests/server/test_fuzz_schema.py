@@ -117,8 +117,9 @@ def test_every_operation_no_5xx_and_shaped_4xx(case):
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
 KNOWN = {"/v1/chat/completions": {"POST"}, "/v1/completions": {"POST"}, "/v1/models": {"GET", "HEAD"},
          "/health": {"GET", "HEAD"}, "/version": {"GET", "HEAD"}, "/metrics": {"GET", "HEAD"},
-         "/openapi.json": {"GET", "HEAD"}, "/docs": {"GET", "HEAD"}, "/redoc": {"GET", "HEAD"},
-         "/docs/oauth2-redirect": {"GET", "HEAD"}}
+         "/openapi.json": {"GET", "HEAD"}, "/docs": {"GET", "HEAD"},
+         "/docs/oauth2-redirect": {"GET", "HEAD"}, "/docs/swagger-ui-bundle.js": {"GET", "HEAD"},
+         "/docs/swagger-ui.css": {"GET", "HEAD"}, "/docs/favicon-32x32.png": {"GET", "HEAD"}}
 _segment = st.text(st.characters(codec="ascii", categories=("L", "N"), include_characters="-_.~%"), min_size=1,
                    max_size=12)
 

@@ -204,3 +204,23 @@ def test_playground_asks_for_the_api_key(browser, keyed_server):
     assert raw["answer"] == api["choices"][0]["text"]
     assert outside == []
     page.close()
+
+
+def test_api_docs_render_offline_with_every_operation(browser, keyed_server):
+    """/docs is Swagger UI from the installed swagger-ui-bundle-v2 files: it renders every operation of
+    /openapi.json (the diffusion fields included) with no request outside the server, even with an API key set."""
+    page, outside = _page(browser, keyed_server.url)
+    page.goto(keyed_server.url + "/docs")
+    page.wait_for_selector(".opblock-summary-path", timeout=30_000)
+    paths = set(page.locator(".opblock-summary-path").all_inner_texts())
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"} <= paths
+    schemas = page.locator("section.models").inner_text(timeout=30_000)  # the request schemas' names
+    assert "ChatCompletionRequest" in schemas and "CompletionRequest" in schemas
+    model = page.locator("section.models article.json-schema-2020-12").filter(
+        has=page.locator(".json-schema-2020-12__title", has_text="ChatCompletionRequest")).first
+    model.locator(".json-schema-2020-12-expand-deep-button").first.click()  # its fields: the diffusion options too
+    page.wait_for_timeout(500)
+    fields = model.inner_text(timeout=30_000)
+    assert all(f in fields for f in ("steps", "block_length", "remasking", "threshold", "cache", "cfg_scale")), fields
+    assert outside == []
+    page.close()
