@@ -24,7 +24,6 @@ import random
 import re
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,33 +31,17 @@ from typing import Any
 
 import httpx
 
+from tests.server.serve_process import ServeProcess
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- the server process ------------------------------------------------------------------------------------------
-class Server:
+class Server(ServeProcess):
+    """`unmask serve` on a free 127.0.0.1 port (the tests' ServeProcess), plus its memory and exit status."""
+
     def __init__(self, args: list[str], timeout: float = 180) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "UNMASK_API_KEY"}
-        env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", "0", *args], cwd=ROOT,
-                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        found = threading.Event()
-        self.url = ""
-
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
-                if m:
-                    self.url = m.group(1)
-                    found.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not found.wait(timeout):
-            self.stop()
-            raise RuntimeError("unmask serve did not start:\n" + "".join(self.lines))
+        super().__init__(*args, timeout=timeout)
 
     def rss_bytes(self) -> tuple[int, int]:
         """(VmRSS, VmHWM) of the server process."""
@@ -67,12 +50,7 @@ class Server:
         return get("VmRSS"), get("VmHWM")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                return self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        super().stop()
         return self.proc.wait()
 
 
