@@ -154,8 +154,9 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
         from kernels.moe import fused_moe, fused_moe_triton
+        from .moe_cpu import moe_cpu
         weights, ids = self.route(x)
-        run = fused_moe_triton if backend == "triton" else fused_moe
+        run = fused_moe_triton if backend == "triton" else (moe_cpu if x.device.type == "cpu" else fused_moe)
         if not self.shard.expert_parallel or not self.shard.active:
             return self.shard.all_reduce(run(x, self.w_gate, self.w_up, self.w_down, weights, ids))
         # expert parallel: only the (token, slot) pairs routed to this rank's experts, one slot each
