@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,9 +28,6 @@ import torch
 from ..decoding import schedule
 from ..decoding.candidates import CandidateInputs, candidates
 from .grammars import Vocab
-
-if TYPE_CHECKING:
-    from ..scheduler import ScheduledRequest
 
 LOOKAHEAD = 8
 """Closing rollout: allowed tokens (best closers first) tried for immediate acceptance at each step."""
@@ -171,7 +168,7 @@ class StepConstraints:
     (`consume`), then overrides those requests' candidates and commits (`apply`). Unconstrained rows are never
     touched."""
 
-    def __init__(self, reqs: list["ScheduledRequest"], counts: list[int]) -> None:
+    def __init__(self, reqs: list[Any], counts: list[int]) -> None:
         self.rows: list[_Row] = []
         start = 0
         for i, (r, n) in enumerate(zip(reqs, counts)):
@@ -180,7 +177,7 @@ class StepConstraints:
             start += n
 
     @staticmethod
-    def of(reqs: list["ScheduledRequest"], counts: list[int]) -> "StepConstraints | None":
+    def of(reqs: list[Any], counts: list[int]) -> "StepConstraints | None":
         return StepConstraints(reqs, counts) if any(r.seq.constraint is not None for r in reqs) else None
 
     def consume(self, a: int, b: int, logits: torch.Tensor, inputs: CandidateInputs) -> None:
