@@ -22,6 +22,7 @@ CACHE_SIZE = 256
 PARSER_LIMITS = dict(max_grammar_size=200_000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000,
                      step_max_items=50_000, max_lexer_states=100_000)
 """llguidance parser limits for every compiled grammar (see llguidance.LLParserLimits)."""
+ENCODE_CACHE = 4096
 
 
 @dataclass(slots=True)
@@ -114,8 +115,16 @@ class _ByteTokens:
         self.tokens = [p.encode() if i in special or decoder is None else decoder.decode([p]).encode()
                        for i, p in enumerate(pieces)]
 
+        self._encoded: OrderedDict[str, list[int]] = OrderedDict()
+
     def __call__(self, s: str) -> list[int]:
-        return self._tok(s, add_special_tokens=False)["input_ids"]
+        """Encode (llguidance asks for forced text; the same strings recur, so the last ENCODE_CACHE are kept)."""
+        ids = self._encoded.get(s)
+        if ids is None:
+            ids = self._encoded[s] = self._tok(s, add_special_tokens=False)["input_ids"]
+            if len(self._encoded) > ENCODE_CACHE:
+                self._encoded.popitem(last=False)
+        return list(ids)
 
 
 _CLOSERS = frozenset(b'"}])')
