@@ -59,7 +59,13 @@ class Constraint:
         return ok
 
     def closing(self, cap: int) -> list[int] | None:
-        """A token path from the current state to acceptance of at most `cap` tokens, or None."""
+        """A token path from the current state to acceptance of at most `cap` tokens, or None. Greedy over
+        Vocab.closing_order; if that does not fit, again with a one-step look-ahead for acceptance (which finds
+        the exit of loops such as (ab)*c)."""
+        path = self._rollout(cap, 0)
+        return path if path is not None else self._rollout(cap, LOOKAHEAD)
+
+    def _rollout(self, cap: int, lookahead: int) -> list[int] | None:
         m, order, n = self.m, self.vocab.closing_order, 0
         path: list[int] = []
         if cap < 0:
@@ -73,7 +79,7 @@ class Constraint:
                 if ranked.size == 0:
                     return None
                 pick = int(ranked[0])
-                for t in ranked[:LOOKAHEAD].tolist():
+                for t in ranked[:lookahead].tolist():
                     if m.consume_token(t):
                         acc = m.is_accepting()
                         m.rollback(1)
