@@ -153,7 +153,7 @@ class AsyncEngine:
     @property
     def healthy(self) -> bool:
         """Running, and able to run the model (False once a tensor-parallel worker is lost): what /health reports."""
-        return self.is_running and self._dead is None and self.llm.model.executor.healthy
+        return self.is_running and self._dead is None and self._engine.executor.healthy
 
     @property
     def unhealthy_reason(self) -> str | None:
@@ -162,7 +162,7 @@ class AsyncEngine:
         if self._dead is not None:
             return f"the engine loop died: {type(self._dead).__name__}: {self._dead}"
         try:
-            self.llm.model.executor.check()
+            self._engine.executor.check()
         except Exception as exc:  # noqa: BLE001 - the executor's own description of the lost worker
             return str(exc)
         return None if self.is_running else "the engine is shut down"
@@ -175,7 +175,7 @@ class AsyncEngine:
         the request's per-step commits and wake the stream after every step (see the module docstring)."""
         if params is not None and not isinstance(params, SamplingParams):
             raise RequestTypeError(f"params: expected a SamplingParams, got {type(params).__name__}", "params")
-        self.llm.model.executor.check()  # a lost tensor-parallel worker fails new requests at once
+        self._engine.executor.check()  # a lost tensor-parallel worker fails new requests at once
         resolved = self.llm.resolve_params(params, 1)[0]
         ids = self.llm.prompt_ids(prompt, max_tokens=resolved.max_tokens)
         rid = request_id if request_id is not None else f"async-{next(self._ids)}"
