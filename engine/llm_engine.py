@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from .cache_manager import PageAllocator
+from .prefix_cache import PrefixCache
 from .errors import EngineStepError, ParallelError, RequestError
 from .kv_pool import KVPool, kv_bytes_per_token
 from .model.diffusion_model import DiffusionModel
@@ -28,6 +29,8 @@ class CacheConfig:
     CPU; on CUDA, gpu_memory_utilization of free memory."""
     gpu_memory_utilization: float = 0.9
     page_size: int = 16
+    enable_prefix_caching: bool = True
+    """Block-causal models: share the KV pages of common prompt prefixes between requests (prefix_cache.py)."""
 
     def __post_init__(self) -> None:
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
@@ -70,7 +73,10 @@ class LLMEngine:
         self.allocator = PageAllocator(num_pages, cc.page_size)
         self.pool = KVPool(model.config, num_pages, cc.page_size, model.dtype, model.device, shard)
         model.executor.init_pool(num_pages, cc.page_size)
-        self.scheduler = Scheduler(self.cfg.scheduler, self.allocator)
+        self.prefix_cache = (PrefixCache(self.allocator)
+                             if cc.enable_prefix_caching and getattr(model.config, "block_causal", False) else None)
+        """Prompt-prefix reuse (block-causal families only: bidirectional K/V depend on the whole canvas)."""
+        self.scheduler = Scheduler(self.cfg.scheduler, self.allocator, self.prefix_cache)
         self.runner = ModelRunner(model, self.pool, self.cfg.logits_memory)
         self.requests: dict[str, Sequence] = {}
         self.stream_deltas = False
