@@ -45,6 +45,22 @@ def test_paged_block_causal_matches_reference(starts, lens_q, lens_k, H, Hkv, D,
         assert (full - ref32).abs().max() > 1e-2
 
 
+def test_block_length_per_row():
+    """One launch, rows with different block lengths (requests with their own block_length)."""
+    c = paged_case([9, 6, 4], [40, 30, 12], 4, 2, 16, 4, torch.float32, seed=11)
+    pos = query_positions([16, 20, 8], [9, 6, 4])
+    bl = torch.tensor([8, 5, 3], dtype=torch.int32, device=DEVICE)
+    args = (c["q"], c["pool_k"], c["pool_v"], c["cu_seqlens_q"], c["block_table"], c["seq_lens_k"], 4)
+    out = paged_attention(*args, 9, 0.25, block_len=bl, q_positions=pos)
+    torch.testing.assert_close(out, paged_attention_ref(*args, 0.25, block_len=bl, q_positions=pos))
+    lens = [9, 6, 4]
+    cu = cu_seqlens(lens)
+    vpos = query_positions([0, 0, 0], lens)
+    q, k = c["q"], c["q"][:, :2].contiguous()
+    out = varlen_attention(q, k, k, cu, 9, 0.25, block_len=bl, q_positions=vpos)
+    torch.testing.assert_close(out, varlen_attention_ref(q, k, k, cu, 0.25, block_len=bl, q_positions=vpos))
+
+
 def test_later_blocks_are_never_read():
     """Poisoning (NaN) every key in a block after a row's last query block leaves the output unchanged: the
     kernel masks those keys and stops reading at the end of the last visible block."""
