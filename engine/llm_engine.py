@@ -8,11 +8,12 @@ from typing import Callable
 import torch
 
 from .cache_manager import PageAllocator
-from .prefix_cache import PrefixCache
+from .constraints.build import make_constraint
 from .errors import EngineStepError, ParallelError, RequestError
 from .kv_pool import KVPool, kv_bytes_per_token
 from .model.diffusion_model import DiffusionModel
 from .outputs import RequestOutput, cut_at_stop_token
+from .prefix_cache import PrefixCache
 from .runner import DEFAULT_LOGITS_MEMORY, ModelRunner, param_row
 from .sampling_params import ResolvedParams
 from .scheduler import ScheduleOutput, ScheduledRequest, Scheduler, SchedulerConfig
@@ -96,6 +97,7 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_ids), params, shift=1 if self.model.config.shift_logits else 0)
         self.scheduler.check_fits(seq)
         seq.row = param_row(params)
+        seq.constraint = make_constraint(params.structured_outputs, self.model)
         return seq
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: ResolvedParams) -> Sequence:
