@@ -276,3 +276,11 @@ def test_a_vocabulary_that_cannot_spell_the_grammar_is_refused():
     with pytest.raises(StructuredOutputsError) as e:
         llm.generate([[8, 9]], SamplingParams(max_tokens=8, structured_outputs={"json_object": True}))
     assert e.value.param == "structured_outputs.json_object" and "cannot spell" in str(e.value)
+
+
+def test_stop_strings_do_not_cut_a_constrained_answer(llms):
+    llm = llms["llada"]
+    ps = [SamplingParams(max_tokens=16, temperature=1.0, seed=s, stop=["a", "b", "c"],
+                         structured_outputs={"regex": "[a-c]{6}"}) for s in range(3)]
+    for out in llm.generate([[5, 6, 7]] * 3, ps):
+        assert out.finish_reason == "stop" and re.fullmatch("[a-c]{6}", out.text), out.text
