@@ -30,6 +30,7 @@ from .errors import APIError, bad_request
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .sse import SSEResponse
+from .structured import ToolCalls, ToolStream, compile_checked, request_constraint
 from .step_events import step_event
 
 log = logging.getLogger("unmask.server")
@@ -58,6 +59,8 @@ class Choice:
     done: bool = False
     steps_sent: int = 0
     """Denoising steps already streamed (stream_options.include_steps)."""
+    tools: ToolStream | None = None
+    """A forced tool call's stream state (chat with tool_choice required / named)."""
 
 
 @dataclass(slots=True)
@@ -69,6 +72,8 @@ class Job:
     t0: float
     prompts: list[list[int]]
     choices: list[Choice] = field(default_factory=list)
+    tool_calls: ToolCalls | None = None
+    """Set when the request forces a tool call (chat tool_choice required / named)."""
 
 
 class OpenAIServing:
@@ -96,7 +101,7 @@ class OpenAIServing:
         size = sum(len(m["content"]) for m in messages)
         self.limits.check_prompt_size("".join(m["content"] for m in messages), "messages",
                                       self.engine.info.max_token_chars)
-        ids = await self._offload(size, self._encode_chat, messages)
+        ids = await self._offload(size, self._encode_chat, messages, req.tools)
         return await self._run("chat", req, [ids], max_tokens, param, raw)
 
     async def completion(self, req: CompletionRequest, raw: Request) -> Response:
@@ -142,14 +147,18 @@ class OpenAIServing:
         except (ValueError, TypeError) as e:
             raise bad_request(str(e), where.split("[")[0])
 
-    def _encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def _encode_chat(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         try:
+            if tools:  # rendered by the chat template when it has a tool format (EngineClient.encode_chat)
+                return self.engine.encode_chat(messages, tools=tools)
             return self.engine.encode_chat(messages)
         except (ValueError, TypeError, TokenizerMissingError, TemplateError) as e:  # the request's fault
             raise bad_request(f"messages: cannot apply the chat template: {e}", "messages")
 
-    def _params(self, req: SamplingFields, max_tokens: int | None) -> SamplingParams:
+    def _params(self, req: SamplingFields, max_tokens: int | None, structured: Any = None) -> SamplingParams:
         values: dict[str, Any] = {k: v for k, v in self.config.sampling_defaults.items() if v is not None}
+        if structured is not None:
+            values["structured_outputs"] = structured
         for name in PARAM_FIELDS:
             v = getattr(req, name)
             if v is not None:
@@ -177,7 +186,10 @@ class OpenAIServing:
 
     async def _run(self, kind: str, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None,
                    param: str, raw: Request) -> Response:
-        base = self._params(req, max_tokens)
+        structured, tool_calls = request_constraint(req)
+        if structured is not None:
+            await compile_checked(self.engine, structured)
+        base = self._params(req, max_tokens, structured)
         prompt_param = "messages" if kind == "chat" else "prompt"
         for ids in prompts:
             self.limits.check_prompt_tokens(len(ids), prompt_param)
@@ -191,7 +203,7 @@ class OpenAIServing:
             raise APIError(503, f"the server is overloaded ({waiting} requests waiting); retry later",
                            headers={"Retry-After": "1"})
         job = Job(kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()),
-                  time.monotonic(), prompts)
+                  time.monotonic(), prompts, tool_calls=tool_calls)
         for p, ids in enumerate(prompts):
             for i in range(req.n):
                 params = base
@@ -301,6 +313,10 @@ class OpenAIServing:
                             yield self._chunk(job, c.index, {}, None, {
                                 "diffusion_step": step_event(self.engine, step, out.step_log.gen_len)})
                     text = self._new_text(c, out)
+                    if job.tool_calls is not None:  # a forced call: tool_calls deltas instead of content
+                        for chunk in self._tool_chunks(job, c, out):
+                            yield chunk
+                        continue
                     if out.finished:
                         extra = {"diffusion": _diffusion([out])}
                         if out.text is None:
@@ -337,6 +353,21 @@ class OpenAIServing:
         new, c.sent = text[len(c.sent):], text
         return new
 
+    def _tool_chunks(self, job: Job, c: Choice, out: RequestOutput) -> list[bytes]:
+        if c.tools is None:
+            c.tools = ToolStream(job.tool_calls)
+        text = (out.text or "").rstrip("\ufffd") if not out.finished else (out.text or "")
+        deltas = c.tools.deltas(text)
+        chunks = [self._chunk(job, c.index, {"tool_calls": [d]}, None) for d in deltas]
+        if out.finished:
+            extra = {"diffusion": _diffusion([out])}
+            if out.finish_reason == "stop" and c.tools.head is not None:
+                chunks.append(self._chunk(job, c.index, {}, "tool_calls", extra))
+            else:  # not a complete call (the canvas was too short): what is left as content
+                chunks.append(self._chunk(job, c.index, {"content": text} if c.tools.head is None else {},
+                                          out.finish_reason, extra))
+        return chunks
+
     def _chunk_object(self, job: Job) -> str:
         return "chat.completion.chunk" if job.kind == "chat" else "text_completion"
 
@@ -361,13 +392,18 @@ class OpenAIServing:
         for c in job.choices:
             out = c.final
             assert out is not None
+            finish = out.finish_reason
             if job.kind == "chat":
                 ch: dict[str, Any] = {"index": c.index, "message": {"role": "assistant", "content": out.text or ""}}
+                calls = job.tool_calls.parse(out.text or "") if job.tool_calls and finish == "stop" else None
+                if calls is not None:
+                    ch["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+                    finish = "tool_calls"
             else:
                 ch = {"index": c.index, "text": out.text or ""}
                 if out.text is None:
                     ch["token_ids"] = out.token_ids
-            ch.update(logprobs=None, finish_reason=out.finish_reason, diffusion=_diffusion([out]))
+            ch.update(logprobs=None, finish_reason=finish, diffusion=_diffusion([out]))
             choices.append(ch)
         return {"id": job.id, "object": "chat.completion" if job.kind == "chat" else "text_completion",
                 "created": job.created, "model": self.config.model_name, "choices": choices,
