@@ -225,6 +225,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     from kernels.dispatch import resolve_kernels
     dev = resolve_device(device)
     from .model.fuse import fuse_projections
+    from .shape_buckets import bucket_linears
     backend = resolve_kernels(kernels, dev)
     model_dir = Path(model_dir)
     torch_dtype = resolve_dtype(dtype, dev, checkpoint_dtype(model_dir) if dtype == "auto" else None)
@@ -248,6 +249,8 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     net = net.to(dev).eval().requires_grad_(False)
     if dev.type == "cuda":  # one GEMM for q/k/v and one for gate/up (engine/model/fuse.py)
         fuse_projections(net)
+    else:  # a bounded set of GEMM row counts (engine/shape_buckets.py)
+        bucket_linears(net)
     model = DiffusionModel(net, cfg, tokenizer, dev, torch_dtype, model_dir)
     model.kernels = backend
     return model
