@@ -58,14 +58,14 @@ def test_generate_leaves_nothing_behind_when_a_step_raises(llm, monkeypatch, exc
 @contextlib.contextmanager
 def fault_at(eng, phase: str, n: int, exc) -> Iterator[None]:
     """The n-th entry into a step phase raises exc(): scheduling, the forward (a wrapped executor), the
-    scheduler's update, or building a finished request's output (its canvas read)."""
+    scheduler's update, or building a finished request's output."""
     if phase == "forward":
         with installed(eng) as ex:
             ex.fail_run(exc(), after=n - 1)
             yield
         return
     obj, name = {"schedule": (eng.scheduler, "schedule"), "update": (eng.scheduler, "update"),
-                 "output": (eng.runner, "remove")}[phase]
+                 "output": (eng, "_finish")}[phase]
     with failing(obj, name, exc, on_call=n):
         yield
 
