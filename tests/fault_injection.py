@@ -34,9 +34,16 @@ class PoisonedBatch(ForwardBatch):
             if self.fault == HANG:
                 time.sleep(3600)
             raise RuntimeError(self.fault)
-        plain = ForwardBatch.to(self, device)
-        return PoisonedBatch(**{f.name: getattr(plain, f.name) for f in dataclasses.fields(ForwardBatch)},
-                             fault=self.fault, at_worker=True)
+        plain = _plain(self).to(device)
+        return PoisonedBatch(**_fields(plain), fault=self.fault, at_worker=True)
+
+
+def _fields(batch: ForwardBatch) -> dict[str, Any]:
+    return {f.name: getattr(batch, f.name) for f in dataclasses.fields(ForwardBatch)}
+
+
+def _plain(batch: ForwardBatch) -> ForwardBatch:
+    return ForwardBatch(**_fields(batch))
 
 
 class FaultyExecutor:
@@ -76,8 +83,7 @@ class FaultyExecutor:
                 raise armed[1]
             fault, self._worker_fault = self._worker_fault, None
         if fault is not None:
-            batch = PoisonedBatch(**{f.name: getattr(batch, f.name) for f in dataclasses.fields(ForwardBatch)},
-                                  fault=fault)
+            batch = PoisonedBatch(**_fields(batch), fault=fault)
         return self.inner.run(batch, *args, **kwargs)
 
 
