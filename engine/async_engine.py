@@ -79,6 +79,10 @@ class EngineStats:
     positions_computed: int = 0
     """Query positions fed through the network, over every request (CFG twins included)."""
     tokens_committed: int = 0
+    prefix_cache_queries: int = 0
+    """Prompt tokens looked up in the prefix cache (block-causal models with prefix caching on)."""
+    prefix_cache_hits: int = 0
+    """Prompt tokens found there (their K/V not computed again)."""
     preemptions: int = 0
     finished: int = 0
     aborted: int = 0
@@ -391,9 +395,12 @@ class AsyncEngine:
     def _publish(self) -> None:
         eng, t = self._engine, self._totals
         live = list(eng.requests.values())
+        pc = eng.prefix_cache
         self._stats = EngineStats(
             running=len(eng.scheduler.running), waiting=len(eng.scheduler.waiting),
-            kv_pages_used=eng.allocator.num_used, kv_pages_total=eng.allocator.num_pages, steps=t.steps,
+            kv_pages_used=eng.allocator.num_used if pc is None else pc.num_used,
+            kv_pages_total=eng.allocator.num_pages, steps=t.steps,
+            prefix_cache_queries=0 if pc is None else pc.queries, prefix_cache_hits=0 if pc is None else pc.hits,
             positions_computed=t.positions + sum(s.stats.positions_computed for s in live),
             tokens_committed=t.tokens + sum(s.stats.tokens_committed for s in live),
             preemptions=eng.scheduler.num_preemptions, finished=t.finished, aborted=t.aborted, failed=t.failed)

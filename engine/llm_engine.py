@@ -13,6 +13,7 @@ from .executor import Executor, LocalExecutor
 from .kv_pool import KVPool, kv_bytes_per_token
 from .loaded_model import DiffusionModel
 from .outputs import RequestOutput, cut_at_stop_token
+from .prefix_cache import PrefixCache
 from .runner import DEFAULT_LOGITS_MEMORY, ModelRunner, param_row
 from .sampling_params import ResolvedParams
 from .scheduler import ScheduleOutput, ScheduledRequest, Scheduler, SchedulerConfig
@@ -29,6 +30,8 @@ class CacheConfig:
     CPU; on CUDA, gpu_memory_utilization of free memory."""
     gpu_memory_utilization: float = 0.9
     page_size: int = 16
+    enable_prefix_caching: bool = True
+    """Block-causal models: share the KV pages of common prompt prefixes between requests (prefix_cache.py)."""
 
     def __post_init__(self) -> None:
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
@@ -72,7 +75,10 @@ class LLMEngine:
             raise ValueError(f"kv_cache_memory {memory} bytes is less than one KV page ({per_page} bytes)")
         self.allocator = PageAllocator(num_pages, cc.page_size)
         self.pool = KVPool(model.config, num_pages, cc.page_size, model.dtype, model.device, shard)
-        self.scheduler = Scheduler(self.cfg.scheduler, self.allocator)
+        self.prefix_cache = (PrefixCache(self.allocator)
+                             if cc.enable_prefix_caching and getattr(model.config, "block_causal", False) else None)
+        """Prompt-prefix reuse (block-causal families only: bidirectional K/V depend on the whole canvas)."""
+        self.scheduler = Scheduler(self.cfg.scheduler, self.allocator, self.prefix_cache)
         self.runner = ModelRunner(model, self.pool, executor if executor is not None else LocalExecutor(model.net),
                                   self.cfg.logits_memory)
         self.requests: dict[str, Sequence] = {}

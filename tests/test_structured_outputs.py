@@ -176,6 +176,8 @@ def test_json_object_and_ignore_eos(llms):
     ({"choice": []}, "structured_outputs.choice"),
     ({"regex": "a", "choice": ["a"]}, "structured_outputs"),
     ({"jsonn": {}}, "structured_outputs.jsonn"),
+    ({"json": {"enum": ["x" * 100] * 20000}}, "structured_outputs.json"),  # too large
+    ({"json": "[" * 100000 + "]" * 100000}, "structured_outputs.json"),  # nested too deep to read
 ])
 def test_invalid_specs_are_refused_naming_the_field(llms, spec, param):
     llm = llms["llada"]
