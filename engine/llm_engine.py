@@ -215,7 +215,10 @@ class LLMEngine:
     def _text_state(self, seq: Sequence) -> "_TextState":
         if seq.text is None:
             p = seq.params
-            seq.text = _TextState(StopStrings(p.stop) if p.stop and self.model.tokenizer is not None else None)
+            # a constrained answer ends where its grammar does: stop strings do not cut it (the cut text would not
+            # match the constraint)
+            cut = p.stop and self.model.tokenizer is not None and p.structured_outputs is None
+            seq.text = _TextState(StopStrings(p.stop) if cut else None)
         return seq.text
 
     def _block_done(self, seq: Sequence) -> RequestOutput | None:

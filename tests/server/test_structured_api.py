@@ -209,3 +209,27 @@ def test_sdk_structured_options(app):
     call = tc.choices[0].message.tool_calls[0]
     assert tc.choices[0].finish_reason == "tool_calls" and call.function.name == "add"
     jsonschema.validate(json.loads(call.function.arguments), ADD["function"]["parameters"])
+
+
+def test_a_grammar_that_compiles_too_long_is_a_400(app, engine, monkeypatch):
+    """Compilation runs off the event loop under COMPILE_TIMEOUT_S; past it the request is refused, naming the
+    field, and the server keeps answering."""
+    import time
+
+    from server import structured
+
+    real = engine.compile_structured
+    monkeypatch.setattr(structured, "COMPILE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(engine, "compile_structured", lambda spec: (time.sleep(1.0), real(spec)), raising=False)
+
+    async def main():
+        c = oai(app)
+        with pytest.raises(openai.BadRequestError) as e:
+            await c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=8,
+                                            extra_body={"structured_outputs": {"regex": "[a-z]{3}"}})
+        ok = await c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=4)
+        return e.value, ok
+
+    err, ok = run(main())
+    assert err.body["param"] == "structured_outputs.regex" and "exceeded" in err.body["message"]
+    assert ok.choices[0].finish_reason in ("stop", "length")
