@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from engine.model.moe_cpu import moe_cpu
-from engine.model.upcast import UpcastLinear, prepare_cpu, upcast_mm
+from engine.model.upcast import linear, native_half_gemm, upcast_mm
 from kernels.moe import moe_ref
 
 
@@ -23,21 +23,15 @@ def test_upcast_mm_is_a_16bit_gemm_with_fp32_accumulation(dtype):
     torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2, atol=1e-2)
 
 
-def test_prepare_cpu_leaves_float32_layers_bitwise_unchanged():
+def test_linear_is_f_linear_for_float32_and_upcast_for_16bit_without_native_gemm():
     torch.manual_seed(0)
-    net = nn.ModuleList([nn.Linear(48, 33, bias=True), nn.Linear(48, 5, bias=False)])
-    x = torch.randn(5, 48)
-    before = [m(x) for m in net]
-    prepare_cpu(net)
-    assert all(type(m) is nn.Linear and m.weight.is_contiguous() for m in net)
-    assert all(torch.equal(m(x), b) for m, b in zip(net, before))
-
-
-def test_prepare_cpu_switches_16bit_linears_only_without_native_gemm():
-    from engine.model.upcast import native_half_gemm
-    lin = nn.Linear(16, 8).to(torch.bfloat16)
-    prepare_cpu(lin)
-    assert isinstance(lin, UpcastLinear) != native_half_gemm(torch.bfloat16)
+    x, w, b = torch.randn(5, 48), torch.randn(33, 48), torch.randn(33)
+    assert torch.equal(linear(x, w, b), torch.nn.functional.linear(x, w, b))  # float32: bitwise F.linear
+    xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    got = linear(xb[None], wb, bb)  # [1, 5, 33]
+    assert got.shape == (1, 5, 33) and got.dtype == torch.bfloat16
+    if not native_half_gemm(torch.bfloat16):
+        assert torch.equal(got[0], upcast_mm(xb, wb, bb))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,19 +8,24 @@ into a column slice of the output, which is rounded back to the activation dtype
 float32, products accumulate in float32 (what a native bf16 GEMM does too), so the result is that of a 16-bit
 GEMM with float32 accumulation; memory holds the 16-bit weights only.
 
-`prepare_cpu(net)` (called by the loader for CPU models) switches every nn.Linear of a 16-bit model to
-UpcastLinear when the CPU lacks the native path; `upcast_mm` is the 16-bit product on its own.
+`linear(x, w, b)` is F.linear with that rule (engine/shape_buckets.py's BucketedLinear, which every Linear of a
+CPU model is, calls it); `upcast_mm` is the 16-bit product on its own. Measured and not kept: float32 weights
+stored column-major made MKL's GEMMs 5-15% faster, but its products are not bitwise those of the row-major layout
+for every shape (small M), and float32 tokens must not change.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
-from torch import nn
+import torch.nn.functional as F
 
 CHUNK = 256
 """Weight rows converted per slice: 256 x 1024 float32 = 1 MiB, inside a core's L2 on current server CPUs."""
 _HALF = (torch.bfloat16, torch.float16)
 
 
+@functools.cache
 def native_half_gemm(dtype: torch.dtype) -> bool:
     """Whether this CPU has native 16-bit GEMM kernels for dtype (oneDNN's own test)."""
     if dtype == torch.bfloat16:
@@ -44,26 +49,12 @@ def upcast_mm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
     return out.to(out_dtype or x.dtype)
 
 
-class UpcastLinear(nn.Linear):
-    """nn.Linear whose 16-bit weight is multiplied in float32 slice by slice (same parameters, same state dict)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        y = upcast_mm(x.reshape(-1, x.shape[-1]), self.weight, self.bias)  # [M, N]
-        return y.view(*lead, y.shape[-1])
-
-
-def prepare_cpu(net: nn.Module) -> nn.Module:
-    """In place, for a model on the CPU: 16-bit Linear layers become UpcastLinear when the CPU has no native
-    16-bit GEMM; float32 layers are left as they are. Returns net.
-
-    Measured and not kept: float32 weights stored column-major made MKL's GEMMs 5-15% faster, but its products
-    are not bitwise those of the row-major layout for every shape (small M differs), and float32 tokens must not
-    change."""
-    for mod in net.modules():
-        if type(mod) is nn.Linear and mod.weight.dtype in _HALF and not native_half_gemm(mod.weight.dtype):
-            mod.__class__ = UpcastLinear
-    return net
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with 16-bit weights on CPUs without native 16-bit GEMMs multiplied by upcast_mm. x [..., K]."""
+    if not uses_upcast(weight):
+        return F.linear(x, weight, bias)
+    y = upcast_mm(x.reshape(-1, x.shape[-1]), weight, bias)  # [M, N]
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def uses_upcast(w: torch.Tensor) -> bool:
