@@ -42,8 +42,9 @@ def upcast_mm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
     xf = x.float()  # [M, K]
     N = w.shape[0]
     out = torch.empty(x.shape[0], N, dtype=torch.float32, device=x.device)  # [M, N]
-    for n0 in range(0, N, CHUNK):
-        torch.mm(xf, w[n0:n0 + CHUNK].float().t(), out=out[:, n0:n0 + CHUNK])
+    with torch.no_grad():  # inference only: mm(out=...) has no autograd
+        for n0 in range(0, N, CHUNK):
+            torch.mm(xf, w[n0:n0 + CHUNK].float().t(), out=out[:, n0:n0 + CHUNK])
     if bias is not None:
         out += bias.float()
     return out.to(out_dtype or x.dtype)
