@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import logging
 import time
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -83,6 +84,7 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     add_playground(app)
     add_api_docs(app)
 
+    @app.head("/health", include_in_schema=False)  # load balancers probe with HEAD
     @app.get("/health", summary="200 while the engine loop is alive, 503 once it is dead or shutting down",
              response_class=Response, responses={200: {"description": "Alive (empty body)", "content": None},
                                                  503: {"description": "Dead or shutting down (empty body)"}})
@@ -122,13 +124,15 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return APIError(500, f"internal server error ({type(exc).__name__})").response()
 
-    # outermost last: CORS (so browsers can read even a 401) -> API key -> body limit -> routes
+    # outermost last: request id (on every response) -> CORS (so browsers can read even a 401) -> API key ->
+    # body limit -> routes
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     if config.api_key is not None:
         app.add_middleware(APIKeyAuth, api_key=config.api_key)
     if config.allowed_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["*"],
+        app.add_middleware(JSONErrorCORS, allow_origins=config.allowed_origins, allow_methods=["*"],
                            allow_headers=["*"])
+    app.add_middleware(RequestIdHeader)
     return app
 
 
@@ -155,6 +159,52 @@ def _param(loc: Any) -> str | None:
         elif isinstance(p, str) and p.isidentifier():
             parts.append(("." if parts else "") + p)
     return "".join(parts) or None
+
+
+class JSONErrorCORS(CORSMiddleware):
+    """Starlette's CORS, with a rejected preflight answered by an OpenAI-shaped JSON 400 (not plain text)."""
+
+    def preflight_response(self, request_headers: Any) -> Response:
+        resp = super().preflight_response(request_headers)
+        if resp.status_code < 400:
+            return resp
+        err = APIError(resp.status_code, f"CORS preflight refused: {resp.body.decode(errors='replace')}")
+        out = err.response()
+        for name, value in resp.headers.items():
+            if name not in ("content-type", "content-length"):
+                out.headers[name] = value
+        return out
+
+
+REQUEST_ID_HEADER = b"x-request-id"
+REQUEST_ID_CHARS = frozenset(range(0x21, 0x7F))
+
+
+class RequestIdHeader:
+    """Every HTTP response carries `X-Request-Id`: the client's own (printable ASCII, up to 128 bytes) echoed, else
+    a fresh random id. Pure ASGI."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = b""
+        for name, value in scope.get("headers", ()):
+            if name == REQUEST_ID_HEADER:
+                rid = value
+        if not (0 < len(rid) <= 128 and all(b in REQUEST_ID_CHARS for b in rid)):
+            rid = uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = rid.decode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != REQUEST_ID_HEADER]
+                message = {**message, "headers": [*headers, (REQUEST_ID_HEADER, rid)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class APIKeyAuth:
