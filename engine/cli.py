@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate a completion for one prompt")
     gen.add_argument("prompt", help="prompt text (chat-formatted when the model has a chat template)")
-    gen.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    gen.add_argument("--model", help="checkpoint directory or Hugging Face repo id such as "
+                                      "GSAI-ML/LLaDA-8B-Instruct (default: the bundled model)")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: the checkpoint's "
                                                      "torch_dtype; on CPU bfloat16 where the CPU supports it)")
@@ -139,8 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = build_parser()
+    parser = build_parser()  # HF_HUB_OFFLINE is the user's: a Hugging Face repo id may be downloaded (engine/hub.py)
     args = parser.parse_args(argv)
     from .errors import CheckpointError, ParallelError, TokenizerMissingError
     from .sampling_params import SamplingParamsError

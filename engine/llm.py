@@ -9,6 +9,7 @@ import torch
 
 from .errors import RequestError, RequestTypeError
 from .llm_engine import CacheConfig, EngineConfig, LLMEngine
+from .hub import resolve_model_path
 from .loader import load_model, read_generation_config, resolve_device, resolve_dtype
 from .outputs import RequestOutput
 from .sampling_params import GenerationDefaults, ModelLimits, ResolvedParams, SamplingParams, model_defaults
@@ -37,7 +38,7 @@ class LLM:
         Call shutdown() (or use `with LLM(...) as llm:`) to stop the workers; they also stop at exit.
         logits_memory: bytes the per-step candidate pass may use (the decoded positions are scored in chunks)."""
         from .parallel import ParallelConfig, start_parallel, torchrun_rank
-        model_dir = Path(model) if model is not None else default_model_dir()
+        model_dir = resolve_model_path(model) if model is not None else default_model_dir()  # dir or HF repo id
         self.parallel = ParallelConfig(tensor_parallel_size, expert_parallel, parallel_timeout)
         if self.parallel.tensor_parallel_size > 1 or torchrun_rank() is not None:
             resolve_dtype(dtype)
