@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .constraints.spec import StructuredOutputs
 from .errors import RequestError, RequestTooLargeError
 
 REMASKING = ("low_confidence", "random", "margin", "entropy", "origin")
@@ -95,6 +96,9 @@ class SamplingParams:
     """Dream: >0 samples the positions to commit from softmax(confidence / alg_temp)."""
     eps: float = 1e-3
     """Dream: final timestep of linspace(1, eps, steps + 1)."""
+    structured_outputs: StructuredOutputs | dict | None = None
+    """Constrain the output: StructuredOutputs(json=schema | regex=... | choice=[...] | grammar=lark |
+    json_object=True), or the same as a dict (vLLM's `structured_outputs` object). See engine/constraints/."""
 
     def __post_init__(self) -> None:
         def int_in(name: str, lo: int, hi: int, what: str) -> None:
@@ -155,6 +159,8 @@ class SamplingParams:
             raise SamplingParamsError("eps", f"must be in (0, 1), got {self.eps!r}")
         if self.remasking == "origin" and self.algorithm not in (None, "dream"):
             raise SamplingParamsError("remasking", "'origin' is Dream's algorithm; it needs algorithm='dream'")
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputs.from_dict(self.structured_outputs)
 
     def resolve(self, defaults: "GenerationDefaults", limits: "ModelLimits | None" = None) -> "ResolvedParams":
         """Fill unset fields from the model's defaults and derive the block plan. With `limits`, also refuse what
@@ -186,7 +192,7 @@ class SamplingParams:
             temperature=float(get("temperature")), top_p=float(top_p), top_k=int(top_k), remasking=remasking,
             threshold=self.threshold, factor=self.factor, cfg_scale=float(self.cfg_scale), seed=seed,
             stop=tuple(self.stop or ()), ignore_eos=self.ignore_eos, cache=self.cache, algorithm=algorithm,
-            alg_temp=float(self.alg_temp), eps=float(self.eps))
+            alg_temp=float(self.alg_temp), eps=float(self.eps), structured_outputs=self.structured_outputs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +215,7 @@ class ResolvedParams:
     algorithm: str
     alg_temp: float
     eps: float
+    structured_outputs: StructuredOutputs | None = None
 
     @property
     def num_blocks(self) -> int:
