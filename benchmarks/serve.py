@@ -16,7 +16,7 @@ Per request:
 - Output tokens: the usage chunk's completion_tokens.
 
 Datasets: `random` sends token-id prompts to /v1/completions (lengths uniform in input-len * [1 - r, 1 + r], ids
-uniform in --random-token-range); `task` sends the bundled model's held-out problems as chat and reports accuracy.
+uniform over the served model's vocabulary without its special ids, or in --random-token-range); `task` sends the bundled model's held-out problems as chat and reports accuracy.
 Diffusion options (--steps, --block-length, --threshold, ...) are sent as top-level fields. The server's diffusion
 counters (unmask:* or vllm:diffusion_*) are read from /metrics before and after the run.
 """
@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import httpx
 from tqdm import tqdm
@@ -86,16 +86,30 @@ def load_task_module() -> Any:
     return module
 
 
-def random_requests(n: int, input_len: int, output_len: int, range_ratio: float, token_range: tuple[int, int],
-                    seed: int) -> list[BenchRequest]:
+def random_requests(n: int, input_len: int, output_len: int, range_ratio: float,
+                    token_range: tuple[int, int] | Sequence[int], seed: int) -> list[BenchRequest]:
+    """token_range: (LO, HI) draws ids uniformly from [LO, HI); a longer sequence is the list of ids to draw from."""
     rng = random.Random(seed)
     lo_len, hi_len = max(1, round(input_len * (1 - range_ratio))), max(1, round(input_len * (1 + range_ratio)))
+    ids = range(*token_range) if isinstance(token_range, tuple) and len(token_range) == 2 else list(token_range)
     out = []
     for _ in range(n):
         length = rng.randint(lo_len, hi_len)
-        out.append(BenchRequest(prompt=[rng.randrange(*token_range) for _ in range(length)], input_len=length,
+        out.append(BenchRequest(prompt=[ids[rng.randrange(len(ids))] for _ in range(length)], input_len=length,
                                 max_tokens=output_len))
     return out
+
+
+def served_token_ids(card: Any) -> list[int]:
+    """The ids a random prompt may use on the served model: its vocabulary (/v1/models `vocab_size`, as vllm bench
+    serve takes it from the model's tokenizer) minus the mask, EOS and stop ids."""
+    vocab = getattr(card, "vocab_size", None)
+    if not vocab:
+        raise SystemExit(f"benchmarks.serve: the server does not report model {card.id!r}'s vocab_size; pass "
+                         f"--random-token-range LO HI")
+    special = getattr(card, "special_tokens", None) or {}
+    skip = {special.get("mask_token_id"), special.get("eos_token_id"), *(special.get("stop_token_ids") or [])}
+    return [t for t in range(vocab) if t not in skip]
 
 
 def task_requests(n: int, output_len: int | None, seed: int) -> list[BenchRequest]:
@@ -296,8 +310,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--random-input-len", type=int, default=128)
     p.add_argument("--random-output-len", type=int, default=64)
     p.add_argument("--random-range-ratio", type=float, default=0.0, help="input lengths in len * [1 - r, 1 + r]")
-    p.add_argument("--random-token-range", type=int, nargs=2, default=(0, 1000), metavar=("LO", "HI"),
-                   help="random prompt token ids are drawn from [LO, HI) (keep special ids out)")
+    p.add_argument("--random-token-range", type=int, nargs=2, metavar=("LO", "HI"),
+                   help="random prompt token ids are drawn from [LO, HI) (default: the served model's vocabulary "
+                        "from /v1/models, without its mask / EOS / stop ids)")
     p.add_argument("--output-len", type=int, help="task dataset: max_completion_tokens (default: the server's)")
     p.add_argument("--num-warmups", type=int, default=1, help="requests sent (and not counted) before the run")
     p.add_argument("--seed", type=int, default=0)
@@ -337,11 +352,12 @@ def request_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
-def make_requests(args: argparse.Namespace) -> list[BenchRequest]:
+def make_requests(args: argparse.Namespace, card: Any = None) -> list[BenchRequest]:
     if args.dataset_name == "task":
         return task_requests(args.num_prompts + args.num_warmups, args.output_len, args.seed)
+    ids = tuple(args.random_token_range) if args.random_token_range else served_token_ids(card)
     return random_requests(args.num_prompts + args.num_warmups, args.random_input_len, args.random_output_len,
-                           args.random_range_ratio, tuple(args.random_token_range), args.seed)
+                           args.random_range_ratio, ids, args.seed)
 
 
 def make_client(base_url: str, api_key: str | None, model: str | None, concurrency: int | None) -> AsyncClient:
@@ -354,13 +370,14 @@ def make_client(base_url: str, api_key: str | None, model: str | None, concurren
 async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     key = args.api_key or os.environ.get("UNMASK_API_KEY") or os.environ.get("OPENAI_API_KEY")
     percentiles = [float(p) for p in args.metric_percentiles.split(",")]
-    requests = make_requests(args)
-    warmups, requests = requests[:args.num_warmups], requests[args.num_warmups:]
     options = request_options(args)
     async with make_client(args.base_url, key, args.model, args.max_concurrency) as client:
         await client.wait_until_ready(timeout=300)
-        model = client.model or (await client.models())[0].id
+        cards = await client.models()
+        model = client.model or cards[0].id
         client.model = model
+        requests = make_requests(args, next((c for c in cards if c.id == model), cards[0]))
+        warmups, requests = requests[:args.num_warmups], requests[args.num_warmups:]
         if warmups:
             await run_load(client, warmups, options, None, float("inf"), progress=False)
         before = await scrape(client)
@@ -400,5 +417,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def exit_status(result: dict[str, Any]) -> int:
+    """Non-zero when no request succeeded (a run that measured nothing must not look like one that did)."""
+    if result["completed"] == 0:
+        print(f"benchmarks.serve: every request failed ({result['failed']}); first errors: "
+              f"{result['errors'][:3]}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

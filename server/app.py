@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .config import PUBLIC_PATHS, ServerConfig
 from .engine_client import EngineClient
 from .errors import APIError
+from .memory import TRIM_AFTER_BYTES, release_freed_memory
 from .metrics import CONTENT_TYPE, Metrics
 from .api_docs import add_api_docs
 from .playground import add_playground, effective_defaults, special_tokens
@@ -77,6 +78,7 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     async def models() -> ModelList:
         info = engine.info
         return ModelList(data=[ModelCard(id=name, created=created, root=info.path, max_model_len=info.max_model_len,
+                                         vocab_size=info.vocab_size,
                                          family=info.family, diffusion_defaults=effective_defaults(info, config),
                                          special_tokens=special_tokens(info))
                                for name in config.served_model_names])
@@ -233,10 +235,12 @@ class APIKeyAuth:
 
 class BodyLimit:
     """413 for a body over max_bytes: refused on Content-Length before reading, or as soon as the streamed body
-    passes the limit."""
+    passes the limit. After a large body the freed memory is returned to the OS (server/memory.py)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
+        self.large_in_flight = 0
+        """Requests with a declared body of at least TRIM_AFTER_BYTES being served."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -256,4 +260,15 @@ class BodyLimit:
                     raise HTTPException(413, too_big.message)
             return message
 
-        await self.app(scope, limited_receive, send)
+        large = False
+        try:
+            for name, value in scope.get("headers", ()):
+                if name == b"content-length" and value.isdigit() and int(value) >= TRIM_AFTER_BYTES:
+                    large = True
+                    self.large_in_flight += 1
+            await self.app(scope, limited_receive, send)
+        finally:
+            if large:
+                self.large_in_flight -= 1
+            if large or seen >= TRIM_AFTER_BYTES:  # the body, its JSON and its model are garbage: pages back
+                release_freed_memory(last_one=self.large_in_flight == 0)
