@@ -37,14 +37,21 @@ class LLM:
         experts partitioned over the ranks. parallel_timeout: seconds before a silent rank fails a step.
         Call shutdown() (or use `with LLM(...) as llm:`) to stop the workers; they also stop at exit.
         logits_memory: bytes the per-step candidate pass may use (the decoded positions are scored in chunks)."""
+<<<<<<< HEAD
         from .parallel import ParallelConfig, start_parallel, torchrun_rank
         model_dir = resolve_model_path(model) if model is not None else default_model_dir()  # dir or HF repo id
+=======
+        from .executor import LocalExecutor, ParallelConfig, torchrun_rank
+        model_dir = Path(model) if model is not None else default_model_dir()
+>>>>>>> main
         self.parallel = ParallelConfig(tensor_parallel_size, expert_parallel, parallel_timeout)
         if self.parallel.tensor_parallel_size > 1 or torchrun_rank() is not None:
+            from .executor.launch import start_parallel
             resolve_dtype(dtype)
-            self.model = start_parallel(model_dir, resolve_device(device), dtype, self.parallel, kernels)
+            self.model, executor = start_parallel(model_dir, resolve_device(device), dtype, self.parallel, kernels)
         else:
             self.model = load_model(model_dir, device=device, dtype=dtype, kernels=kernels)
+            executor = LocalExecutor(self.model.net)
         try:
             cfg = self.model.config
             self.defaults: GenerationDefaults = model_defaults(cfg.family, read_generation_config(model_dir))
@@ -54,15 +61,15 @@ class LLM:
             self.engine = LLMEngine(self.model, EngineConfig(
                 cache=CacheConfig(kv_cache_memory=kv_cache_memory, page_size=page_size),
                 scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
-                **extra))
+                **extra), executor)
         except BaseException:
-            self.model.executor.shutdown()
+            executor.shutdown()
             raise
         self._ids = itertools.count()
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (no-op for one process). Idempotent; the LLM cannot generate after."""
-        self.model.executor.shutdown()
+        self.engine.executor.shutdown()
 
     def __enter__(self) -> "LLM":
         return self
@@ -72,10 +79,7 @@ class LLM:
 
     def memory_report(self) -> list[dict[str, int]]:
         """Per rank (one entry per process): param_bytes, kv_pool_bytes and rss_bytes (the process's resident set)."""
-        if self.model.executor.world_size == 1:
-            from .parallel import memory_of
-            return [memory_of(0, self.model.net, self.engine.pool.nbytes)]
-        return self.model.executor.memory_report(self.engine.pool.nbytes)
+        return self.engine.executor.memory_report(self.engine.pool.nbytes)
 
     @property
     def tokenizer(self) -> Any:

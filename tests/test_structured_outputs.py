@@ -202,3 +202,13 @@ def test_bundled_model_keeps_its_accuracy_under_a_digit_regex():
         acc_cons = sum(task.check(q, o.text) for (q, _), o in zip(probs, cons))
         assert all(o.finish_reason == "stop" and re.fullmatch(regex, o.text) for o in cons)
         assert acc_plain >= 45 and acc_cons >= acc_plain, (opts, acc_plain, acc_cons)
+
+
+def test_a_vocabulary_that_cannot_spell_the_grammar_is_refused():
+    """The bundled model's vocabulary has digits and a few words only: a JSON object is refused up front."""
+    from engine.bundled import DEFAULT_MODEL_DIR
+
+    llm = LLM(DEFAULT_MODEL_DIR, dtype="float32")
+    with pytest.raises(StructuredOutputsError) as e:
+        llm.generate([[8, 9]], SamplingParams(max_tokens=8, structured_outputs={"json_object": True}))
+    assert e.value.param == "structured_outputs.json_object" and "cannot spell" in str(e.value)
