@@ -37,13 +37,8 @@ class LLM:
         experts partitioned over the ranks. parallel_timeout: seconds before a silent rank fails a step.
         Call shutdown() (or use `with LLM(...) as llm:`) to stop the workers; they also stop at exit.
         logits_memory: bytes the per-step candidate pass may use (the decoded positions are scored in chunks)."""
-<<<<<<< HEAD
-        from .parallel import ParallelConfig, start_parallel, torchrun_rank
-        model_dir = resolve_model_path(model) if model is not None else default_model_dir()  # dir or HF repo id
-=======
         from .executor import LocalExecutor, ParallelConfig, torchrun_rank
-        model_dir = Path(model) if model is not None else default_model_dir()
->>>>>>> main
+        model_dir = resolve_model_path(model) if model is not None else default_model_dir()  # dir or HF repo id
         self.parallel = ParallelConfig(tensor_parallel_size, expert_parallel, parallel_timeout)
         if self.parallel.tensor_parallel_size > 1 or torchrun_rank() is not None:
             from .executor.launch import start_parallel
