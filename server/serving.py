@@ -2,6 +2,8 @@
 
 Each choice (prompt x n) is one engine request. Streams send one content delta per finished block of a choice,
 text only ever extended; the request is aborted in the engine as soon as its client is gone (streaming or not).
+A request's choices run through a ChoiceRunner (server/choice_runner.py): bounded memory for slow readers, finished
+work accounted at once, and at most max_live of them in the batch at a time.
 """
 from __future__ import annotations
 
