@@ -79,6 +79,10 @@ class EngineStats:
     positions_computed: int = 0
     """Query positions fed through the network, over every request (CFG twins included)."""
     tokens_committed: int = 0
+    prefix_cache_queries: int = 0
+    """Prompt tokens looked up in the prefix cache (block-causal models with prefix caching on)."""
+    prefix_cache_hits: int = 0
+    """Prompt tokens found there (their K/V not computed again)."""
     preemptions: int = 0
     finished: int = 0
     aborted: int = 0
@@ -103,13 +107,7 @@ class AsyncEngine:
         """Serve `llm`'s model and engine (its scheduler, KV pool and options) from a background thread."""
         self.llm = llm
         self._engine: LLMEngine = llm.engine
-        if self._engine.owner is not None:
-            raise RuntimeError("this LLM is already served by an AsyncEngine; shut that one down first")
-        if self._engine.has_unfinished():
-            raise RuntimeError("the LLM's engine has unfinished requests")
-        self._engine.owner = self
-        self._saved_stream_deltas = self._engine.stream_deltas
-        self._engine.stream_deltas = True
+        self._engine.claim(self)  # released when the engine thread ends
         self._cond = threading.Condition()
         self._inbox: list[tuple[str, Any]] = []
         self._requests: dict[str, StreamState] = {}
@@ -297,14 +295,13 @@ class AsyncEngine:
                 return
             raise
         finally:
-            eng.stream_deltas = self._saved_stream_deltas
-            eng.owner = None
+            eng.release(self)
 
     def _add(self, req: StreamState, deliveries: list[Delivery]) -> None:
         if req.done:
             return
         try:
-            req.seq = self._engine.add_request(req.request_id, req.prompt_ids, req.params)
+            req.seq = self._engine.add_request(req.request_id, req.prompt_ids, req.params, stream=True)
             req.seq.step_log = req.step_log
             if req.step_log is not None:
                 self._recording[req.request_id] = req
@@ -398,9 +395,12 @@ class AsyncEngine:
     def _publish(self) -> None:
         eng, t = self._engine, self._totals
         live = list(eng.requests.values())
+        pc = eng.prefix_cache
         self._stats = EngineStats(
             running=len(eng.scheduler.running), waiting=len(eng.scheduler.waiting),
-            kv_pages_used=eng.allocator.num_used, kv_pages_total=eng.allocator.num_pages, steps=t.steps,
+            kv_pages_used=eng.allocator.num_used if pc is None else pc.num_used,
+            kv_pages_total=eng.allocator.num_pages, steps=t.steps,
+            prefix_cache_queries=0 if pc is None else pc.queries, prefix_cache_hits=0 if pc is None else pc.hits,
             positions_computed=t.positions + sum(s.stats.positions_computed for s in live),
             tokens_committed=t.tokens + sum(s.stats.tokens_committed for s in live),
             preemptions=eng.scheduler.num_preemptions, finished=t.finished, aborted=t.aborted, failed=t.failed)

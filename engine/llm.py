@@ -29,14 +29,17 @@ class LLM:
                  dtype: str | torch.dtype = "auto", *, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 16384, kv_cache_memory: int | None = None,
                  page_size: int = 16, kernels: str | None = None, tensor_parallel_size: int = 1, expert_parallel: bool = False,
-                 parallel_timeout: float = 120.0, logits_memory: int | None = None) -> None:
+                 parallel_timeout: float = 120.0, logits_memory: int | None = None,
+                 enable_prefix_caching: bool = True) -> None:
         """kernels: "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch"; None reads $UNMASK_KERNELS,
         else auto. "triton" on CPU runs the interpreted kernels and needs TRITON_INTERPRET=1.
         tensor_parallel_size N > 1 shards the model over N processes (this one is rank 0, the engine starts
         N-1 workers; under torchrun every rank calls this and ranks > 0 serve, then exit). expert_parallel: MoE
         experts partitioned over the ranks. parallel_timeout: seconds before a silent rank fails a step.
         Call shutdown() (or use `with LLM(...) as llm:`) to stop the workers; they also stop at exit.
-        logits_memory: bytes the per-step candidate pass may use (the decoded positions are scored in chunks)."""
+        logits_memory: bytes the per-step candidate pass may use (the decoded positions are scored in chunks).
+        enable_prefix_caching: block-causal models (LLaDA2) share the KV pages of common prompt prefixes between
+        requests (engine/prefix_cache.py); other families never share."""
         from .executor import LocalExecutor, ParallelConfig, torchrun_rank
         model_dir = resolve_model_path(model) if model is not None else default_model_dir()  # dir or HF repo id
         self.parallel = ParallelConfig(tensor_parallel_size, expert_parallel, parallel_timeout)
@@ -54,7 +57,8 @@ class LLM:
                                       has_tokenizer=self.model.tokenizer is not None)
             extra = {} if logits_memory is None else {"logits_memory": logits_memory}
             self.engine = LLMEngine(self.model, EngineConfig(
-                cache=CacheConfig(kv_cache_memory=kv_cache_memory, page_size=page_size),
+                cache=CacheConfig(kv_cache_memory=kv_cache_memory, page_size=page_size,
+                                  enable_prefix_caching=enable_prefix_caching),
                 scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
                 **extra), executor)
         except BaseException:
@@ -147,14 +151,14 @@ class LLM:
             ids = self.prompt_ids(prompt, max_tokens=resolved.max_tokens)
         self._check_not_served()
         rid = f"gen-{next(self._ids)}"
-        seq = self.engine.add_request(rid, ids, resolved)
+        seq = self.engine.add_request(rid, ids, resolved, keep_canvas=True)
         try:
             while True:
                 finished = [o for o in self.engine.step() if o.request_id == rid and o.finished]
                 if finished:
-                    yield self.engine.last_canvas.pop(rid, finished[0].token_ids), finished[0]
+                    yield seq.final_canvas if seq.final_canvas is not None else finished[0].token_ids, finished[0]
                     return
-                if id(seq) in self.engine.runner.canvases:
+                if self.engine.runner.has(seq):
                     yield self.engine.runner.generated(seq), None
         finally:
             self.engine.abort(rid)

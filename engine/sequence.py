@@ -46,19 +46,28 @@ class Sequence:
     finish_reason: str | None = None
     pages: list[int] = field(default_factory=list)
     """KV pages of the conditional canvas, then (with CFG) of the unconditional twin."""
+    cached_prefix_len: int = 0
+    """Leading canvas positions whose K/V live in prefix-cache pages (engine/prefix_cache.py): found cached at
+    admission (the request's passes start after them) or registered by it since. Never written by this request."""
+    prefix_keys: list[bytes] | None = None
+    """Keys of the prompt's shareable pages (computed at first admission when prefix caching is on)."""
+    prefix_registered: bool = False
+    """Whether the prompt's shareable pages are all in the cache (found or registered)."""
     stats: SeqStats = field(default_factory=SeqStats)
-    output_ids: list[int] | None = None
-    emitted_blocks: int = 0
-    user_data: Any = None
     step_log: StepLog | None = None
     """Set for requests that asked for their per-step commits (see step_log.py); None costs nothing."""
     row: Any = None
+    """The request's sampling parameters as small tensors, built once when the request is created (runner.param_row),
+    so a value that cannot be represented fails that request alone, before it joins a batch."""
     constraint: Any = None
     """The request's structured-output state (engine/constraints Constraint), None when unconstrained."""
     text: Any = None
     """The engine's text state of the request (stop-string search position, streamed text)."""
-    """The request's sampling parameters as small tensors, built once when the request is created (runner.param_row),
-    so a value that cannot be represented fails that request alone, before it joins a batch."""
+    stream: bool = False
+    """Its consumer streams: each completed block also yields an unfinished output (LLMEngine.add_request)."""
+    keep_canvas: bool = False
+    final_canvas: list[int] | None = None
+    """With keep_canvas, the whole generated canvas once finished (past EOS; `unmask generate --show-steps`)."""
 
     def __post_init__(self) -> None:
         self.masked_in_block = self.block_masks = self.block_len(0)
