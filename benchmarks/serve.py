@@ -110,6 +110,10 @@ def random_requests(n: int, input_len: int, output_len: int, range_ratio: float,
     return out
 
 
+OFFLINE_TOKEN_RANGE = (0, 1000)
+"""Random-prompt ids when requests are built without a server to ask (make_requests(args) with no model card)."""
+
+
 def _id_pool(token_range: tuple[int, int] | Sequence[int]) -> Sequence[int]:
     """(LO, HI) -> range(LO, HI); a longer sequence is the list of ids itself."""
     return range(*token_range) if isinstance(token_range, tuple) and len(token_range) == 2 else list(token_range)
@@ -390,7 +394,10 @@ def request_options(args: argparse.Namespace) -> dict[str, Any]:
 def make_requests(args: argparse.Namespace, card: Any = None) -> list[BenchRequest]:
     if args.dataset_name == "task":
         return task_requests(args.num_prompts + args.num_warmups, args.output_len, args.seed)
-    ids = tuple(args.random_token_range) if args.random_token_range else served_token_ids(card)
+    if args.random_token_range:
+        ids: Sequence[int] = tuple(args.random_token_range)
+    else:  # the served vocabulary; with no server to ask (card None, building requests offline) [0, 1000)
+        ids = served_token_ids(card) if card is not None else OFFLINE_TOKEN_RANGE
     if args.dataset_name == "shared-prefix":
         return shared_prefix_requests(args.num_prompts + args.num_warmups, args.shared_prefix_len,
                                       args.shared_prefix_num, args.random_input_len, args.random_output_len,
