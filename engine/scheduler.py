@@ -75,6 +75,8 @@ class RunnerOutput:
     """Per scheduled request: positions committed this step."""
     eos: list[bool]
     """Per scheduled request: a stop token is committed with every position before it committed."""
+    edited: list[int] | None = None
+    """Per scheduled request: committed tokens replaced this step (token editing); None: no editing row."""
 
 
 @dataclass(slots=True)
@@ -179,6 +181,7 @@ class Scheduler:
         self.running.remove(seq)
         self.allocator.free(seq.pages)
         seq.pages = []
+        seq.drop_cache()
         seq.status = Status.WAITING
         seq.stats.preemptions += 1
         self.num_preemptions += 1
@@ -187,9 +190,10 @@ class Scheduler:
     # update -------------------------------------------------------------------------------------------
     def update(self, sched: ScheduleOutput, result: RunnerOutput) -> UpdateResult:
         upd = UpdateResult()
-        for req, committed, eos in zip(sched.scheduled, result.committed, result.eos):
+        edited = result.edited or [0] * len(result.committed)
+        for req, committed, eos, edits in zip(sched.scheduled, result.committed, result.eos, edited):
             seq = req.seq
-            block_done = seq.advance(committed)
+            block_done = seq.advance(committed, edits)
             if eos and not seq.params.ignore_eos:
                 upd.finished.append(seq)
             elif block_done:

@@ -64,6 +64,26 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
     return weights, ids
 
 
+def route_sigmoid_group(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLaDA2's router. logits [T, E] fp32 -> weights [T, k] fp32, expert ids [T, k]: s = sigmoid(logits);
+    selection over s + bias limited to the topk_group groups (E split into n_group contiguous groups, a group
+    scored by the sum of its top-2 biased scores); weights = the unbiased s of the chosen experts, renormalised
+    to sum 1 (when k > 1), times scale."""
+    T, E = logits.shape
+    s = torch.sigmoid(logits.float())  # [T, E]
+    biased = s + bias.float()  # [T, E]
+    group_score = biased.view(T, n_group, E // n_group).topk(2, dim=-1).values.sum(-1)  # [T, G]
+    keep = torch.topk(group_score, topk_group, dim=-1).indices  # [T, g]
+    group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter(1, keep, True)  # [T, G]
+    allowed = group_mask[:, :, None].expand(T, n_group, E // n_group).reshape(T, E)  # [T, E]
+    ids = torch.topk(biased.masked_fill(~allowed, float("-inf")), top_k, dim=-1).indices  # [T, k]
+    w = s.gather(1, ids)  # [T, k]
+    if top_k > 1:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return w * scale, ids
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Triton path
 

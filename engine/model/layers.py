@@ -1,4 +1,5 @@
-"""Building blocks of the bidirectional transformer: RMSNorm, RoPE, attention block, SwiGLU MLP, MoE."""
+"""Building blocks of the transformer: RMSNorm, (partial) RoPE, attention block, SwiGLU MLP, MoE (softmax router,
+or LLaDA2's sigmoid group-limited router with shared experts)."""
 from __future__ import annotations
 
 import torch
@@ -61,7 +62,11 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D]; rotate-half pairing (i, i + D/2)."""
+    """x [T, H, D]; rotate-half pairing (i, i + R/2) over the first R = cos.shape[-1] dims (partial rotary: the
+    remaining D - R dims pass through)."""
+    rd = cos.shape[-1]
+    if rd < x.shape[-1]:
+        return torch.cat([apply_rotary(x[..., :rd], cos, sin), x[..., rd:]], dim=-1)
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
@@ -86,6 +91,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.qkv_proj: nn.Linear | None = None
         """q/k/v as one GEMM (engine/model/fuse.py, at load time on CUDA); q/k/v_proj are then None."""
+        if cfg.fused_qkv:  # the checkpoint's own fused layout (LLaDA2 query_key_value)
+            self.qkv_proj = nn.Linear(d, (self.num_heads + 2 * self.num_kv_heads) * hd, bias=cfg.qkv_bias)
+            self.q_proj = self.k_proj = self.v_proj = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttnContext) -> torch.Tensor:
         cfg = self.cfg
@@ -140,19 +148,35 @@ class MoE(nn.Module):
         self.e0, e1 = shard.experts(cfg.num_experts)
         i0, i1 = shard.moe_inter(cfg.moe_intermediate_size)
         e, i = e1 - self.e0, i1 - i0
+        self.cfg = cfg
         self.top_k, self.norm_topk = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.router = nn.Linear(d, cfg.num_experts, bias=False)
         self.w_gate = nn.Parameter(torch.empty(e, i, d))
         self.w_up = nn.Parameter(torch.empty(e, i, d))
         self.w_down = nn.Parameter(torch.empty(e, d, i))
+        grouped = cfg.router == "sigmoid_group"
+        self.expert_bias = nn.Parameter(torch.zeros(cfg.num_experts)) if grouped else None
+        """[E] added to the sigmoid scores for expert selection only (LLaDA2)."""
+        self.shared = MLP(d, cfg.shared_expert_size, shard) if cfg.shared_expert_size else None
+        """Shared experts: one SwiGLU added unweighted to the routed output (LLaDA2)."""
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> weights [T, k] (x.dtype), expert ids [T, k]."""
-        from kernels.moe import route
-        weights, ids = route(self.router(x), self.top_k, self.norm_topk)
+        from kernels.moe import route, route_sigmoid_group
+        if self.expert_bias is not None:  # router GEMM in fp32, as the reference
+            c = self.cfg
+            logits = F.linear(x.float(), self.router.weight.float())  # [T, E]
+            weights, ids = route_sigmoid_group(logits, self.expert_bias, self.top_k, c.n_group, c.topk_group,
+                                               c.routed_scaling_factor)
+        else:
+            weights, ids = route(self.router(x), self.top_k, self.norm_topk)
         return weights.to(x.dtype), ids
 
     def forward(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+        out = self._routed(x, backend)
+        return out if self.shared is None else out + self.shared(x)
+
+    def _routed(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         from kernels.moe import fused_moe, fused_moe_triton
         weights, ids = self.route(x)
         run = fused_moe_triton if backend == "triton" else fused_moe
