@@ -19,6 +19,7 @@ from .decoding.candidates import SCORE_CODES, CandidateInputs, ShardDecode, cand
 from .decoding.noise import STREAM_GUMBEL, row_keys
 from .decoding.select import SelectInputs, select
 from .block_graphs import BlockGraphs
+from .constraints.decoder import StepConstraints
 from .forward_batch import ForwardBatch
 from .kv_pool import KVPool
 from .model.attention import AttnContext
@@ -173,11 +174,13 @@ class ModelRunner:
         batch, dec = self._inputs(reqs, m, plan)
         keys = (row_keys(m.seed[dec.seq], plan.dev["step_no"][dec.seq], dec.pos, STREAM_GUMBEL) if plan.mmax
                 else torch.zeros(0, dtype=torch.long, device=self.device))  # [N] counter-based noise keys
-        if self.model.executor.world_size > 1 and not m.any_filter:  # reduce each vocabulary shard on its rank
+        constrained = StepConstraints.of(reqs, plan.counts)  # structured-output rows (None: none in this step)
+        if self.model.executor.world_size > 1 and not m.any_filter and constrained is None:  # reduce each
+            # vocabulary shard on its rank (constrained rows need their full logits)
             batch.shard_decode = ShardDecode(self.cfg.mask_id, m.temperature[dec.seq], m.tempered[dec.seq], keys,
                                              m.any_sampling, m.any_tempered)
-        x0, score, conf = self._candidates(reqs, m, batch, dec, keys, plan)  # [N] each
-        commit, edit = self._commit(reqs, m, dec, x0, score, conf, keys, plan)  # [B, M] each
+        x0, score, conf = self._candidates(reqs, m, batch, dec, keys, plan, constrained)  # [N] each
+        commit, edit = self._commit(reqs, m, dec, x0, score, conf, keys, plan, constrained)  # [B, M] each
         eos = self._eos(m)  # [B]
         out = torch.stack([commit.sum(1), eos.long(), edit.sum(1)]).tolist()
         return RunnerOutput(committed=out[0], eos=[bool(x) for x in out[1]],
@@ -291,7 +294,8 @@ class ModelRunner:
         return batch, dec
 
     def _candidates(self, reqs: list[ScheduledRequest], m: _Members, batch: ForwardBatch, dec: "_Decode",
-                    keys: torch.Tensor, plan: "_Plan") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    keys: torch.Tensor, plan: "_Plan", constrained: StepConstraints | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the step's forward and score its decoded positions: candidate token, score and confidence [N] each.
         The logits (or, with shard_decode, the vocabulary shards' statistics [R, n, 8]) arrive in chunks of at most
         batch.logit_chunk positions, each scored as it arrives, so the [N, V] working set stays within the logits
@@ -308,6 +312,8 @@ class ModelRunner:
                                      keys[a:b], self.cfg.mask_id, m.any_sampling, m.any_filter, m.score_codes,
                                      m.any_tempered, self.kernels)
             x0[a:b], score[a:b], conf[a:b] = score_chunk(logits, inputs)
+            if constrained is not None:
+                constrained.consume(a, b, logits, inputs)
 
         row_len = plan.row_len
         if self.graphs is not None and BlockGraphs.eligible([reqs[i].refresh for i in m.row_seq], row_len):
@@ -323,8 +329,8 @@ class ModelRunner:
         return x0, score, conf
 
     def _commit(self, reqs: list[ScheduledRequest], m: _Members, dec: "_Decode", x0: torch.Tensor,
-                score: torch.Tensor, conf: torch.Tensor, keys: torch.Tensor, plan: "_Plan"
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                score: torch.Tensor, conf: torch.Tensor, keys: torch.Tensor, plan: "_Plan",
+                constrained: StepConstraints | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's selection rule over the scored positions; writes the commits (and token edits) into the
         canvases. Returns the commit and edit masks [B, M] (padded layout)."""
         dev, mask_id, d = self.device, self.cfg.mask_id, plan.dev
@@ -340,6 +346,8 @@ class ModelRunner:
             noise_keys=keys[pad_idx], any_threshold=m.any_threshold, any_factor=m.any_factor,
             any_origin=plan.any_origin, any_alg_temp=m.any_alg_temp,
             quota_rule=d["quota_rule"] if m.any_quota_threshold else None))  # [B, M]
+        if constrained is not None:  # structured-output rows: their left-to-right grammar-checked commits
+            commit = constrained.apply(x0, commit)
         edit = torch.zeros_like(commit)
         if m.any_editing:
             edit = editing.edits(current[pad_idx], x0[pad_idx], conf[pad_idx], pad_valid, m.edit_threshold, mask_id)

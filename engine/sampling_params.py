@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .constraints.spec import StructuredOutputs
 from .errors import RequestError, RequestTooLargeError
 
 REMASKING = ("low_confidence", "random", "margin", "entropy", "origin")
@@ -104,6 +105,9 @@ class SamplingParams:
     > editing_threshold. None: off (LLaDA2.0 decoding)."""
     max_post_steps: int | None = None
     """With editing: extra steps per block after its last mask is filled, while they still edit (default 16)."""
+    structured_outputs: StructuredOutputs | dict | None = None
+    """Constrain the output: StructuredOutputs(json=schema | regex=... | choice=[...] | grammar=lark |
+    json_object=True), or the same as a dict (vLLM's `structured_outputs` object). See engine/constraints/."""
 
     def __post_init__(self) -> None:
         def int_in(name: str, lo: int, hi: int, what: str) -> None:
@@ -166,6 +170,8 @@ class SamplingParams:
         int_in("max_post_steps", 0, MAX_STEPS, f"an integer in [0, {MAX_STEPS}]")
         if self.remasking == "origin" and self.algorithm not in (None, "dream"):
             raise SamplingParamsError("remasking", "'origin' is Dream's algorithm; it needs algorithm='dream'")
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputs.from_dict(self.structured_outputs)
 
     def resolve(self, defaults: "GenerationDefaults", limits: "ModelLimits | None" = None) -> "ResolvedParams":
         """Fill unset fields from the model's defaults and derive the block plan. With `limits`, also refuse what
@@ -218,8 +224,8 @@ class SamplingParams:
             temperature=float(get("temperature")), top_p=float(top_p), top_k=int(top_k), remasking=remasking,
             threshold=threshold, factor=self.factor, cfg_scale=float(self.cfg_scale), seed=seed,
             stop=tuple(self.stop or ()), ignore_eos=self.ignore_eos, cache=cache, algorithm=algorithm,
-            alg_temp=float(self.alg_temp), eps=float(self.eps), steps_per_block=steps_per_block,
-            editing_threshold=self.editing_threshold,
+            alg_temp=float(self.alg_temp), eps=float(self.eps), structured_outputs=self.structured_outputs,
+            steps_per_block=steps_per_block, editing_threshold=self.editing_threshold,
             max_post_steps=16 if self.max_post_steps is None else self.max_post_steps)
 
 
@@ -243,6 +249,7 @@ class ResolvedParams:
     algorithm: str
     alg_temp: float
     eps: float
+    structured_outputs: StructuredOutputs | None = None
     steps_per_block: int = 0
     """Block diffusion (llada2) without an explicit `steps`: every block gets this many steps (`steps` is then 0;
     the per-block plan is built per request, Sequence.plan)."""
@@ -331,6 +338,9 @@ def _check_block_diffusion(p: SamplingParams) -> None:
         raise SamplingParamsError("cfg_scale", "classifier-free guidance is not available for block diffusion (LLaDA2)")
     if p.alg_temp:
         raise SamplingParamsError("alg_temp", "alg_temp is Dream's; block diffusion (LLaDA2) does not use it")
+    if p.structured_outputs is not None:
+        raise SamplingParamsError("structured_outputs", "constrained decoding is not available for block "
+                                                        "diffusion (LLaDA2) yet")
 
 _GEN_CONFIG_KEYS = {"max_new_tokens": "max_tokens", "steps": "steps", "num_diffusion_steps": "steps",
                     "block_length": "block_length", "temperature": "temperature", "top_p": "top_p",

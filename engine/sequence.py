@@ -54,6 +54,8 @@ class Sequence:
     step_log: StepLog | None = None
     """Set for requests that asked for their per-step commits (see step_log.py); None costs nothing."""
     row: Any = None
+    constraint: Any = None
+    """The request's structured-output state (engine/constraints Constraint), None when unconstrained."""
     text: Any = None
     """The engine's text state of the request (stop-string search position, streamed text)."""
     """The request's sampling parameters as small tensors, built once when the request is created (runner.param_row),

@@ -75,6 +75,15 @@ class SamplingFields(_Request):
                           "Unset: the model family's.")
     alg_temp: float | None = Field(None, ge=0, description="Dream: > 0 samples the positions to commit from "
                                                            "softmax(confidence / alg_temp).")
+    # structured outputs (server/structured.py, engine/constraints)
+    response_format: dict[str, Any] | None = Field(
+        None, description="OpenAI: {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": "
+                          "\"json_schema\", \"json_schema\": {\"name\", \"schema\", \"strict\"}}: the output is "
+                          "guaranteed to parse (and validate) when finish_reason is stop.")
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM: exactly one of {\"json\": schema, \"regex\": str, \"choice\": [str], "
+                          "\"grammar\": llguidance Lark grammar, \"json_object\": true}. Alternative to "
+                          "response_format.")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -127,6 +136,13 @@ class ChatCompletionRequest(SamplingFields):
                                                            "appended to the prompt (deprecated by OpenAI in favour "
                                                            "of max_completion_tokens, which wins if both are set).")
     max_completion_tokens: int | None = Field(None, ge=1, description="Generation length (same as max_tokens).")
+    tools: list[dict[str, Any]] | None = Field(None, description="OpenAI function tools [{\"type\": \"function\", "
+                                                                 "\"function\": {name, description, parameters}}].")
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description="none | auto (default with tools: unconstrained answer, tools rendered when the chat "
+                          "template supports them) | required (one call of one tool) | {\"type\": \"function\", "
+                          "\"function\": {\"name\"}} (that tool). Forced calls come back as message.tool_calls.")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted; a forced call is always a single call.")
 
 
 _PROMPT_SCHEMA = {"anyOf": [
@@ -179,7 +195,8 @@ class DiffusionStats(BaseModel):
 
 class ChatMessageOut(BaseModel):
     role: str = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):

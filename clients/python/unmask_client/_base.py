@@ -16,6 +16,8 @@ API_KEY_ENV = "UNMASK_API_KEY"
 OPENAI_FIELDS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n", "user")
 DIFFUSION_FIELDS = ("steps", "block_length", "remasking", "threshold", "factor", "cfg_scale", "cache", "top_k",
                     "ignore_eos", "algorithm", "alg_temp")
+STRUCTURED_FIELDS = ("response_format", "structured_outputs", "tools", "tool_choice")
+"""Structured outputs: OpenAI response_format, vLLM structured_outputs, and (chat) tools / tool_choice."""
 
 
 def normalize_base_url(base_url: str) -> str:
@@ -30,7 +32,7 @@ def normalize_base_url(base_url: str) -> str:
 
 def build_body(options: Mapping[str, Any], stream: bool, include_usage: bool | None,
                extra_body: Mapping[str, Any] | None) -> dict[str, Any]:
-    body = {k: options[k] for k in (*OPENAI_FIELDS, *DIFFUSION_FIELDS) if options.get(k) is not None}
+    body = {k: options[k] for k in (*OPENAI_FIELDS, *DIFFUSION_FIELDS, *STRUCTURED_FIELDS) if options.get(k) is not None}
     include_steps = options.get("include_steps")
     if stream:
         body["stream"] = True

@@ -112,6 +112,8 @@ class AsyncClient(BaseClient):
              threshold: float | None = None, factor: float | None = None, cfg_scale: float | None = None,
              cache: CacheMode | None = None, top_k: int | None = None, ignore_eos: bool | None = None,
              algorithm: Algorithm | None = None, alg_temp: float | None = None,
+             response_format: Mapping[str, Any] | None = None, structured_outputs: Mapping[str, Any] | None = None,
+             tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: str | Mapping[str, Any] | None = None,
              extra_body: Mapping[str, Any] | None = None, timeout: float | None = None,
              ) -> ChatCompletion | AsyncStream[ChatCompletionChunk]:
         """POST /v1/chat/completions. With stream=True, an iterator of ChatCompletionChunk: the role, then one
@@ -133,6 +135,12 @@ class AsyncClient(BaseClient):
             top_k: sample among the k most likely tokens (0 or unset: all).
             ignore_eos: decode the whole canvas even past EOS.
             algorithm: transfer schedule llada, dream or rnd1.  alg_temp: Dream's confidence temperature.
+        Structured outputs (guaranteed valid when finish_reason is "stop"):
+            response_format: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema"}}.
+            structured_outputs: one of {"json": schema}, {"regex": r"..."}, {"choice": [...]},
+                {"grammar": llguidance Lark}, {"json_object": True}.
+            tools / tool_choice: OpenAI function tools; tool_choice "required" or {"type": "function",
+                "function": {"name": ...}} forces a call, returned in message.tool_calls.
         extra_body: more JSON fields, sent as they are. timeout: read timeout of this call in seconds.
         """
         body = {"model": await self._model(model), "messages": message_dicts(messages),
@@ -156,6 +164,8 @@ class AsyncClient(BaseClient):
                  threshold: float | None = None, factor: float | None = None, cfg_scale: float | None = None,
                  cache: CacheMode | None = None, top_k: int | None = None, ignore_eos: bool | None = None,
                  algorithm: Algorithm | None = None, alg_temp: float | None = None,
+                 response_format: Mapping[str, Any] | None = None,
+                 structured_outputs: Mapping[str, Any] | None = None,
                  extra_body: Mapping[str, Any] | None = None, timeout: float | None = None,
                  ) -> Completion | AsyncStream[CompletionChunk]:
         """POST /v1/completions: a raw prompt (string, strings, token ids, lists of token ids), no chat template.
