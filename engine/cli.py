@@ -27,7 +27,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="return the whole canvas, past EOS")
-    g.add_argument("--cache", default="none", help="none | prefix | dual")
+    g.add_argument("--cache", default=None, help="none | prefix | dual | block (default: the family's)")
     g.add_argument("--algorithm", help="llada | dream | rnd1 (transfer schedule; default: the family's)")
     g.add_argument("--alg-temp", type=float, default=0.0)
 

@@ -102,7 +102,8 @@ class LLMEngine:
     def new_sequence(self, request_id: str, prompt_ids: list[int], params: ResolvedParams) -> Sequence:
         """A request's host state, checked to fit the KV pool, not queued. Reads no mutable engine state, so any
         thread may call it (AsyncEngine does, to raise errors on the caller's thread)."""
-        seq = Sequence(request_id, list(prompt_ids), params, shift=1 if self.model.config.shift_logits else 0)
+        seq = Sequence(request_id, list(prompt_ids), params, shift=1 if self.model.config.shift_logits else 0,
+                       block_causal=self.model.config.block_causal)
         self.scheduler.check_fits(seq)
         seq.row = param_row(params)
         seq.constraint = make_constraint(params.structured_outputs, self.model)

@@ -218,7 +218,7 @@ def _checkpoint_name(cfg: ModelConfig, internal: str, expert: int | None) -> str
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                dtype: str | torch.dtype = "float32", shard: Shard = SINGLE, kernels: str | None = None) -> DiffusionModel:
-    """Load a LLaDA / LLaDA-MoE / Dream / RND1 checkpoint directory (config.json, safetensors, tokenizer files).
+    """Load a LLaDA / LLaDA-MoE / Dream / RND1 / LLaDA2 checkpoint directory (config.json, safetensors, tokenizer files).
     dtype: float32, bfloat16, float16 or "auto" (see resolve_dtype). With a Shard, only this rank's slices are read
     (torch.distributed must already be initialised).
     kernels: "auto" | "triton" | "torch" (None: $UNMASK_KERNELS, else auto); see kernels/dispatch.py."""
@@ -239,7 +239,11 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     turn = [i for i in end_of_turn_ids(tokenizer) if i < cfg.vocab_size] if tokenizer is not None else []
     cfg.stop_ids = tuple(dict.fromkeys([*cfg.stop_ids, *gen_eos, *turn]))  # EOS first, no duplicates
     if shard.active:
+        if cfg.fused_qkv:
+            raise CheckpointError(f"{model_dir}: tensor parallelism is not supported for {cfg.family} yet")
         shard.check(cfg.num_heads, cfg.num_kv_heads, cfg.num_experts, str(model_dir))
+    if cfg.block_causal:
+        backend = "torch"  # no Triton kernel for the block-causal mask yet
     with torch.device("meta"):
         net = Transformer(cfg, shard)
     net = net.to_empty(device="cpu").to(torch_dtype)

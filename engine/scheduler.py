@@ -81,6 +81,8 @@ class RunnerOutput:
     """Per scheduled request: positions committed this step."""
     eos: list[bool]
     """Per scheduled request: a stop token is committed with every position before it committed."""
+    edited: list[int] | None = None
+    """Per scheduled request: committed tokens replaced this step (token editing); None: no editing row."""
 
 
 @dataclass(slots=True)
@@ -190,6 +192,7 @@ class Scheduler:
         """Free a running request's pages and requeue it (by arrival); its canvas is kept."""
         self.running.remove(seq)
         self._free(seq)
+        seq.drop_cache()
         seq.status = Status.WAITING
         seq.stats.preemptions += 1
         self.num_preemptions += 1
@@ -198,10 +201,11 @@ class Scheduler:
     # update -------------------------------------------------------------------------------------------
     def update(self, sched: ScheduleOutput, result: RunnerOutput) -> UpdateResult:
         upd = UpdateResult()
-        for req, committed, eos in zip(sched.scheduled, result.committed, result.eos):
+        edited = result.edited or [0] * len(result.committed)
+        for req, committed, eos, edits in zip(sched.scheduled, result.committed, result.eos, edited):
             seq = req.seq
             self._register_prefix(req)
-            block_done = seq.advance(committed)
+            block_done = seq.advance(committed, edits)
             if eos and not seq.params.ignore_eos:
                 upd.finished.append(seq)
             elif block_done:
