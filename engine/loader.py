@@ -107,6 +107,21 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
+def shard_pieces(name: str, cfg: ModelConfig, shard: Shard) -> list[tuple[int, int, int]] | None:
+    """The (dim, start, end) ranges of the checkpoint tensor behind internal parameter `name` that this rank holds,
+    concatenated in order along dim; None: the whole tensor (replicated). One range except the fused q/k/v
+    projection (LLaDA2's query_key_value: rows of all H query heads, then the KV key heads, then the KV value heads),
+    of which a rank holds its query heads, its KV heads' keys and their values."""
+    if shard.active and cfg.fused_qkv and name.endswith("attn.qkv_proj.weight"):
+        hd = cfg.head_dim
+        (h0, h1), (k0, k1) = shard.heads(cfg.num_heads), shard.kv_heads(cfg.num_kv_heads)
+        q_rows, kv_rows = cfg.num_heads * hd, cfg.num_kv_heads * hd
+        return [(0, h0 * hd, h1 * hd), (0, q_rows + k0 * hd, q_rows + k1 * hd),
+                (0, q_rows + kv_rows + k0 * hd, q_rows + kv_rows + k1 * hd)]
+    cut = shard_slice(name, cfg, shard)
+    return None if cut is None else [cut]
+
+
 def shard_slice(name: str, cfg: ModelConfig, shard: Shard) -> tuple[int, int, int] | None:
     """(dim, start, end) of the checkpoint tensor behind internal parameter `name` that this rank holds (for a
     stacked expert parameter: of one expert's tensor); None: the whole tensor (replicated)."""
@@ -116,6 +131,9 @@ def shard_slice(name: str, cfg: ModelConfig, shard: Shard) -> tuple[int, int, in
     part = ".".join(leaf[-2:])
     if name in ("embed.weight", "lm_head.weight"):
         return (0, *shard.vocab(cfg.vocab_size))
+    if ".moe.shared." in name:  # shared experts (LLaDA2): sliced by their own width, as dense MLPs are
+        cut = shard_range(cfg.shared_expert_size, shard.rank, shard.size)
+        return (1 if part == "down_proj.weight" else 0, *cut)
     if part in ("q_proj.weight", "q_proj.bias"):
         h0, h1 = shard.heads(cfg.num_heads)
         return 0, h0 * hd, h1 * hd
@@ -177,15 +195,17 @@ def load_weights(net: Transformer, cfg: ModelConfig, files: list[Path], model_di
                 if tuple(view.get_shape()) != tuple(full_shape):
                     raise CheckpointError(f"{file}: tensor '{key}' has shape {list(view.get_shape())} but "
                                           f"config.json implies {list(full_shape)}")
-                cut = shard_slice(target.name, cfg, shard)
-                if cut is None:
+                pieces = shard_pieces(target.name, cfg, shard)
+                if pieces is None:
                     dest.copy_(view[:])
                 else:
-                    dim, a, b = cut
-                    part = view[a:b] if dim == 0 else view[:, a:b]
-                    dest.narrow(dim, 0, b - a).copy_(part)
-                    if dest.shape[dim] > b - a:  # vocabulary padding of the last rank's chunk
-                        dest.narrow(dim, b - a, dest.shape[dim] - (b - a)).zero_()
+                    at = 0
+                    for dim, a, b in pieces:
+                        part = view[a:b] if dim == 0 else view[:, a:b]
+                        dest.narrow(dim, at, b - a).copy_(part)
+                        at += b - a
+                    if dest.shape[dim] > at:  # vocabulary padding of the last rank's chunk
+                        dest.narrow(dim, at, dest.shape[dim] - at).zero_()
                 seen[slot] = file.name
     missing = sorted(expected - seen.keys(), key=str)
     if missing:
@@ -239,11 +259,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     turn = [i for i in end_of_turn_ids(tokenizer) if i < cfg.vocab_size] if tokenizer is not None else []
     cfg.stop_ids = tuple(dict.fromkeys([*cfg.stop_ids, *gen_eos, *turn]))  # EOS first, no duplicates
     if shard.active:
-        if cfg.fused_qkv:
-            raise CheckpointError(f"{model_dir}: tensor parallelism is not supported for {cfg.family} yet")
         shard.check(cfg.num_heads, cfg.num_kv_heads, cfg.num_experts, str(model_dir))
-    if cfg.block_causal:
-        backend = "torch"  # no Triton kernel for the block-causal mask yet
     with torch.device("meta"):
         net = Transformer(cfg, shard)
     net = net.to_empty(device="cpu").to(torch_dtype)

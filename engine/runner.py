@@ -141,7 +141,7 @@ class ModelRunner:
         self.kernels = model.kernels
         self.upload = StepUpload(self.device)
         use_graphs = (self.device.type == "cuda" and self.kernels == "triton" and executor.world_size == 1
-                      and os.environ.get(GRAPHS_ENV, "1") != "0")
+                      and not self.cfg.block_causal and os.environ.get(GRAPHS_ENV, "1") != "0")
         self.graphs = BlockGraphs(self.net, pool, self.device) if use_graphs else None
         """Captured block passes (CUDA + Triton kernels, one process; UNMASK_CUDA_GRAPHS=0 turns them off)."""
         self.shift = 1 if self.cfg.shift_logits else 0
