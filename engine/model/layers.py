@@ -162,11 +162,11 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> weights [T, k] (x.dtype), expert ids [T, k]."""
-        from kernels.moe import route, route_sigmoid_group
+        from kernels.moe import route, route_grouped
         if self.expert_bias is not None:  # router GEMM in fp32, as the reference
             c = self.cfg
             logits = F.linear(x.float(), self.router.weight.float())  # [T, E]
-            weights, ids = route_sigmoid_group(logits, self.expert_bias, self.top_k, c.n_group, c.topk_group,
+            weights, ids = route_grouped(logits, self.expert_bias, self.top_k, c.n_group, c.topk_group,
                                                c.routed_scaling_factor)
         else:
             weights, ids = route(self.router(x), self.top_k, self.norm_topk)
