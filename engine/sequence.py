@@ -154,7 +154,8 @@ class Sequence:
         Prefix: the block and the whole suffix (plus the shift position).
         """
         if self.block_causal:  # the prefix up to the current block's end; cached: only what is not cached yet
-            return (0 if self.params.cache == "none" else self.cached_upto), self.block_bounds()[1]
+            start = 0 if self.params.cache == "none" else self.cached_upto
+            return max(start, self.cached_prefix_len), self.block_bounds()[1]  # shared prompt pages: read-only
         if self.needs_refresh:
             return 0, self.canvas_len
         bs, be = self.block_bounds()
