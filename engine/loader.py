@@ -62,31 +62,28 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def _json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in `path`; CheckpointError naming the file when it is unreadable or not an object."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable {what} ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: {what} must be a JSON object")
+    return obj
+
+
 def read_generation_config(model_dir: Path) -> dict[str, Any]:
     """generation_config.json as a dict ({} when absent)."""
     path = model_dir / "generation_config.json"
-    if not path.exists():
-        return {}
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable generation config ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: generation config must be a JSON object")
-    return cfg
+    return _json_object(path, "generation config") if path.exists() else {}
 
 
 def read_config(model_dir: Path) -> ModelConfig:
     path = model_dir / "config.json"
     if not path.exists():
         raise CheckpointError(f"{path}: config.json not found in the checkpoint directory")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable config ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: config must be a JSON object")
-    return parse_config(raw, str(path))
+    return parse_config(_json_object(path, "config"), str(path))
 
 
 def weight_files(model_dir: Path) -> list[Path]:

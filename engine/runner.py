@@ -134,7 +134,8 @@ class ModelRunner:
         """Runs each step's ForwardBatch: in this process or on every tensor-parallel rank (engine/executor)."""
         executor.init_pool(pool.num_pages, pool.page_size)
         self.device, self.pool = model.device, pool
-        self.canvases: dict[int, torch.Tensor] = {}
+        self._canvases: dict[int, torch.Tensor] = {}
+        """Each running request's canvas [prompt_len + gen_len] long (views into `buf` once batched)."""
         self.buf = torch.empty(0, dtype=torch.long, device=self.device)
         self.members: _Members | None = None
         self.stop_ids = torch.tensor(self.cfg.stop_ids, device=self.device)
@@ -148,27 +149,51 @@ class ModelRunner:
         self.max_logit_rows = max(1, logits_memory // (self.cfg.vocab_size * LOGIT_ENTRY_BYTES))
         """Decoded positions whose logits are materialised at once (logits_memory / (vocab * LOGIT_ENTRY_BYTES))."""
 
-    # canvases -------------------------------------------------------------------------------------------
+    # canvases: the runner owns every running request's canvas; the engine goes through these methods --------
     def add(self, seq: Sequence) -> None:
-        ids = seq.prompt_ids + [self.cfg.mask_id] * (seq.canvas_len - seq.prompt_len)
-        self.canvases[id(seq)] = torch.tensor(ids, dtype=torch.long, device=self.device)
+        """Give an admitted request its canvas (prompt, then masks; block-causal: up to whole blocks), unless it has
+        one (a resumed request)."""
+        if id(seq) not in self._canvases:
+            ids = seq.prompt_ids + [self.cfg.mask_id] * (seq.canvas_len - seq.prompt_len)
+            self._canvases[id(seq)] = torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def has(self, seq: Sequence) -> bool:
+        return id(seq) in self._canvases
+
+    @property
+    def num_canvases(self) -> int:
+        return len(self._canvases)
 
     def remove(self, seq: Sequence) -> list[int]:
         """Drop a request's canvas; returns its generated region (host list)."""
-        canvas = self.canvases.pop(id(seq))
+        canvas = self._canvases.pop(id(seq))
         self.members = None if self.members and id(seq) in self.members.key else self.members
         return canvas[seq.prompt_len:seq.prompt_len + seq.gen_len].tolist()
 
+    def discard(self, seq: Sequence) -> None:
+        """Drop a request's canvas if it has one."""
+        if self.has(seq):
+            self.remove(seq)
+
+    def reset_layout(self) -> None:
+        """Forget the batch layout: the next step rebuilds it (and the token buffer) from the canvases."""
+        self.members = None
+
     def generated(self, seq: Sequence) -> list[int]:
-        return self.canvases[id(seq)][seq.prompt_len:seq.prompt_len + seq.gen_len].tolist()
+        """The request's generated region as it stands (masks included), host list."""
+        return self._canvases[id(seq)][seq.prompt_len:seq.prompt_len + seq.gen_len].tolist()
+
+    def block_tokens(self, seq: Sequence, block: tuple[int, int]) -> torch.Tensor:
+        """[block length] long, a view of canvas positions [a, b) on the device (changes with later steps)."""
+        return self._canvases[id(seq)][block[0]:block[1]]
 
     def _sync_members(self, seqs: list[Sequence]) -> _Members:
         key = tuple(id(s) for s in seqs)
         if self.members is None or self.members.key != key:
-            self.buf = torch.cat([self.canvases[id(s)] for s in seqs])
+            self.buf = torch.cat([self._canvases[id(s)] for s in seqs])
             self.members = _Members(self, seqs)
             for s, off, n in zip(seqs, self.members.offsets, self.members.lens):
-                self.canvases[id(s)] = self.buf[off:off + n]
+                self._canvases[id(s)] = self.buf[off:off + n]
         return self.members
 
     # one step -------------------------------------------------------------------------------------------
