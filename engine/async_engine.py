@@ -273,6 +273,7 @@ class AsyncEngine:
                     self._publish()
                 if closing:
                     return
+                del cmds, deliveries  # hold no request's outputs (nor its event loop) while waiting for work
         except BaseException as exc:  # a bug in this loop: fail everything rather than hang the callers
             with self._cond:
                 self._dead = exc

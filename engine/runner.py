@@ -23,11 +23,11 @@ from .constraints.decoder import StepConstraints
 from .executor.base import Executor
 from .forward_batch import ForwardBatch
 from .kv_pool import KVPool
-from .model.attention import AttnContext
 from .loaded_model import DiffusionModel
 from .sampling_params import ResolvedParams
 from .scheduler import RunnerOutput, ScheduledRequest
 from .sequence import Sequence
+from .shape_buckets import GroupPlan, attention_groups, build_groups, group_upload
 from .step_upload import StepUpload
 
 GRAPHS_ENV = "UNMASK_CUDA_GRAPHS"
@@ -87,6 +87,7 @@ class _Members:
         self.key_valid = key_valid.to(dev)
         self.block_table = table.to(device=dev, dtype=torch.int32)  # [R, P] (triton attention)
         self.seq_lens_k = torch.tensor(row_lens, dtype=torch.int32, device=dev)  # [R]
+        self.row_keys = row_lens  # keys each forward row attends over (host)
         self.row_prompt = torch.tensor([seqs[i].prompt_len for i in self.row_seq], device=dev)  # [R]
         self.row_twin = torch.tensor([r >= len(seqs) for r in range(len(self.row_seq))], device=dev)  # [R]
         gen = [s.gen_len for s in seqs]
@@ -236,10 +237,11 @@ class ModelRunner:
             host["row_end"] = torch.tensor([b for _, b in rows_q])  # [R]
         if self.kernels == "triton":
             host["cu_seqlens_q"] = torch.tensor(row_base, dtype=torch.int32)  # [R + 1]
-        else:  # the padded [R, Lq] layout SDPA needs, built here so it rides in the same copy
-            padded = AttnContext.from_lengths(row_len, "cpu")
-            if padded.q_index is not None:
-                host.update(q_index=padded.q_index, q_valid=padded.q_valid, unpad_index=padded.unpad_index)
+        elif not m.block_causal:  # SDPA's padded layouts, one per (query, key) length bucket, riding in the same copy
+            groups = attention_groups(row_len, m.row_keys)
+            host.update(group_upload(groups))
+        else:  # block-causal (torch): one padded layout with the block mask (forward_batch._attn_context)
+            groups = []
         # the positions decoded this step: each request's still-masked block positions (counts known here)
         blocks = [r.block for r in reqs]
         blen = [e - b for b, e in blocks]
@@ -277,7 +279,8 @@ class ModelRunner:
             any_origin, max_count = False, 0
         for r in reqs:
             r.seq.stats.positions_computed += (r.query[1] - r.query[0]) * r.seq.num_rows
-        return _Plan(self.upload.send(host), row_len, counts, mmax, max_count, any_origin)
+        return _Plan(self.upload.send(host), row_len, counts, mmax, max_count, any_origin,
+                     groups if self.kernels != "triton" else [])
 
     def _inputs(self, reqs: list[ScheduledRequest], m: _Members, plan: "_Plan") -> tuple[ForwardBatch, "_Decode"]:
         """The step's forward inputs: one packed forward over every row's query range (K/V written to and read
@@ -311,8 +314,8 @@ class ModelRunner:
         if self.kernels == "triton":  # packed layout: no padded query index, keys through the block table
             batch.cu_seqlens_q, batch.block_table, batch.seq_lens_k = d["cu_seqlens_q"], m.block_table, m.seq_lens_k
             batch.page_size = self.pool.page_size
-        else:  # the padded layout SDPA needs, uploaded with the plan
-            batch.q_index, batch.q_valid, batch.unpad_index = d.get("q_index"), d.get("q_valid"), d.get("unpad_index")
+        elif not m.block_causal:  # SDPA per length-bucket group, so a row's attention does not depend on the batch
+            batch.attn_groups = build_groups(plan.groups, d, m.read_slots, m.key_valid, self.pool.scratch_slot)
         if m.cfg_seqs:
             sel = torch.nonzero_static(m.cfg_w[seq] > 0, size=sum(counts[i] for i in m.cfg_seqs))[:, 0]  # [Nc]
             batch.twin_rows, batch.cfg_sel = (d["first_twin"][seq] + dpos)[sel], sel
@@ -403,6 +406,7 @@ class _Plan:
     mmax: int  # max(counts)
     max_count: int  # the largest fixed-schedule commit count
     any_origin: bool
+    groups: list[GroupPlan]  # attention groups (torch kernels)
 
 
 @dataclass(slots=True)
