@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from .config import ModelConfig
+from .hub import resolve_model_path
 from .errors import CheckpointError
 from .families import parse_config, stop_token_ids, tensor_mapper
 from .loaded_model import DiffusionModel
@@ -215,7 +216,8 @@ def _checkpoint_name(cfg: ModelConfig, internal: str, expert: int | None) -> str
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                dtype: str | torch.dtype = "float32", shard: Shard = SINGLE, kernels: str | None = None) -> DiffusionModel:
-    """Load a LLaDA / LLaDA-MoE / Dream / RND1 checkpoint directory (config.json, safetensors, tokenizer files).
+    """Load a LLaDA / LLaDA-MoE / Dream / RND1 checkpoint directory (config.json, safetensors, tokenizer files), or
+    a Hugging Face repo id such as "GSAI-ML/LLaDA-8B-Instruct" (the local cache first; see engine/hub.py).
     dtype: float32, bfloat16, float16 or "auto" (see resolve_dtype). With a Shard, only this rank's slices are read
     (torch.distributed must already be initialised).
     kernels: "auto" | "triton" | "torch" (None: $UNMASK_KERNELS, else auto); see kernels/dispatch.py."""
@@ -224,7 +226,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     from .model.fuse import fuse_projections
     from .shape_buckets import bucket_linears
     backend = resolve_kernels(kernels, dev)
-    model_dir = Path(model_dir)
+    model_dir = resolve_model_path(model_dir)  # a directory, or a Hugging Face repo id (engine/hub.py)
     torch_dtype = resolve_dtype(dtype, dev, checkpoint_dtype(model_dir) if dtype == "auto" else None)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: checkpoint directory does not exist")
