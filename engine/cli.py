@@ -30,9 +30,12 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="return the whole canvas, past EOS")
-    g.add_argument("--cache", default="none", help="none | prefix | dual")
-    g.add_argument("--algorithm", help="llada | dream | rnd1 (transfer schedule; default: the family's)")
+    g.add_argument("--cache", default=None, help="none | prefix | dual | block (default: the family's)")
+    g.add_argument("--algorithm", help="llada | dream | rnd1 | llada2 (transfer schedule; default: the family's)")
     g.add_argument("--alg-temp", type=float, default=0.0)
+    g.add_argument("--editing-threshold", type=float,
+                   help="LLaDA2.1 token editing: replace a committed token when another is predicted above this")
+    g.add_argument("--max-post-steps", type=int, help="token editing: extra steps per block once it is filled")
 
 
 def add_parallel_flags(p: argparse.ArgumentParser) -> None:
@@ -66,7 +69,8 @@ def add_kernel_flag(p: argparse.ArgumentParser) -> None:
 
 
 SAMPLING_FIELDS = ("max_tokens", "steps", "block_length", "temperature", "top_p", "top_k", "remasking", "threshold",
-                   "factor", "cfg_scale", "seed", "stop", "ignore_eos", "cache", "algorithm", "alg_temp")
+                   "factor", "cfg_scale", "seed", "stop", "ignore_eos", "cache", "algorithm", "alg_temp",
+                   "editing_threshold", "max_post_steps")
 
 
 def sampling_params(args: argparse.Namespace) -> Any:

@@ -110,7 +110,8 @@ class LLMEngine:
     def new_sequence(self, request_id: str, prompt_ids: list[int], params: ResolvedParams) -> Sequence:
         """A request's host state, checked to fit the KV pool, not queued. Reads no mutable engine state, so any
         thread may call it (AsyncEngine does, to raise errors on the caller's thread)."""
-        seq = Sequence(request_id, list(prompt_ids), params, shift=1 if self.model.config.shift_logits else 0)
+        seq = Sequence(request_id, list(prompt_ids), params, shift=1 if self.model.config.shift_logits else 0,
+                       block_causal=self.model.config.block_causal)
         self.scheduler.check_fits(seq)
         seq.row = param_row(params)
         seq.constraint = make_constraint(params.structured_outputs, self.model)
@@ -208,8 +209,10 @@ class LLMEngine:
             bs, be = r.block
             end = start + be - bs
             lo, hi = bisect.bisect_left(flat, start), bisect.bisect_left(flat, end)
-            off = bs - r.seq.prompt_len
-            r.seq.step_log.record((off, off + be - bs), [f - start + off for f in flat[lo:hi]], toks[lo:hi])
+            off, g = bs - r.seq.prompt_len, r.seq.gen_len
+            pos = [f - start + off for f in flat[lo:hi]]
+            n = bisect.bisect_left(pos, g)  # block-causal canvases run past max_tokens to whole blocks: not output
+            r.seq.step_log.record((max(off, 0), min(off + be - bs, g)), pos[:n], toks[lo:lo + n])
             start = end
 
     def _text_state(self, seq: Sequence) -> "_TextState":

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .decoding import schedule
+from .decoding import editing, schedule
 from .decoding.candidates import SCORE_CODES, CandidateInputs, ShardDecode, candidates, candidates_from_stats
 from .decoding.noise import STREAM_GUMBEL, row_keys
 from .decoding.select import SelectInputs, select
@@ -110,6 +110,14 @@ class _Members:
         self.any_threshold = any(x.threshold is not None for x in p)
         self.any_factor = any(x.factor is not None for x in p)
         self.any_alg_temp = any(x.alg_temp > 0 for x in p)
+        self.block_causal = any(s.block_causal for s in seqs)
+        self.block_len = (torch.tensor([seqs[i].params.block_length for i in self.row_seq], device=dev)
+                          if self.block_causal else None)  # [R] block-causal attention per forward row
+        self.any_quota_threshold = any(x.algorithm == "llada2" for x in p)
+        self.any_editing = any(x.editing for x in p)
+        self.edit_from = torch.tensor([s.prompt_len if s.params.editing else 1 << 62 for s in seqs])  # [B] host
+        self.edit_threshold = torch.tensor([math.nan if x.editing_threshold is None else x.editing_threshold
+                                            for x in p], dtype=torch.float64, device=dev)  # [B]
 
 
 LOGIT_ENTRY_BYTES = 64
@@ -135,7 +143,7 @@ class ModelRunner:
         self.kernels = model.kernels
         self.upload = StepUpload(self.device)
         use_graphs = (self.device.type == "cuda" and self.kernels == "triton" and executor.world_size == 1
-                      and os.environ.get(GRAPHS_ENV, "1") != "0")
+                      and not self.cfg.block_causal and os.environ.get(GRAPHS_ENV, "1") != "0")
         self.graphs = BlockGraphs(self.net, pool, self.device) if use_graphs else None
         """Captured block passes (CUDA + Triton kernels, one process; UNMASK_CUDA_GRAPHS=0 turns them off)."""
         self.shift = 1 if self.cfg.shift_logits else 0
@@ -144,9 +152,10 @@ class ModelRunner:
 
     # canvases: the runner owns every running request's canvas; the engine goes through these methods --------
     def add(self, seq: Sequence) -> None:
-        """Give an admitted request its canvas (prompt, then masks), unless it has one (a resumed request)."""
+        """Give an admitted request its canvas (prompt, then masks; block-causal: up to whole blocks), unless it has
+        one (a resumed request)."""
         if id(seq) not in self._canvases:
-            ids = seq.prompt_ids + [self.cfg.mask_id] * seq.gen_len
+            ids = seq.prompt_ids + [self.cfg.mask_id] * (seq.canvas_len - seq.prompt_len)
             self._canvases[id(seq)] = torch.tensor(ids, dtype=torch.long, device=self.device)
 
     def has(self, seq: Sequence) -> bool:
@@ -160,7 +169,7 @@ class ModelRunner:
         """Drop a request's canvas; returns its generated region (host list)."""
         canvas = self._canvases.pop(id(seq))
         self.members = None if self.members and id(seq) in self.members.key else self.members
-        return canvas[seq.prompt_len:].tolist()
+        return canvas[seq.prompt_len:seq.prompt_len + seq.gen_len].tolist()
 
     def discard(self, seq: Sequence) -> None:
         """Drop a request's canvas if it has one."""
@@ -173,7 +182,7 @@ class ModelRunner:
 
     def generated(self, seq: Sequence) -> list[int]:
         """The request's generated region as it stands (masks included), host list."""
-        return self._canvases[id(seq)][seq.prompt_len:].tolist()
+        return self._canvases[id(seq)][seq.prompt_len:seq.prompt_len + seq.gen_len].tolist()
 
     def block_tokens(self, seq: Sequence, block: tuple[int, int]) -> torch.Tensor:
         """[block length] long, a view of canvas positions [a, b) on the device (changes with later steps)."""
@@ -202,10 +211,11 @@ class ModelRunner:
             batch.shard_decode = ShardDecode(self.cfg.mask_id, m.temperature[dec.seq], m.tempered[dec.seq], keys,
                                              m.any_sampling, m.any_tempered)
         x0, score, conf = self._candidates(reqs, m, batch, dec, keys, plan, constrained)  # [N] each
-        commit = self._commit(reqs, m, dec, x0, score, conf, keys, plan, constrained)  # [B, M]
+        commit, edit = self._commit(reqs, m, dec, x0, score, conf, keys, plan, constrained)  # [B, M] each
         eos = self._eos(m)  # [B]
-        out = torch.stack([commit.sum(1), eos.long()]).tolist()
-        return RunnerOutput(committed=out[0], eos=[bool(x) for x in out[1]])
+        out = torch.stack([commit.sum(1), eos.long(), edit.sum(1)]).tolist()
+        return RunnerOutput(committed=out[0], eos=[bool(x) for x in out[1]],
+                            edited=out[2] if m.any_editing else None)
 
     def _plan(self, reqs: list[ScheduledRequest], m: _Members) -> "_Plan":
         """Everything the host knows about this step, built as host tensors and sent in one StepUpload copy."""
@@ -223,16 +233,24 @@ class ModelRunner:
             keep = torch.zeros(T, dtype=torch.bool)
             keep[[row_base[r] for r, i in enumerate(m.row_seq) if not reqs[i].refresh]] = True
             host["keep_cached"] = keep
+        if m.block_causal:  # keys past a row's query end are later blocks: never read (never written either)
+            host["row_end"] = torch.tensor([b for _, b in rows_q])  # [R]
         if self.kernels == "triton":
             host["cu_seqlens_q"] = torch.tensor(row_base, dtype=torch.int32)  # [R + 1]
-        else:  # SDPA's padded layouts, one per (query, key) length bucket, riding in the same copy
+        elif not m.block_causal:  # SDPA's padded layouts, one per (query, key) length bucket, riding in the same copy
             groups = attention_groups(row_len, m.row_keys)
             host.update(group_upload(groups))
+        else:  # block-causal (torch): one padded layout with the block mask (forward_batch._attn_context)
+            groups = []
         # the positions decoded this step: each request's still-masked block positions (counts known here)
         blocks = [r.block for r in reqs]
         blen = [e - b for b, e in blocks]
-        counts = [r.seq.masked_in_block for r in reqs]
+        counts = [editing.decoded_count(r.seq) for r in reqs]
         host["block_buf"] = ranges([o + b for o, (b, _) in zip(m.offsets, blocks)], blen)  # [Nb]
+        if m.any_editing:  # editing rows also score their block's committed generated positions
+            block_seq = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(blen))  # [Nb]
+            host["block_edit"] = editing.editable_positions(ranges([b for b, _ in blocks], blen), block_seq,
+                                                            m.edit_from)  # [Nb]
         host["dec_seq"] = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(counts))  # [N]
         host["block_start"] = torch.tensor([b for b, _ in blocks])  # [B]
         host["flat_block_start"] = torch.tensor([0, *accumulate(blen)][:-1])  # [B]
@@ -250,10 +268,12 @@ class ModelRunner:
             host["pad_idx"] = torch.where(pad_valid, flat_start[:, None] + torch.arange(mmax)[None, :], 0)  # [B, M]
             host["step_no"] = torch.tensor([s.stats.steps for s in seqs])  # [B]
             fixed = [schedule.fixed_count(s) for s in seqs]
+            host["quota_rule"] = torch.tensor([s.params.algorithm == "llada2" for s in seqs])
             origin = [schedule.origin_prob(s) for s in seqs]
             host["count"] = torch.tensor(fixed)
             host["origin"] = torch.tensor([math.nan if o is None else o for o in origin], dtype=torch.float64)
-            host["commit_all"] = torch.tensor([s.is_last_allowed_step and s.params.adaptive for s in seqs])
+            host["commit_all"] = torch.tensor([s.is_last_allowed_step and s.params.adaptive and not s.block_causal
+                                               for s in seqs])
             any_origin, max_count = any(o is not None for o in origin), max(fixed)
         else:
             any_origin, max_count = False, 0
@@ -278,16 +298,23 @@ class ModelRunner:
             write = torch.where(d["keep_cached"], self.pool.scratch_slot, write)
         block_buf, seq = d["block_buf"], d["dec_seq"]
         n = sum(counts)
-        keep = torch.nonzero_static(self.buf[block_buf] == mask_id, size=n)[:, 0]  # [N] into the blocks
+        decoded = self.buf[block_buf] == mask_id  # [Nb]
+        if m.any_editing:
+            decoded = decoded | d["block_edit"]
+        keep = torch.nonzero_static(decoded, size=n)[:, 0]  # [N] into the blocks
         dpos = d["block_start"][seq] + keep - d["flat_block_start"][seq]  # [N] canvas positions
         dec = _Decode(pos=dpos, buf=block_buf[keep], seq=seq, lengths=counts)
+        read_slots, key_valid = m.read_slots, m.key_valid
+        if m.block_causal:  # point unwritten later-block keys at the zeroed scratch slot (no garbage, even masked)
+            live = torch.arange(read_slots.shape[1], device=self.device)[None, :] < d["row_end"][:, None]  # [R, Lk]
+            read_slots, key_valid = torch.where(live, read_slots, self.pool.scratch_slot), key_valid & live
         batch = ForwardBatch(tokens, pos, plan.row_len, max_pos=max(m.lens) - 1, logit_rows=d["first"][seq] + dpos,
-                             write_slots=write, read_slots=m.read_slots, key_valid=m.key_valid,
-                             backend=self.kernels, logit_chunk=self.max_logit_rows)
+                             write_slots=write, read_slots=read_slots, key_valid=key_valid,
+                             backend=self.kernels, logit_chunk=self.max_logit_rows, block_len=m.block_len)
         if self.kernels == "triton":  # packed layout: no padded query index, keys through the block table
             batch.cu_seqlens_q, batch.block_table, batch.seq_lens_k = d["cu_seqlens_q"], m.block_table, m.seq_lens_k
             batch.page_size = self.pool.page_size
-        else:  # SDPA per length-bucket group, so a row's attention does not depend on the batch
+        elif not m.block_causal:  # SDPA per length-bucket group, so a row's attention does not depend on the batch
             batch.attn_groups = build_groups(plan.groups, d, m.read_slots, m.key_valid, self.pool.scratch_slot)
         if m.cfg_seqs:
             sel = torch.nonzero_static(m.cfg_w[seq] > 0, size=sum(counts[i] for i in m.cfg_seqs))[:, 0]  # [Nc]
@@ -336,12 +363,13 @@ class ModelRunner:
 
     def _commit(self, reqs: list[ScheduledRequest], m: _Members, dec: "_Decode", x0: torch.Tensor,
                 score: torch.Tensor, conf: torch.Tensor, keys: torch.Tensor, plan: "_Plan",
-                constrained: StepConstraints | None = None) -> torch.Tensor:
-        """Each row's selection rule over the scored positions; writes the commits into the canvases.
-        Returns the commit mask [B, M] (padded layout)."""
+                constrained: StepConstraints | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's selection rule over the scored positions; writes the commits (and token edits) into the
+        canvases. Returns the commit and edit masks [B, M] (padded layout)."""
         dev, mask_id, d = self.device, self.cfg.mask_id, plan.dev
         if plan.mmax == 0:  # nothing masked in any block (a fixed schedule's trailing zero-commit steps)
-            return torch.zeros(len(reqs), 0, dtype=torch.bool, device=dev)
+            none = torch.zeros(len(reqs), 0, dtype=torch.bool, device=dev)
+            return none, none
         pad_valid, pad_idx = d["pad_valid"], d["pad_idx"]  # [B, M]
         current = self.buf[dec.buf]  # [N]
         selectable = (current == mask_id)[pad_idx] & pad_valid
@@ -349,11 +377,15 @@ class ModelRunner:
             count=d["count"], max_count=plan.max_count, threshold=m.threshold, factor=m.factor,
             origin_prob=d["origin"], alg_temp=m.alg_temp, commit_all=d["commit_all"],
             noise_keys=keys[pad_idx], any_threshold=m.any_threshold, any_factor=m.any_factor,
-            any_origin=plan.any_origin, any_alg_temp=m.any_alg_temp))  # [B, M]
+            any_origin=plan.any_origin, any_alg_temp=m.any_alg_temp,
+            quota_rule=d["quota_rule"] if m.any_quota_threshold else None))  # [B, M]
         if constrained is not None:  # structured-output rows: their left-to-right grammar-checked commits
             commit = constrained.apply(x0, commit)
-        self.buf[dec.buf] = torch.where(commit[pad_valid], x0, current)
-        return commit
+        edit = torch.zeros_like(commit)
+        if m.any_editing:
+            edit = editing.edits(current[pad_idx], x0[pad_idx], conf[pad_idx], pad_valid, m.edit_threshold, mask_id)
+        self.buf[dec.buf] = torch.where((commit | edit)[pad_valid], x0, current)
+        return commit, edit
 
     def _eos(self, m: _Members) -> torch.Tensor:
         """[B] bool: a stop token is committed with every generated position before it committed."""

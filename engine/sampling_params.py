@@ -22,8 +22,8 @@ from .errors import RequestError, RequestTooLargeError
 
 REMASKING = ("low_confidence", "random", "margin", "entropy", "origin")
 REMASKING_ALIASES = {"maskgit_plus": "low_confidence", "topk_margin": "margin"}
-CACHE_MODES = ("none", "prefix", "dual")
-ALGORITHMS = ("llada", "dream", "rnd1")
+CACHE_MODES = ("none", "prefix", "dual", "block")
+ALGORITHMS = ("llada", "dream", "rnd1", "llada2")
 
 
 # Limits (README "Limits"): every field is bounded so that any accepted value is one the engine can honour.
@@ -88,14 +88,23 @@ class SamplingParams:
     stop: str | list[str] | None = None
     ignore_eos: bool = False
     """Do not stop at EOS: return the whole generated canvas."""
-    cache: str = "none"
-    """none (reference semantics), prefix or dual (Fast-dLLM block-wise KV caches)."""
+    cache: str | None = None
+    """none (reference semantics), prefix or dual (Fast-dLLM block-wise KV caches), block (block-causal models:
+    the exact cache of finished blocks; prefix/dual map to it there). Default: the family's (block for LLaDA2,
+    else none)."""
     algorithm: str | None = None
-    """Transfer schedule: llada (even split per block), dream (1 - s/t), rnd1 (entropy-ordered). Default: family's."""
+    """Transfer schedule: llada (even split per block), dream (1 - s/t), rnd1 (entropy-ordered), llada2 (block
+    diffusion: block-aligned canvas, quota + strict threshold; block-causal models only). Default: family's."""
     alg_temp: float = 0.0
     """Dream: >0 samples the positions to commit from softmax(confidence / alg_temp)."""
     eps: float = 1e-3
     """Dream: final timestep of linspace(1, eps, steps + 1)."""
+    editing_threshold: float | None = None
+    """LLaDA2.1 token editing (strategy "llada2.1-edit", engine/decoding/editing.py; block diffusion only): a
+    committed token of the current block is replaced when the model predicts another token with confidence
+    > editing_threshold. None: off (LLaDA2.0 decoding)."""
+    max_post_steps: int | None = None
+    """With editing: extra steps per block after its last mask is filled, while they still edit (default 16)."""
     structured_outputs: StructuredOutputs | dict | None = None
     """Constrain the output: StructuredOutputs(json=schema | regex=... | choice=[...] | grammar=lark |
     json_object=True), or the same as a dict (vLLM's `structured_outputs` object). See engine/constraints/."""
@@ -145,7 +154,7 @@ class SamplingParams:
                 raise SamplingParamsError("stop", f"each stop string must be at most {MAX_STOP_LENGTH} characters")
         if not isinstance(self.ignore_eos, bool):
             raise SamplingParamsError("ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
-        if not isinstance(self.cache, str) or self.cache not in CACHE_MODES:
+        if self.cache is not None and (not isinstance(self.cache, str) or self.cache not in CACHE_MODES):
             raise SamplingParamsError("cache", f"must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}")
         if self.algorithm is not None and (not isinstance(self.algorithm, str) or self.algorithm not in ALGORITHMS):
             raise SamplingParamsError("algorithm", f"must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
@@ -157,6 +166,8 @@ class SamplingParams:
         num_in("eps", 0, 1, "in (0, 1)", lo_open=True)
         if self.eps == 1:
             raise SamplingParamsError("eps", f"must be in (0, 1), got {self.eps!r}")
+        num_in("editing_threshold", 0, 1, "in (0, 1]", lo_open=True)
+        int_in("max_post_steps", 0, MAX_STEPS, f"an integer in [0, {MAX_STEPS}]")
         if self.remasking == "origin" and self.algorithm not in (None, "dream"):
             raise SamplingParamsError("remasking", "'origin' is Dream's algorithm; it needs algorithm='dream'")
         if self.structured_outputs is not None:
@@ -172,8 +183,23 @@ class SamplingParams:
         max_tokens, steps = get("max_tokens"), get("steps")
         if limits is not None:
             limits.check(self, max_tokens, get("top_k"))
-        block_length = min(get("block_length"), max_tokens)
         algorithm = get("algorithm")
+        block_diffusion = algorithm == "llada2"
+        if block_diffusion != (defaults.algorithm == "llada2"):
+            raise SamplingParamsError("algorithm", f"{algorithm!r} does not apply to this model: block-causal "
+                                                   f"models (LLaDA2) decode with 'llada2' only, others never")
+        # block diffusion: the reference does not clamp block_length to max_tokens (the canvas is block-aligned)
+        block_length = get("block_length") if block_diffusion else min(get("block_length"), max_tokens)
+        cache = self.cache or defaults.cache
+        if block_diffusion:
+            _check_block_diffusion(self)
+            cache = "none" if cache == "none" else "block"  # prefix / dual are exact here: the block cache
+        elif self.editing_threshold is not None or self.max_post_steps is not None:
+            field = "editing_threshold" if self.editing_threshold is not None else "max_post_steps"
+            raise SamplingParamsError(field, "token editing is LLaDA2.1's: it needs a block-diffusion model")
+        elif cache == "block":
+            raise SamplingParamsError("cache", "'block' is the exact cache of block-causal models (LLaDA2); use "
+                                               "none, prefix or dual")
         remasking = self.remasking or (defaults.remasking if algorithm == defaults.algorithm else "low_confidence")
         if remasking == "origin" and algorithm != "dream":
             raise SamplingParamsError("remasking", "'origin' is Dream's algorithm; it needs algorithm='dream'")
@@ -184,15 +210,23 @@ class SamplingParams:
         num_blocks = -(-max_tokens // block_length)
         base, extra = divmod(max(steps, num_blocks), num_blocks)
         block_steps = tuple(base + (1 if b < extra else 0) for b in range(num_blocks))
+        steps_per_block = 0
+        if block_diffusion:  # the plan needs the prompt length: Sequence builds it (engine/block_diffusion.py)
+            block_steps, steps = (), self.steps or 0
+            steps_per_block = defaults.steps_per_block if self.steps is None else 0
+        threshold = self.threshold if self.threshold is not None else defaults.threshold
         seed = self.seed if self.seed is not None else random.getrandbits(62)
         top_k = get("top_k") or 0
         top_p = get("top_p") or 1.0
         return ResolvedParams(
-            max_tokens=max_tokens, steps=sum(block_steps), block_length=block_length, block_steps=block_steps,
+            max_tokens=max_tokens, steps=sum(block_steps) if not block_diffusion else steps,
+            block_length=block_length, block_steps=block_steps,
             temperature=float(get("temperature")), top_p=float(top_p), top_k=int(top_k), remasking=remasking,
-            threshold=self.threshold, factor=self.factor, cfg_scale=float(self.cfg_scale), seed=seed,
-            stop=tuple(self.stop or ()), ignore_eos=self.ignore_eos, cache=self.cache, algorithm=algorithm,
-            alg_temp=float(self.alg_temp), eps=float(self.eps), structured_outputs=self.structured_outputs)
+            threshold=threshold, factor=self.factor, cfg_scale=float(self.cfg_scale), seed=seed,
+            stop=tuple(self.stop or ()), ignore_eos=self.ignore_eos, cache=cache, algorithm=algorithm,
+            alg_temp=float(self.alg_temp), eps=float(self.eps), structured_outputs=self.structured_outputs,
+            steps_per_block=steps_per_block, editing_threshold=self.editing_threshold,
+            max_post_steps=16 if self.max_post_steps is None else self.max_post_steps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +250,15 @@ class ResolvedParams:
     alg_temp: float
     eps: float
     structured_outputs: StructuredOutputs | None = None
+    steps_per_block: int = 0
+    """Block diffusion (llada2) without an explicit `steps`: every block gets this many steps (`steps` is then 0;
+    the per-block plan is built per request, Sequence.plan)."""
+    editing_threshold: float | None = None
+    max_post_steps: int = 16
+
+    @property
+    def editing(self) -> bool:
+        return self.editing_threshold is not None
 
     @property
     def num_blocks(self) -> int:
@@ -265,6 +308,10 @@ class GenerationDefaults:
     top_k: int | None = None
     remasking: str = "low_confidence"
     algorithm: str = "llada"
+    threshold: float | None = None
+    cache: str = "none"
+    steps_per_block: int = 0
+    """Block diffusion (llada2): steps of each block when the request sets no `steps`."""
 
 
 FAMILY_DEFAULTS: dict[str, GenerationDefaults] = {
@@ -277,7 +324,26 @@ FAMILY_DEFAULTS: dict[str, GenerationDefaults] = {
     # RND1GenerationConfig: 256 new tokens, 256 steps, temperature 0.1, entropy-ordered unmasking.
     "rnd1": GenerationDefaults(max_tokens=256, steps=256, block_length=256, temperature=0.1, remasking="entropy",
                                algorithm="rnd1"),
+    # LLaDA2MoeModelLM.generate: gen_length 2048, block_length 32, 32 steps per block, temperature 0,
+    # threshold 0.95; the exact block cache by default (block-causal: finished blocks never change).
+    "llada2_moe": GenerationDefaults(max_tokens=2048, steps=32, block_length=32, algorithm="llada2",
+                                     threshold=0.95, cache="block", steps_per_block=32),
 }
+
+
+def _check_block_diffusion(p: SamplingParams) -> None:
+    """Options the llada2 decoder does not have: refused, naming the field."""
+    if p.factor is not None:
+        raise SamplingParamsError("factor", "block diffusion (LLaDA2) decodes with threshold, not factor")
+    if p.remasking not in (None, "low_confidence"):
+        raise SamplingParamsError("remasking", "block diffusion (LLaDA2) commits by confidence (low_confidence) only")
+    if p.cfg_scale:
+        raise SamplingParamsError("cfg_scale", "classifier-free guidance is not available for block diffusion (LLaDA2)")
+    if p.alg_temp:
+        raise SamplingParamsError("alg_temp", "alg_temp is Dream's; block diffusion (LLaDA2) does not use it")
+    if p.structured_outputs is not None:
+        raise SamplingParamsError("structured_outputs", "constrained decoding is not available for block "
+                                                        "diffusion (LLaDA2) yet")
 
 _GEN_CONFIG_KEYS = {"max_new_tokens": "max_tokens", "steps": "steps", "num_diffusion_steps": "steps",
                     "block_length": "block_length", "temperature": "temperature", "top_p": "top_p",

@@ -67,12 +67,19 @@ class SamplingFields(_Request):
                                                          "(n + 1)(1 - c_n) < factor. Alternative to threshold.")
     cfg_scale: float | None = Field(None, ge=0, description="Classifier-free guidance weight (0 = off; > 0 runs an "
                                                             "unconditional twin, doubling the compute).")
-    cache: Literal["none", "prefix", "dual"] | None = Field(
-        None, description="KV cache mode: none (exact reference semantics), prefix or dual (Fast-dLLM caches).")
+    cache: Literal["none", "prefix", "dual", "block"] | None = Field(
+        None, description="KV cache mode: none (exact reference semantics), prefix or dual (Fast-dLLM caches); "
+                          "block: the exact cache of block-causal models (LLaDA2, their default; prefix/dual map "
+                          "to it there).")
     ignore_eos: bool | None = Field(None, description="Do not stop at EOS: return the whole canvas.")
-    algorithm: Literal["llada", "dream", "rnd1"] | None = Field(
-        None, description="Transfer schedule: llada (even split per block), dream (1 - s/t), rnd1. "
-                          "Unset: the model family's.")
+    algorithm: Literal["llada", "dream", "rnd1", "llada2"] | None = Field(
+        None, description="Transfer schedule: llada (even split per block), dream (1 - s/t), rnd1, llada2 (block "
+                          "diffusion, block-causal models only). Unset: the model family's.")
+    editing_threshold: float | None = Field(None, gt=0, le=1, description="LLaDA2.1 token editing (block "
+                                            "diffusion only): replace a committed token of the current block when "
+                                            "another is predicted with confidence > this. Unset: off.")
+    max_post_steps: int | None = Field(None, ge=0, description="Token editing: extra steps per block after its "
+                                                              "last mask is filled, while they edit (default 16).")
     alg_temp: float | None = Field(None, ge=0, description="Dream: > 0 samples the positions to commit from "
                                                            "softmax(confidence / alg_temp).")
     # structured outputs (server/structured.py, engine/constraints)

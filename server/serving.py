@@ -39,7 +39,8 @@ from .step_events import step_event
 log = logging.getLogger("unmask.server")
 
 PARAM_FIELDS = ("temperature", "top_p", "top_k", "seed", "stop", "steps", "block_length", "remasking", "threshold",
-                "factor", "cfg_scale", "cache", "ignore_eos", "algorithm", "alg_temp")
+                "factor", "cfg_scale", "cache", "ignore_eos", "algorithm", "alg_temp", "editing_threshold",
+                "max_post_steps")
 """Request fields passed to SamplingParams under the same name (max_tokens is handled apart)."""
 UNSUPPORTED_LOGPROBS = ("logprobs are not supported by this server (refused rather than ignored, so that "
                         "log-likelihood evaluations do not get silently wrong answers)")

@@ -2,6 +2,7 @@
 
 - llada: the block's m masks split evenly over its S steps, the first (m mod S) steps one more (get_num_transfer_tokens).
 - dream: int(masked * (1 - s/t)) with t = linspace(1, eps, S + 1) in float32; the last step commits all.
+- llada2: the quota of the full block length (engine/block_diffusion.py), with the strict threshold rule.
 - rnd1: with M masks at block start, step j of S leaves floor(M * (S - j) / S) masked (the highest-entropy
   ones); the last step commits all.
 """
@@ -11,6 +12,8 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import torch
+
+from .. import block_diffusion
 
 if TYPE_CHECKING:
     from ..sequence import Sequence
@@ -51,6 +54,8 @@ def rnd1_count(block_masks: int, masked_now: int, steps: int, step: int) -> int:
 def fixed_count(seq: "Sequence") -> int:
     """Positions this step of seq commits under its fixed schedule; -1 when another rule decides."""
     p = seq.params
+    if p.algorithm == "llada2":  # the quota; the strict threshold may commit more (decoding/select.py)
+        return block_diffusion.quota(p.block_length, seq.block_steps, seq.step_in_block)
     if p.adaptive or p.remasking == "origin":
         return -1
     if p.algorithm == "dream":

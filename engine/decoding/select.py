@@ -4,6 +4,8 @@ Per row exactly one rule applies:
 - fixed count k (the algorithm's schedule): the top-k by score (Dream alg_temp > 0: k positions sampled without
   replacement from softmax(score / alg_temp), via Gumbel-top-k);
 - threshold tau: every selectable position with conf >= tau, and always the top-scored one;
+- quota + threshold (LLaDA2, rows flagged quota_rule, count = the step's quota q): the positions with conf
+  strictly > tau when there are at least q of them (all of them, even more than q), else the top-q;
 - factor f: over confidences sorted c_1 >= c_2 >= ..., the largest n with (n + 1)(1 - c_n) < f (at least 1);
 - origin p (Dream): each selectable position independently with probability p.
 Rows whose step bound is reached commit everything selectable.
@@ -31,6 +33,8 @@ class SelectInputs:
     any_factor: bool
     any_origin: bool
     any_alg_temp: bool
+    quota_rule: torch.Tensor | None = None
+    """[B] bool: rows using the quota + strict-threshold rule (LLaDA2); None: no such row."""
 
 
 def _rank_mask(order: torch.Tensor, n: torch.Tensor, width: int) -> torch.Tensor:
@@ -58,6 +62,10 @@ def select(score: torch.Tensor, conf: torch.Tensor, selectable: torch.Tensor, in
         if inp.any_threshold:
             rows = ~torch.isnan(inp.threshold)
             hit = (conf >= inp.threshold[:, None]) & selectable | top1
+            if inp.quota_rule is not None:
+                strict = (conf > inp.threshold[:, None]) & selectable  # [B, M]
+                enough = strict.sum(1) >= inp.count  # [B]
+                hit = torch.where(inp.quota_rule[:, None], torch.where(enough[:, None], strict, commit), hit)
             commit = torch.where(rows[:, None], hit & selectable, commit)
         if inp.any_factor:
             rows = ~torch.isnan(inp.factor)
