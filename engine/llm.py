@@ -150,14 +150,14 @@ class LLM:
             ids = self.prompt_ids(prompt, max_tokens=resolved.max_tokens)
         self._check_not_served()
         rid = f"gen-{next(self._ids)}"
-        seq = self.engine.add_request(rid, ids, resolved)
+        seq = self.engine.add_request(rid, ids, resolved, keep_canvas=True)
         try:
             while True:
                 finished = [o for o in self.engine.step() if o.request_id == rid and o.finished]
                 if finished:
-                    yield self.engine.last_canvas.pop(rid, finished[0].token_ids), finished[0]
+                    yield seq.final_canvas if seq.final_canvas is not None else finished[0].token_ids, finished[0]
                     return
-                if id(seq) in self.engine.runner.canvases:
+                if self.engine.runner.has(seq):
                     yield self.engine.runner.generated(seq), None
         finally:
             self.engine.abort(rid)

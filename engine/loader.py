@@ -62,31 +62,28 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def _json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in `path`; CheckpointError naming the file when it is unreadable or not an object."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable {what} ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: {what} must be a JSON object")
+    return obj
+
+
 def read_generation_config(model_dir: Path) -> dict[str, Any]:
     """generation_config.json as a dict ({} when absent)."""
     path = model_dir / "generation_config.json"
-    if not path.exists():
-        return {}
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable generation config ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: generation config must be a JSON object")
-    return cfg
+    return _json_object(path, "generation config") if path.exists() else {}
 
 
 def read_config(model_dir: Path) -> ModelConfig:
     path = model_dir / "config.json"
     if not path.exists():
         raise CheckpointError(f"{path}: config.json not found in the checkpoint directory")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable config ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: config must be a JSON object")
-    return parse_config(raw, str(path))
+    return parse_config(_json_object(path, "config"), str(path))
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -225,6 +222,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     from kernels.dispatch import resolve_kernels
     dev = resolve_device(device)
     from .model.fuse import fuse_projections
+    from .shape_buckets import bucket_linears
     backend = resolve_kernels(kernels, dev)
     model_dir = Path(model_dir)
     torch_dtype = resolve_dtype(dtype, dev, checkpoint_dtype(model_dir) if dtype == "auto" else None)
@@ -252,4 +250,6 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     net = net.to(dev).eval().requires_grad_(False)
     if dev.type == "cuda":  # one GEMM for q/k/v and one for gate/up (engine/model/fuse.py)
         fuse_projections(net)
+    else:  # a bounded set of GEMM row counts (engine/shape_buckets.py)
+        bucket_linears(net)
     return DiffusionModel(net, cfg, tokenizer, dev, torch_dtype, model_dir, kernels=backend)

@@ -55,18 +55,15 @@ class Sequence:
     prefix_registered: bool = False
     """Whether the prompt's shareable pages are all in the cache (found or registered)."""
     stats: SeqStats = field(default_factory=SeqStats)
-    output_ids: list[int] | None = None
-    emitted_blocks: int = 0
-    user_data: Any = None
     step_log: StepLog | None = None
     """Set for requests that asked for their per-step commits (see step_log.py); None costs nothing."""
     row: Any = None
+    """The request's sampling parameters as small tensors, built once when the request is created (runner.param_row),
+    so a value that cannot be represented fails that request alone, before it joins a batch."""
     constraint: Any = None
     """The request's structured-output state (engine/constraints Constraint), None when unconstrained."""
     text: Any = None
     """The engine's text state of the request (stop-string search position, streamed text)."""
-    """The request's sampling parameters as small tensors, built once when the request is created (runner.param_row),
-    so a value that cannot be represented fails that request alone, before it joins a batch."""
     block_causal: bool = False
     """Block-diffusion model (LLaDA2): block-aligned canvas and absolute blocks (engine/block_diffusion.py)."""
     plan: tuple[int, ...] = ()
@@ -75,6 +72,11 @@ class Sequence:
     """Token editing: steps of the current block taken after its last mask was filled."""
     cached_upto: int = 0
     """Block-causal exact cache: canvas positions [0, cached_upto) hold final K/V in this request's pages."""
+    stream: bool = False
+    """Its consumer streams: each completed block also yields an unfinished output (LLMEngine.add_request)."""
+    keep_canvas: bool = False
+    final_canvas: list[int] | None = None
+    """With keep_canvas, the whole generated canvas once finished (past EOS; `unmask generate --show-steps`)."""
 
     def __post_init__(self) -> None:
         p = self.params

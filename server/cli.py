@@ -1,4 +1,6 @@
-"""`unmask serve`: load a checkpoint (default: the bundled model), start the engine loop and serve the OpenAI API.
+"""The `unmask` command line: `unmask generate` (engine/cli.py) and `unmask serve`, which loads a checkpoint
+(default: the bundled model), starts the engine loop and serves the OpenAI API. `python -m server.cli ...` runs it
+too.
 
 SIGTERM / Ctrl-C: stop admitting (new requests and /health get 503), let in-flight requests finish for up to
 --drain-timeout seconds, abort the rest (their clients get a clear 503 error, in-band for streams), stop the
@@ -29,6 +31,20 @@ def parse_bytes(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0 bytes, got {text!r}")
     return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from engine.cli import add_generate_parser
+    parser = argparse.ArgumentParser(prog="unmask", description="Inference engine for masked-diffusion LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(sub)
+    add_serve_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.cli import run_command
+    return run_command(build_parser(), argv)
 
 
 def add_serve_parser(sub: Any) -> None:
@@ -156,3 +172,7 @@ async def _announce(server: Any, client: Any, config: Any) -> None:
             print(f"unmask serve: listening on http://{shown}:{port} (docs at /docs, playground at /){auth}",
                   flush=True)
             return
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -41,6 +41,9 @@ class AttnContext:
     page_size: int = 0
     attn_mask: torch.Tensor | None = None
     """[B, 1, Lq, Lk] bool (True = attend): replaces key_valid when set (block-causal models, block_causal_mask)."""
+    groups: "list[AttnGroup] | None" = None
+    """Paged torch passes: the rows split into groups that each run one SDPA at their own padded lengths (the
+    runner's engine/shape_buckets.py); replaces q_index/q_valid/read_slots/key_valid."""
 
     @staticmethod
     def dense(batch: int, length: int, key_valid: torch.Tensor | None = None) -> "AttnContext":
@@ -59,6 +62,21 @@ class AttnContext:
         q_index = torch.where(q_valid, starts[:, None] + ar[None, :], 0)  # [B, Lq]
         unpad = (torch.arange(batch, device=device)[:, None] * max_q + ar[None, :])[q_valid]  # [T]
         return AttnContext(q_index, q_valid, unpad, batch, max_q, key_valid=q_valid)
+
+
+@dataclass(slots=True)
+class AttnGroup:
+    """Forward rows whose attention runs as one SDPA call at one padded (query, key) length."""
+    q_index: torch.Tensor
+    """[G, Lq] long: packed index of each padded query slot (any value where padded)."""
+    unpad: torch.Tensor
+    """[Tg] long: position of each real query in the flattened [G * Lq] layout."""
+    tokens: torch.Tensor
+    """[Tg] long: packed index of each real query (the output rows this group fills)."""
+    read_slots: torch.Tensor
+    """[G, Lk] long: pool slots each row attends over (the scratch slot where padded)."""
+    key_valid: torch.Tensor
+    """[G, Lk] bool."""
 
 
 @dataclass(slots=True)
@@ -92,6 +110,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContex
         pool_k, pool_v = ctx.kv_pool.k[layer], ctx.kv_pool.v[layer]  # [S, Hkv, D]
         pool_k.index_copy_(0, ctx.write_slots, k.to(pool_k.dtype))
         pool_v.index_copy_(0, ctx.write_slots, v.to(pool_v.dtype))
+        if ctx.groups is not None:
+            return _grouped(q, pool_k, pool_v, ctx.groups, scale)
         keys, vals = pool_k[ctx.read_slots], pool_v[ctx.read_slots]  # [B, Lk, Hkv, D]
     else:
         keys, vals = pad_tokens(k, ctx), pad_tokens(v, ctx)  # [B, Lq, Hkv, D]
@@ -120,6 +140,20 @@ def block_causal_mask(ctx: AttnContext, positions: torch.Tensor, block_len: torc
     if ctx.key_valid is not None:
         allowed = allowed & ctx.key_valid[:, None, :]
     return allowed[:, None]
+def _grouped(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, groups: list[AttnGroup],
+             scale: float) -> torch.Tensor:
+    """q [T, H, D] -> [T, H, D]: one SDPA per group over its own padded layout, scattered back to packed rows."""
+    out = torch.zeros_like(q)
+    gqa = q.shape[1] != pool_k.shape[1]
+    for g in groups:
+        keys = pool_k[g.read_slots].transpose(1, 2).to(q.dtype)  # [G, Hkv, Lk, D]
+        vals = pool_v[g.read_slots].transpose(1, 2).to(q.dtype)  # [G, Hkv, Lk, D]
+        qp = q[g.q_index].transpose(1, 2)  # [G, H, Lq, D]
+        o = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=g.key_valid[:, None, None, :], scale=scale,
+                                           enable_gqa=gqa)  # [G, H, Lq, D]
+        flat = o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])  # [G * Lq, H, D]
+        out.index_copy_(0, g.tokens, flat[g.unpad])
+    return out
 
 
 def _cu_seqlens(ctx: AttnContext, device: torch.device) -> torch.Tensor:
