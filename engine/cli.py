@@ -6,7 +6,6 @@ The `unmask` command line itself (generate and serve) is server/cli.py; this mod
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
@@ -131,7 +130,8 @@ def add_generate_parser(sub: Any) -> None:
     """Register `generate` on an argparse subparsers object."""
     gen = sub.add_parser("generate", help="generate a completion for one prompt")
     gen.add_argument("prompt", help="prompt text (chat-formatted when the model has a chat template)")
-    gen.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    gen.add_argument("--model", help="checkpoint directory or Hugging Face repo id such as "
+                                      "GSAI-ML/LLaDA-8B-Instruct (default: the bundled model)")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: the checkpoint's "
                                                      "torch_dtype; on CPU bfloat16 where the CPU supports it)")
@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse argv and run the chosen command; errors become one `unmask: error: ...` line and exit status 2 (bad
     input) or 1 (a lost tensor-parallel rank)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # HF_HUB_OFFLINE stays the user's: a Hugging Face repo id may be downloaded (engine/hub.py); tokenizers load
+    # local files only
     args = parser.parse_args(argv)
     from .errors import CheckpointError, ParallelError, TokenizerMissingError
     from .sampling_params import SamplingParamsError

@@ -151,7 +151,9 @@ def _attn_context(batch: ForwardBatch, kv: KVPoolTensors | None) -> AttnContext:
         ctx.key_valid, ctx.read_slots, ctx.groups = batch.key_valid, batch.read_slots, batch.attn_groups
     if paged:
         ctx.write_slots, ctx.kv_pool = batch.write_slots, kv
-    if batch.block_len is not None:
+    if batch.block_len is not None and batch.backend == "triton":  # the kernel masks by positions
+        ctx.block_len, ctx.positions = batch.block_len, batch.positions
+    elif batch.block_len is not None:
         from .model.attention import block_causal_mask
         ctx.attn_mask = block_causal_mask(ctx, batch.positions, batch.block_len, paged)
     return ctx

@@ -9,6 +9,7 @@ import torch
 
 from .errors import RequestError, RequestTypeError
 from .llm_engine import CacheConfig, EngineConfig, LLMEngine
+from .hub import resolve_model_path
 from .loader import load_model, read_generation_config, resolve_device, resolve_dtype
 from .outputs import RequestOutput
 from .sampling_params import GenerationDefaults, ModelLimits, ResolvedParams, SamplingParams, model_defaults
@@ -40,7 +41,7 @@ class LLM:
         enable_prefix_caching: block-causal models (LLaDA2) share the KV pages of common prompt prefixes between
         requests (engine/prefix_cache.py); other families never share."""
         from .executor import LocalExecutor, ParallelConfig, torchrun_rank
-        model_dir = Path(model) if model is not None else default_model_dir()
+        model_dir = resolve_model_path(model) if model is not None else default_model_dir()  # dir or HF repo id
         self.parallel = ParallelConfig(tensor_parallel_size, expert_parallel, parallel_timeout)
         if self.parallel.tensor_parallel_size > 1 or torchrun_rank() is not None:
             from .executor.launch import start_parallel

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from .config import ModelConfig
+from .hub import resolve_model_path
 from .errors import CheckpointError
 from .families import parse_config, stop_token_ids, tensor_mapper
 from .loaded_model import DiffusionModel
@@ -104,6 +105,21 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
+def shard_pieces(name: str, cfg: ModelConfig, shard: Shard) -> list[tuple[int, int, int]] | None:
+    """The (dim, start, end) ranges of the checkpoint tensor behind internal parameter `name` that this rank holds,
+    concatenated in order along dim; None: the whole tensor (replicated). One range except the fused q/k/v
+    projection (LLaDA2's query_key_value: rows of all H query heads, then the KV key heads, then the KV value heads),
+    of which a rank holds its query heads, its KV heads' keys and their values."""
+    if shard.active and cfg.fused_qkv and name.endswith("attn.qkv_proj.weight"):
+        hd = cfg.head_dim
+        (h0, h1), (k0, k1) = shard.heads(cfg.num_heads), shard.kv_heads(cfg.num_kv_heads)
+        q_rows, kv_rows = cfg.num_heads * hd, cfg.num_kv_heads * hd
+        return [(0, h0 * hd, h1 * hd), (0, q_rows + k0 * hd, q_rows + k1 * hd),
+                (0, q_rows + kv_rows + k0 * hd, q_rows + kv_rows + k1 * hd)]
+    cut = shard_slice(name, cfg, shard)
+    return None if cut is None else [cut]
+
+
 def shard_slice(name: str, cfg: ModelConfig, shard: Shard) -> tuple[int, int, int] | None:
     """(dim, start, end) of the checkpoint tensor behind internal parameter `name` that this rank holds (for a
     stacked expert parameter: of one expert's tensor); None: the whole tensor (replicated)."""
@@ -113,6 +129,9 @@ def shard_slice(name: str, cfg: ModelConfig, shard: Shard) -> tuple[int, int, in
     part = ".".join(leaf[-2:])
     if name in ("embed.weight", "lm_head.weight"):
         return (0, *shard.vocab(cfg.vocab_size))
+    if ".moe.shared." in name:  # shared experts (LLaDA2): sliced by their own width, as dense MLPs are
+        cut = shard_range(cfg.shared_expert_size, shard.rank, shard.size)
+        return (1 if part == "down_proj.weight" else 0, *cut)
     if part in ("q_proj.weight", "q_proj.bias"):
         h0, h1 = shard.heads(cfg.num_heads)
         return 0, h0 * hd, h1 * hd
@@ -174,15 +193,17 @@ def load_weights(net: Transformer, cfg: ModelConfig, files: list[Path], model_di
                 if tuple(view.get_shape()) != tuple(full_shape):
                     raise CheckpointError(f"{file}: tensor '{key}' has shape {list(view.get_shape())} but "
                                           f"config.json implies {list(full_shape)}")
-                cut = shard_slice(target.name, cfg, shard)
-                if cut is None:
+                pieces = shard_pieces(target.name, cfg, shard)
+                if pieces is None:
                     dest.copy_(view[:])
                 else:
-                    dim, a, b = cut
-                    part = view[a:b] if dim == 0 else view[:, a:b]
-                    dest.narrow(dim, 0, b - a).copy_(part)
-                    if dest.shape[dim] > b - a:  # vocabulary padding of the last rank's chunk
-                        dest.narrow(dim, b - a, dest.shape[dim] - (b - a)).zero_()
+                    at = 0
+                    for dim, a, b in pieces:
+                        part = view[a:b] if dim == 0 else view[:, a:b]
+                        dest.narrow(dim, at, b - a).copy_(part)
+                        at += b - a
+                    if dest.shape[dim] > at:  # vocabulary padding of the last rank's chunk
+                        dest.narrow(dim, at, dest.shape[dim] - at).zero_()
                 seen[slot] = file.name
     missing = sorted(expected - seen.keys(), key=str)
     if missing:
@@ -215,7 +236,8 @@ def _checkpoint_name(cfg: ModelConfig, internal: str, expert: int | None) -> str
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                dtype: str | torch.dtype = "float32", shard: Shard = SINGLE, kernels: str | None = None) -> DiffusionModel:
-    """Load a LLaDA / LLaDA-MoE / Dream / RND1 / LLaDA2 checkpoint directory (config.json, safetensors, tokenizer files).
+    """Load a LLaDA / LLaDA-MoE / Dream / RND1 / LLaDA2 checkpoint directory (config.json, safetensors, tokenizer
+    files), or a Hugging Face repo id such as "GSAI-ML/LLaDA-8B-Instruct" (the local cache first; see engine/hub.py).
     dtype: float32, bfloat16, float16 or "auto" (see resolve_dtype). With a Shard, only this rank's slices are read
     (torch.distributed must already be initialised).
     kernels: "auto" | "triton" | "torch" (None: $UNMASK_KERNELS, else auto); see kernels/dispatch.py."""
@@ -224,7 +246,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     from .model.fuse import fuse_projections
     from .shape_buckets import bucket_linears
     backend = resolve_kernels(kernels, dev)
-    model_dir = Path(model_dir)
+    model_dir = resolve_model_path(model_dir)  # a directory, or a Hugging Face repo id (engine/hub.py)
     torch_dtype = resolve_dtype(dtype, dev, checkpoint_dtype(model_dir) if dtype == "auto" else None)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: checkpoint directory does not exist")
@@ -237,11 +259,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     turn = [i for i in end_of_turn_ids(tokenizer) if i < cfg.vocab_size] if tokenizer is not None else []
     cfg.stop_ids = tuple(dict.fromkeys([*cfg.stop_ids, *gen_eos, *turn]))  # EOS first, no duplicates
     if shard.active:
-        if cfg.fused_qkv:
-            raise CheckpointError(f"{model_dir}: tensor parallelism is not supported for {cfg.family} yet")
         shard.check(cfg.num_heads, cfg.num_kv_heads, cfg.num_experts, str(model_dir))
-    if cfg.block_causal:
-        backend = "torch"  # no Triton kernel for the block-causal mask yet
     with torch.device("meta"):
         net = Transformer(cfg, shard)
     net = net.to_empty(device="cpu").to(torch_dtype)
@@ -250,6 +268,6 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     net = net.to(dev).eval().requires_grad_(False)
     if dev.type == "cuda":  # one GEMM for q/k/v and one for gate/up (engine/model/fuse.py)
         fuse_projections(net)
-    else:  # a bounded set of GEMM row counts (engine/shape_buckets.py)
-        bucket_linears(net)
+    else:  # a bounded set of GEMM row counts (engine/shape_buckets.py); 16-bit GEMMs in float32 slices where the
+        bucket_linears(net)  # CPU has no native ones (engine/model/upcast.py's linear, which BucketedLinear calls)
     return DiffusionModel(net, cfg, tokenizer, dev, torch_dtype, model_dir, kernels=backend)

@@ -171,6 +171,7 @@ def write_random_checkpoint(
     num_shared_experts: int = 1,
     partial_rotary_factor: float = 0.5,
     routed_scaling_factor: float = 2.5,
+    byte_level: bool = False,
 ) -> Path:
     """Write a random checkpoint of `family` ("llada", "llada_moe", "dream", "rnd1") to out_dir; returns the path.
 
@@ -187,6 +188,9 @@ def write_random_checkpoint(
     llada2_moe only: first_k_dense_replace dense layers first, then MoE layers with a sigmoid router over
         n_group groups (topk_group kept), num_shared_experts shared experts (width moe_intermediate_size each),
         routed_scaling_factor, partial_rotary_factor (rotary_dim = head_dim * factor); fused query_key_value.
+    byte_level: write the tokenizer as GPT-2 style byte-level BPE (pieces spelled through the byte-to-unicode
+        table, e.g. " the" as "Ġthe"): same pieces and merges, so the same ids for the same text, in the form
+        llama.cpp's converter and its "gpt2" tokenizer expect (benchmarks/vs_llamacpp.py).
     Deterministic in `seed`; weights are drawn in fp32, so a bf16 checkpoint is the rounded fp32 one.
     """
     family = _check_family(family)
@@ -240,7 +244,7 @@ def write_random_checkpoint(
     tensors = _random_tensors(family, dims, seed, init_std, torch_dtype)
     _save(out, tensors, shards, torch_dtype)
     if tokenizer:
-        write_tokenizer(out, family, vocab_size, ids)
+        write_tokenizer(out, family, vocab_size, ids, byte_level=byte_level)
     return out
 
 
@@ -504,9 +508,11 @@ def _save(out: Path, tensors: dict[str, torch.Tensor], shards: int, dtype: torch
 # ---------------------------------------------------------------------------------------------- tokenizer
 
 
-def write_tokenizer(out_dir: str | Path, family: str, vocab_size: int, ids: dict[str, int]) -> None:
+def write_tokenizer(out_dir: str | Path, family: str, vocab_size: int, ids: dict[str, int],
+                    byte_level: bool = False) -> None:
     """tokenizer.json (BPE over printable ASCII, trained on a small built-in corpus; every id below vocab_size is
-    a token), tokenizer_config.json (special tokens, chat template) and special_tokens_map.json."""
+    a token), tokenizer_config.json (special tokens, chat template) and special_tokens_map.json.
+    byte_level: the same vocabulary spelled as GPT-2 byte-level BPE (see write_random_checkpoint)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     out = Path(out_dir)
@@ -539,11 +545,21 @@ def write_tokenizer(out_dir: str | Path, family: str, vocab_size: int, ids: dict
             taken.add(" " + word)
     special = set(ids.values())
     free = (i for i in range(vocab_size) if i not in special)
+    if byte_level:
+        table = _byte_to_unicode()
+        spell = lambda piece: "".join(table[b] for b in piece.encode())  # noqa: E731
+        pieces = [p if p == _UNK else spell(p) for p in pieces]
+        merges = [(spell(a), spell(b)) for a, b in merges]
     vocab = {tok: next(free) for tok in pieces}
     vocab.update(ids)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=_UNK))
-    tok.pre_tokenizer = pre
-    tok.decoder = decoders.Fuse()
+    if byte_level:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+    else:
+        tok.pre_tokenizer = pre
+        tok.decoder = decoders.Fuse()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in sorted(ids, key=ids.get)])
     tok.save(str(out / "tokenizer.json"))
 
@@ -567,6 +583,19 @@ def write_tokenizer(out_dir: str | Path, family: str, vocab_size: int, ids: dict
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table: bytes that print as themselves keep their character, the others
+    (space, control bytes, ...) take the characters from U+0100 on, in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(0x100 + extra)
+            extra += 1
+    return table
 
 
 def _check_family(family: str) -> str:

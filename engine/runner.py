@@ -144,7 +144,7 @@ class ModelRunner:
         self.kernels = model.kernels
         self.upload = StepUpload(self.device)
         use_graphs = (self.device.type == "cuda" and self.kernels == "triton" and executor.world_size == 1
-                      and os.environ.get(GRAPHS_ENV, "1") != "0")
+                      and not self.cfg.block_causal and os.environ.get(GRAPHS_ENV, "1") != "0")
         self.graphs = BlockGraphs(self.net, pool, self.device) if use_graphs else None
         """Captured block passes (CUDA + Triton kernels, one process; UNMASK_CUDA_GRAPHS=0 turns them off)."""
         self.shift = 1 if self.cfg.shift_logits else 0
@@ -153,7 +153,8 @@ class ModelRunner:
 
     # canvases: the runner owns every running request's canvas; the engine goes through these methods --------
     def add(self, seq: Sequence) -> None:
-        """Give an admitted request its canvas (prompt, then masks), unless it has one (a resumed request)."""
+        """Give an admitted request its canvas (prompt, then masks; block-causal: up to whole blocks), unless it has
+        one (a resumed request)."""
         if id(seq) not in self._canvases:
             ids = seq.prompt_ids + [self.cfg.mask_id] * (seq.canvas_len - seq.prompt_len)
             self._canvases[id(seq)] = torch.tensor(ids, dtype=torch.long, device=self.device)
@@ -237,14 +238,11 @@ class ModelRunner:
             host["row_end"] = torch.tensor([b for _, b in rows_q])  # [R]
         if self.kernels == "triton":
             host["cu_seqlens_q"] = torch.tensor(row_base, dtype=torch.int32)  # [R + 1]
-        elif m.block_causal:  # one padded layout with the block-causal mask (block_causal_mask in attention.py)
-            groups = []
-            padded = AttnContext.from_lengths(row_len, "cpu")
-            if padded.q_index is not None:
-                host.update(q_index=padded.q_index, q_valid=padded.q_valid, unpad_index=padded.unpad_index)
-        else:  # SDPA's padded layouts, one per (query, key) length bucket, riding in the same copy
+        elif not m.block_causal:  # SDPA's padded layouts, one per (query, key) length bucket, riding in the same copy
             groups = attention_groups(row_len, m.row_keys)
             host.update(group_upload(groups))
+        else:  # block-causal (torch): one padded layout with the block mask (forward_batch._attn_context)
+            groups = []
         # the positions decoded this step: each request's still-masked block positions (counts known here)
         blocks = [r.block for r in reqs]
         blen = [e - b for b, e in blocks]
@@ -317,9 +315,7 @@ class ModelRunner:
         if self.kernels == "triton":  # packed layout: no padded query index, keys through the block table
             batch.cu_seqlens_q, batch.block_table, batch.seq_lens_k = d["cu_seqlens_q"], m.block_table, m.seq_lens_k
             batch.page_size = self.pool.page_size
-        elif m.block_causal:
-            batch.q_index, batch.q_valid, batch.unpad_index = d.get("q_index"), d.get("q_valid"), d.get("unpad_index")
-        else:  # SDPA per length-bucket group, so a row's attention does not depend on the batch
+        elif not m.block_causal:  # SDPA per length-bucket group, so a row's attention does not depend on the batch
             batch.attn_groups = build_groups(plan.groups, d, m.read_slots, m.key_valid, self.pool.scratch_slot)
         if m.cfg_seqs:
             sel = torch.nonzero_static(m.cfg_w[seq] > 0, size=sum(counts[i] for i in m.cfg_seqs))[:, 0]  # [Nc]

@@ -288,6 +288,9 @@ class ModelLimits:
                                               "use token-id prompts without stop strings")
 
     def check_length(self, prompt_len: int, max_tokens: int, where: str = "prompt") -> None:
+        if max_tokens <= 0 and prompt_len > self.max_model_len:  # the prompt alone (max_tokens not known here)
+            raise RequestTooLargeError(f"{where}: {prompt_len} prompt tokens exceed the model's context length of "
+                                       f"{self.max_model_len} tokens", where)
         if prompt_len + max_tokens > self.max_model_len:
             raise RequestTooLargeError(
                 f"{where}: {prompt_len} prompt tokens + max_tokens {max_tokens} exceed the model's context length "

@@ -229,10 +229,11 @@ class Scheduler:
 
     # pages ------------------------------------------------------------------------------------------------
     def _prefix_hit(self, seq: Sequence) -> list[int]:
-        """The cached pages seq's prompt starts with ([] without prefix caching, or for a CFG request: its
-        unconditional twin sees another prompt). Computes seq's page keys on first use."""
+        """The cached pages seq's prompt starts with ([] without prefix caching; for a CFG request, whose
+        unconditional twin sees another prompt; for cache "none", which recomputes every position each step).
+        Computes seq's page keys on first use."""
         cache = self.prefix_cache
-        if cache is None or seq.num_rows > 1:
+        if cache is None or seq.num_rows > 1 or seq.params.cache == "none":
             return []
         if seq.prefix_keys is None:
             seq.prefix_keys = page_keys(seq.prompt_ids, seq.params.block_length, cache.page_size)
@@ -250,6 +251,7 @@ class Scheduler:
             return
         seq.pages = cache.allocate(need, hit)
         seq.cached_prefix_len = len(hit) * cache.page_size
+        seq.cached_upto = max(seq.cached_upto, seq.cached_prefix_len)  # its passes start after the hits
         seq.prefix_registered = len(hit) == len(seq.prefix_keys or ())
         if seq.stats.preemptions == 0 and seq.prefix_keys is not None:  # a readmission is not a new query
             cache.count_query(seq.prompt_len, seq.cached_prefix_len)

@@ -5,7 +5,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import block_diffusion
+from .block_diffusion import block_plan, canvas_length, first_block
 from .sampling_params import ResolvedParams
 from .step_log import StepLog
 
@@ -81,8 +81,8 @@ class Sequence:
     def __post_init__(self) -> None:
         p = self.params
         if self.block_causal:
-            self.plan = block_diffusion.block_plan(self.prompt_len, p.max_tokens, p.block_length, p.steps or None,
-                                                   p.steps_per_block)
+            self.plan = block_plan(self.prompt_len, p.max_tokens, p.block_length, p.steps or None,
+                                   p.steps_per_block)
         else:
             self.plan = p.block_steps
         self.masked_in_block = self.block_masks = self.block_len(0)
@@ -101,7 +101,7 @@ class Sequence:
     @property
     def canvas_len(self) -> int:
         if self.block_causal:
-            return block_diffusion.canvas_length(self.prompt_len, self.gen_len, self.params.block_length)
+            return canvas_length(self.prompt_len, self.gen_len, self.params.block_length)
         return self.prompt_len + self.gen_len
 
     @property
@@ -121,7 +121,7 @@ class Sequence:
         """Absolute canvas positions [start, end) of block b (default: the current one)."""
         b = self.block_idx if b is None else b
         if self.block_causal:
-            b += block_diffusion.first_block(self.prompt_len, self.params.block_length)
+            b += first_block(self.prompt_len, self.params.block_length)
             return b * self.params.block_length, (b + 1) * self.params.block_length
         start = self.prompt_len + b * self.params.block_length
         return start, min(start + self.params.block_length, self.canvas_len)

@@ -41,9 +41,13 @@ class AttnContext:
     page_size: int = 0
     attn_mask: torch.Tensor | None = None
     """[B, 1, Lq, Lk] bool (True = attend): replaces key_valid when set (block-causal models, block_causal_mask)."""
+    block_len: torch.Tensor | None = None
+    """[B] block length of each row's block-causal attention (triton backend; torch uses attn_mask)."""
+    positions: torch.Tensor | None = None
+    """[T] canvas positions of the packed queries (triton, block-causal)."""
     groups: "list[AttnGroup] | None" = None
     """Paged torch passes: the rows split into groups that each run one SDPA at their own padded lengths (the
-    runner's engine/shape_buckets.py); replaces q_index/q_valid/read_slots/key_valid."""
+    runner's engine/shape_buckets.py); replaces q_index/q_valid/read_slots/key_valid. Not used with attn_mask."""
 
     @staticmethod
     def dense(batch: int, length: int, key_valid: torch.Tensor | None = None) -> "AttnContext":
@@ -103,8 +107,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContex
               scale: float) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D] (new tokens, RoPE applied) -> [T, H, D]. Non-causal."""
     if ctx.backend == "triton":
-        if ctx.attn_mask is not None:
-            raise NotImplementedError("block-causal attention has no Triton kernel yet; load with kernels='torch'")
         return _attention_triton(q, k, v, ctx, layer, scale)
     if ctx.kv_pool is not None:
         pool_k, pool_v = ctx.kv_pool.k[layer], ctx.kv_pool.v[layer]  # [S, Hkv, D]
@@ -140,6 +142,8 @@ def block_causal_mask(ctx: AttnContext, positions: torch.Tensor, block_len: torc
     if ctx.key_valid is not None:
         allowed = allowed & ctx.key_valid[:, None, :]
     return allowed[:, None]
+
+
 def _grouped(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, groups: list[AttnGroup],
              scale: float) -> torch.Tensor:
     """q [T, H, D] -> [T, H, D]: one SDPA per group over its own padded layout, scattered back to packed rows."""
@@ -171,8 +175,10 @@ def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: At
                       scale: float) -> torch.Tensor:
     from kernels.attention import paged_attention, store_kv, varlen_attention
     cu = _cu_seqlens(ctx, q.device)
+    causal = {} if ctx.block_len is None else dict(block_len=ctx.block_len, q_positions=ctx.positions)
     if ctx.kv_pool is None:
-        return varlen_attention(q, k, v, cu, ctx.max_q, scale)
+        return varlen_attention(q, k, v, cu, ctx.max_q, scale, **causal)
     pool_k, pool_v = ctx.kv_pool.k[layer], ctx.kv_pool.v[layer]  # [S, Hkv, D]
     store_kv(k, v, pool_k, pool_v, ctx.write_slots)
-    return paged_attention(q, pool_k, pool_v, cu, ctx.block_table, ctx.seq_lens_k, ctx.page_size, ctx.max_q, scale)
+    return paged_attention(q, pool_k, pool_v, cu, ctx.block_table, ctx.seq_lens_k, ctx.page_size, ctx.max_q, scale,
+                           **causal)

@@ -127,11 +127,15 @@ class MLP(nn.Module):
         """gate and up as one GEMM (engine/model/fuse.py); gate/up_proj are then None."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shard.all_reduce(self.partial(x))
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the output (summed over ranks by forward's all-reduce)."""
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.shard.all_reduce(self.down_proj(F.silu(gate) * up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MoE(nn.Module):
@@ -139,7 +143,9 @@ class MoE(nn.Module):
 
     Sharded: the router is replicated (every rank routes every token); each rank holds either every expert's slice
     of the intermediate size (tensor parallel) or whole experts [e0, e1) (expert parallel), and its partial output
-    is combined by one all-reduce."""
+    is combined by one all-reduce. Shared experts (LLaDA2) are sliced by their intermediate size on every rank
+    and their partial output joins the same all-reduce. In one process they can instead run inside the grouped
+    GEMM as extra experts every token is routed to with weight 1 (engine/model/fuse.py: num_fused_shared)."""
 
     def __init__(self, cfg: ModelConfig, shard: Shard = SINGLE) -> None:
         super().__init__()
@@ -159,29 +165,40 @@ class MoE(nn.Module):
         """[E] added to the sigmoid scores for expert selection only (LLaDA2)."""
         self.shared = MLP(d, cfg.shared_expert_size, shard) if cfg.shared_expert_size else None
         """Shared experts: one SwiGLU added unweighted to the routed output (LLaDA2)."""
+        self.num_fused_shared = 0
+        """Shared-expert chunks stacked after the routed experts in w_gate/w_up/w_down (fuse.py); shared is then
+        None."""
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> weights [T, k] (x.dtype), expert ids [T, k]."""
-        from kernels.moe import route, route_grouped
+        from kernels.moe import route, route_grouped, route_grouped_triton
         if self.expert_bias is not None:  # router GEMM in fp32, as the reference
             c = self.cfg
             logits = F.linear(x.float(), self.router.weight.float())  # [T, E]
-            weights, ids = route_grouped(logits, self.expert_bias, self.top_k, c.n_group, c.topk_group,
-                                               c.routed_scaling_factor)
+            grouped = route_grouped_triton if backend == "triton" else route_grouped
+            weights, ids = grouped(logits, self.expert_bias, self.top_k, c.n_group, c.topk_group,
+                                   c.routed_scaling_factor)
         else:
             weights, ids = route(self.router(x), self.top_k, self.norm_topk)
         return weights.to(x.dtype), ids
 
     def forward(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
-        out = self._routed(x, backend)
-        return out if self.shared is None else out + self.shared(x)
+        out = self._routed(x, backend)  # this rank's partial sum
+        if self.shared is not None:
+            out = out + self.shared.partial(x)
+        return self.shard.all_reduce(out)
 
     def _routed(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        from kernels.moe import fused_moe, fused_moe_triton
-        weights, ids = self.route(x)
-        run = fused_moe_triton if backend == "triton" else fused_moe
+        """The routed experts' output on this rank (not yet summed over ranks)."""
+        from kernels.moe import append_shared, fused_moe, fused_moe_triton
+        from .moe_cpu import moe_cpu
+        weights, ids = self.route(x, backend)
+        run = fused_moe_triton if backend == "triton" else (moe_cpu if x.device.type == "cpu" else fused_moe)
         if not self.shard.expert_parallel or not self.shard.active:
-            return self.shard.all_reduce(run(x, self.w_gate, self.w_up, self.w_down, weights, ids))
+            if self.num_fused_shared:
+                n = self.num_fused_shared
+                weights, ids = append_shared(weights, ids, self.w_gate.shape[0] - n, n)
+            return run(x, self.w_gate, self.w_up, self.w_down, weights, ids)
         # expert parallel: only the (token, slot) pairs routed to this rank's experts, one slot each
         local = ids - self.e0  # [T, k]
         pair = torch.nonzero((local >= 0) & (local < self.w_gate.shape[0]))  # [P, 2] (token, slot)
@@ -191,4 +208,4 @@ class MoE(nn.Module):
             y = run(x[tok], self.w_gate, self.w_up, self.w_down, weights[tok, slot, None],
                     local[tok, slot, None])  # [P, D]
             out.index_add_(0, tok, y)
-        return self.shard.all_reduce(out)
+        return out
