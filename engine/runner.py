@@ -27,6 +27,7 @@ from .loaded_model import DiffusionModel
 from .sampling_params import ResolvedParams
 from .scheduler import RunnerOutput, ScheduledRequest
 from .sequence import Sequence
+from .model.attention import AttnContext
 from .shape_buckets import GroupPlan, attention_groups, build_groups, group_upload
 from .step_upload import StepUpload
 
