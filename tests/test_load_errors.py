@@ -100,11 +100,13 @@ def test_unknown_architecture(copy_of):
     assert str(file) in msg and "unknown architecture" in msg and "GPT2LMHeadModel" in msg
 
 
-def test_llada2_is_rejected_by_name(copy_of):
+def test_llada2_config_missing_its_keys_names_file_key_and_family(copy_of):
+    # LLaDA2 is a supported family now: a LLaDA-MoE config relabelled as LLaDA2 lacks its keys, and the error
+    # names the file, the first missing key and the family it was read as
     path = copy_of("llada_moe", tokenizer=False)
     file = edit_config(path, lambda c: c.update(architectures=["LLaDA2MoeModelLM"], model_type="llada2_moe"))
     msg = load_error(path)
-    assert str(file) in msg and "LLaDA2" in msg
+    assert str(file) in msg and "missing required key" in msg and "llada2_moe" in msg
 
 
 def test_invalid_json_config(copy_of):

@@ -38,4 +38,5 @@ def test_concurrent_large_bodies_leave_no_resident_memory_behind():
     finally:
         proc.stop()
     assert codes == [400] * 20  # refused (too long for the context) before tokenizing
-    assert after - before < 100 * 1024, (before, after)  # KiB
+    # before the fix ~280-320 MiB stayed resident; allocator slack under a loaded machine is well below 200 MiB
+    assert after - before < 200 * 1024, (before, after)  # KiB
