@@ -12,7 +12,8 @@ from .errors import EngineStepError, ParallelError, RequestError
 from .kv_pool import KVPool, kv_bytes_per_token
 from .model.diffusion_model import DiffusionModel
 from .outputs import RequestOutput, cut_at_stop_token
-from .runner import DEFAULT_LOGITS_MEMORY, ModelRunner, param_row
+from .batch_params import param_row
+from .runner import DEFAULT_LOGITS_MEMORY, ModelRunner
 from .sampling_params import ResolvedParams
 from .scheduler import ScheduleOutput, ScheduledRequest, Scheduler, SchedulerConfig
 from .sequence import Sequence

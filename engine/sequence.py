@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .sampling_params import ResolvedParams
 from .step_log import StepLog
+
+if TYPE_CHECKING:
+    from .sampling_params import ResolvedParams
 
 
 class Status(enum.Enum):
@@ -53,10 +55,10 @@ class Sequence:
     step_log: StepLog | None = None
     """Set for requests that asked for their per-step commits (see step_log.py); None costs nothing."""
     row: Any = None
+    """The request's row of the batched-parameters table (batch_params.param_row), built once with the Sequence
+    (engine/input_processor.py)."""
     text: Any = None
     """The engine's text state of the request (stop-string search position, streamed text)."""
-    """The request's sampling parameters as small tensors, built once when the request is created (runner.param_row),
-    so a value that cannot be represented fails that request alone, before it joins a batch."""
 
     def __post_init__(self) -> None:
         self.masked_in_block = self.block_masks = self.block_len(0)

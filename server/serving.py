@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from engine.async_engine import EngineError
 from engine.errors import TokenizerMissingError
 from engine.outputs import RequestOutput
+from engine.param_schema import api_names
 from engine.sampling_params import SamplingParams, SamplingParamsError
 
 from .config import ServerConfig
@@ -34,9 +35,9 @@ from .step_events import step_event
 
 log = logging.getLogger("unmask.server")
 
-PARAM_FIELDS = ("temperature", "top_p", "top_k", "seed", "stop", "steps", "block_length", "remasking", "threshold",
-                "factor", "cfg_scale", "cache", "ignore_eos", "algorithm", "alg_temp")
-"""Request fields passed to SamplingParams under the same name (max_tokens is handled apart)."""
+PARAM_FIELDS = tuple(f for f in api_names() if f != "max_tokens")
+"""Request fields passed to SamplingParams under the same name, from its schema (max_tokens is handled apart: chat
+also takes max_completion_tokens)."""
 SEED_MASK = 2 ** 63 - 1
 UNSUPPORTED_LOGPROBS = ("logprobs are not supported by this server (refused rather than ignored, so that "
                         "log-likelihood evaluations do not get silently wrong answers)")
