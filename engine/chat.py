@@ -53,11 +53,13 @@ def _content(value: Any, where: str) -> str:
     raise ChatMessageError(f"{where}: must be a string or a list of text parts, got {type(value).__name__}", where)
 
 
-def encode_chat(tokenizer: Any, messages: Any, lock: threading.Lock) -> list[int]:
-    """Prompt ids of `messages` under the tokenizer's chat template, with the generation prompt."""
+def encode_chat(tokenizer: Any, messages: Any, lock: threading.Lock, tools: list[dict] | None = None) -> list[int]:
+    """Prompt ids of `messages` under the tokenizer's chat template, with the generation prompt; `tools` (OpenAI
+    function tools) are passed to the template when it has a tool format (it mentions `tools`), else left out."""
     msgs = normalize_messages(messages)
     marked = [{"role": m["role"], "content": f" \ue000{i}\ue001 "} for i, m in enumerate(msgs)]
-    rendered = tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False)
+    extra = {"tools": tools} if tools and supports_tools(tokenizer) else {}
+    rendered = tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False, **extra)
     specials = _special_tokens(tokenizer)
     runs: list[str | int] = []  # plain-text runs (template text and contents merged) and special token ids
 
@@ -90,6 +92,12 @@ def encode_chat(tokenizer: Any, messages: Any, lock: threading.Lock) -> list[int
             ids += [r] if isinstance(r, int) else tokenizer(r, add_special_tokens=False,
                                                             split_special_tokens=True)["input_ids"]
     return ids
+
+
+def supports_tools(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template renders OpenAI `tools`."""
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and "tools" in template
 
 
 def _special_tokens(tokenizer: Any) -> tuple[re.Pattern | None, dict[str, int]]:

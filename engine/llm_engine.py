@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from .cache_manager import PageAllocator
+from .constraints.build import make_constraint
 from .errors import EngineStepError, ParallelError, RequestError
 from .kv_pool import KVPool, kv_bytes_per_token
 from .model.diffusion_model import DiffusionModel
@@ -91,6 +92,7 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_ids), params, shift=1 if self.model.config.shift_logits else 0)
         self.scheduler.check_fits(seq)
         seq.row = param_row(params)
+        seq.constraint = make_constraint(params.structured_outputs, self.model)
         return seq
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: ResolvedParams) -> Sequence:

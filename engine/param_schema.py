@@ -38,7 +38,8 @@ class SamplingParamsError(RequestError):
 @dataclass(frozen=True)
 class ParamSpec:
     kind: str
-    """"int", "float", "bool", "choice" (a string among `choices`) or "stop" (a string or a list of them)."""
+    """"int", "float", "bool", "choice" (a string among `choices`), "stop" (a string or a list of them) or
+    "object" (validated and normalised by `convert`)."""
     help: str
     """One line: what the field does (CLI help, HTTP description, SDK docstring)."""
     lo: float | None = None
@@ -60,6 +61,8 @@ class ParamSpec:
     http_lo: float | None = None
     http_hi: float | None = None
     """The HTTP schema's bounds where they differ (wire format: seeds are int64; top_k -1 means off)."""
+    convert: Callable[[Any], Any] | None = None
+    """kind "object": the value's validation and normal form (raises a RequestError naming the field)."""
 
     def choice_values(self) -> tuple[str, ...]:
         return self.choices() if callable(self.choices) else tuple(self.choices)
@@ -133,6 +136,8 @@ def check_value(name: str, spec: ParamSpec, v: Any, limits: dict[str, Any]) -> A
             raise SamplingParamsError(name, f"each stop string must be at most {limits['max_stop_length']} "
                                             f"characters")
         return stop
+    if spec.kind == "object" and spec.convert is not None:
+        return spec.convert(v)
     raise AssertionError(f"unknown parameter kind {spec.kind!r}")
 
 

@@ -19,6 +19,7 @@ from .decoding.candidates import CandidateInputs, ShardDecode, candidates, candi
 from .decoding.noise import STREAM_GUMBEL, row_keys
 from .decoding.select import SelectInputs, select
 from .block_graphs import BlockGraphs
+from .constraints.decoder import StepConstraints
 from .forward_batch import ForwardBatch
 from .kv_pool import KVPool
 from .model.attention import AttnContext
@@ -138,11 +139,13 @@ class ModelRunner:
         batch, dec = self._inputs(reqs, m, plan)
         keys = (row_keys(t.seed[dec.seq], plan.dev["step_no"][dec.seq], dec.pos, STREAM_GUMBEL) if plan.mmax
                 else torch.zeros(0, dtype=torch.long, device=self.device))  # [N] counter-based noise keys
-        if self.model.executor.world_size > 1 and not t.any_filter:  # reduce each vocabulary shard on its rank
+        constrained = StepConstraints.of(reqs, plan.counts)  # structured-output rows (None: none in this step)
+        if self.model.executor.world_size > 1 and not t.any_filter and constrained is None:  # reduce each
+            # vocabulary shard on its rank (constrained rows need their full logits)
             batch.shard_decode = ShardDecode(self.cfg.mask_id, t.temperature[dec.seq], t.tempered[dec.seq], keys,
                                              t.any_sampling, t.any_tempered)
-        x0, score, conf = self._candidates(reqs, m, batch, dec, keys, plan)  # [N] each
-        commit = self._commit(reqs, m, dec, x0, score, conf, keys, plan)  # [B, M]
+        x0, score, conf = self._candidates(reqs, m, batch, dec, keys, plan, constrained)  # [N] each
+        commit = self._commit(reqs, m, dec, x0, score, conf, keys, plan, constrained)  # [B, M]
         eos = self._eos(m)  # [B]
         out = torch.stack([commit.sum(1), eos.long()]).tolist()
         return RunnerOutput(committed=out[0], eos=[bool(x) for x in out[1]])
@@ -237,7 +240,8 @@ class ModelRunner:
         return batch, dec
 
     def _candidates(self, reqs: list[ScheduledRequest], m: _Members, batch: ForwardBatch, dec: "_Decode",
-                    keys: torch.Tensor, plan: "_Plan") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    keys: torch.Tensor, plan: "_Plan", constrained: StepConstraints | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the step's forward and score its decoded positions: candidate token, score and confidence [N] each.
         The logits (or, with shard_decode, the vocabulary shards' statistics [R, n, 8]) arrive in chunks of at most
         batch.logit_chunk positions, each scored as it arrives, so the [N, V] working set stays within the logits
@@ -256,6 +260,8 @@ class ModelRunner:
                                      t.tempered[seq], keys[a:b], self.cfg.mask_id, t.any_sampling, t.any_filter,
                                      t.remasking_ids, t.any_tempered, self.kernels)
             x0[a:b], score[a:b], conf[a:b] = score_chunk(logits, inputs)
+            if constrained is not None:
+                constrained.consume(a, b, logits, inputs)
 
         row_len = plan.row_len
         if self.graphs is not None and BlockGraphs.eligible([reqs[i].refresh for i in m.row_seq], row_len):
@@ -271,7 +277,8 @@ class ModelRunner:
         return x0, score, conf
 
     def _commit(self, reqs: list[ScheduledRequest], m: _Members, dec: "_Decode", x0: torch.Tensor,
-                score: torch.Tensor, conf: torch.Tensor, keys: torch.Tensor, plan: "_Plan") -> torch.Tensor:
+                score: torch.Tensor, conf: torch.Tensor, keys: torch.Tensor, plan: "_Plan",
+                constrained: StepConstraints | None = None) -> torch.Tensor:
         """Each row's selection rule over the scored positions; writes the commits into the canvases.
         Returns the commit mask [B, M] (padded layout)."""
         dev, mask_id, d = self.device, self.cfg.mask_id, plan.dev
@@ -285,6 +292,8 @@ class ModelRunner:
             rule=t.transfer, value=d["rule_value"], host_value=plan.rule_values, host_rule=m.host_rule,
             alg_temp=t.alg_temp, commit_all=d["commit_all"], noise_keys=keys[pad_idx],
             any_alg_temp=t.any_alg_temp))  # [B, M]
+        if constrained is not None:  # structured-output rows: their left-to-right grammar-checked commits
+            commit = constrained.apply(x0, commit)
         self.buf[dec.buf] = torch.where(commit[pad_valid], x0, current)
         return commit
 

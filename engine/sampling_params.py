@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass, fields, make_dataclass
 from typing import Any
 
+from .constraints.spec import StructuredOutputs
 from .decoding import registry
 from .errors import RequestTooLargeError
 from .param_schema import SamplingParamsError, check_value, param, specs
@@ -100,6 +101,10 @@ class SamplingParams:
         hi=MAX_TEMPERATURE, nullable=False)
     eps: float = param(1e-3, "float", "Dream: final timestep of linspace(1, eps, steps + 1).", lo=0, hi=1,
                        lo_open=True, hi_open=True, nullable=False, api=False)
+    structured_outputs: StructuredOutputs | dict | None = param(
+        None, "object", "Constrain the output: StructuredOutputs(json=schema | regex=... | choice=[...] | "
+        "grammar=lark | json_object=True), or the same as a dict (vLLM's `structured_outputs` object). See "
+        "engine/constraints/.", convert=StructuredOutputs.from_dict, api=False)
 
     def __post_init__(self) -> None:
         self._validate()

@@ -57,6 +57,8 @@ class Sequence:
     row: Any = None
     """The request's row of the batched-parameters table (batch_params.param_row), built once with the Sequence
     (engine/input_processor.py)."""
+    constraint: Any = None
+    """The request's structured-output state (engine/constraints Constraint), None when unconstrained."""
     text: Any = None
     """The engine's text state of the request (stop-string search position, streamed text)."""
 

@@ -14,6 +14,7 @@ from engine.sampling_params import GenerationDefaults, SamplingParams
 
 if TYPE_CHECKING:
     from engine.async_engine import AsyncEngine
+    from engine.constraints.spec import StructuredOutputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +43,9 @@ class EngineClient(Protocol):
         """Token ids of a text prompt (or validated ids); ValueError/TypeError name `where`. May be slow (call it
         off the event loop for long inputs)."""
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """The chat template applied to the messages, with the generation prompt, as token ids."""
+    def encode_chat(self, messages: list[dict[str, str]], tools: list[dict] | None = None) -> list[int]:
+        """The chat template applied to the messages, with the generation prompt, as token ids (with `tools`
+        rendered when the template has a tool format)."""
 
     def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
         """Queue a request; its stream yields one unfinished output per finished block, then the final output.
@@ -90,9 +92,14 @@ class LocalEngineClient:
     def encode(self, prompt: str | list[int], where: str) -> list[int]:
         return self.engine.llm.prompt_ids(prompt, where)
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, str]], tools: list[dict] | None = None) -> list[int]:
         llm = self.engine.llm
-        return llm.prompt_ids(llm.model.apply_chat_template(messages), "messages")
+        return llm.prompt_ids(llm.model.apply_chat_template(messages, tools=tools), "messages")
+
+    def compile_structured(self, spec: "StructuredOutputs") -> None:
+        """Compile a structured-output spec for the served model (cached); raises StructuredOutputsError."""
+        from engine.constraints.build import compile_for
+        compile_for(spec, self.engine.llm.model)
 
     def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str, *,
             record_steps: bool = False) -> AsyncIterator[RequestOutput]:

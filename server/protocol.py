@@ -43,6 +43,15 @@ class OpenAIFields(_Request):
                                             "finished diffusion block.")
     stream_options: StreamOptions | None = Field(None, description="Only with `stream: true`.")
     user: str | None = Field(None, description="End-user id (accepted, unused).")
+    # structured outputs (server/structured.py, engine/constraints): mapped by the server, not plain parameters
+    response_format: dict[str, Any] | None = Field(
+        None, description="OpenAI: {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": "
+                          "\"json_schema\", \"json_schema\": {\"name\", \"schema\", \"strict\"}}: the output is "
+                          "guaranteed to parse (and validate) when finish_reason is stop.")
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM: exactly one of {\"json\": schema, \"regex\": str, \"choice\": [str], "
+                          "\"grammar\": llguidance Lark grammar, \"json_object\": true}. Alternative to "
+                          "response_format.")
 
     @field_validator("stop", mode="before", check_fields=False)
     @classmethod
@@ -135,6 +144,13 @@ class ChatCompletionRequest(SamplingFields):  # type: ignore[misc,valid-type]
                                            "appended to the prompt (deprecated by OpenAI in favour of "
                                            "max_completion_tokens, which wins if both are set).")[1]
     max_completion_tokens: int | None = request_field("max_tokens", "Generation length (same as max_tokens).")[1]
+    tools: list[dict[str, Any]] | None = Field(None, description="OpenAI function tools [{\"type\": \"function\", "
+                                                                 "\"function\": {name, description, parameters}}].")
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description="none | auto (default with tools: unconstrained answer, tools rendered when the chat "
+                          "template supports them) | required (one call of one tool) | {\"type\": \"function\", "
+                          "\"function\": {\"name\"}} (that tool). Forced calls come back as message.tool_calls.")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted; a forced call is always a single call.")
 
 
 _PROMPT_SCHEMA = {"anyOf": [
@@ -186,7 +202,8 @@ class DiffusionStats(BaseModel):
 
 class ChatMessageOut(BaseModel):
     role: str = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):

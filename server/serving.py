@@ -31,6 +31,7 @@ from .errors import APIError, bad_request
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .sse import SSEResponse
+from .structured import ToolCalls, compile_checked, request_constraint
 from .step_events import step_event
 
 log = logging.getLogger("unmask.server")
@@ -70,6 +71,8 @@ class Job:
     t0: float
     prompts: list[list[int]]
     choices: list[Choice] = field(default_factory=list)
+    tool_calls: ToolCalls | None = None
+    """Set when the request forces a tool call (chat tool_choice required / named)."""
 
 
 class OpenAIServing:
@@ -97,7 +100,7 @@ class OpenAIServing:
         size = sum(len(m["content"]) for m in messages)
         self.limits.check_prompt_size("".join(m["content"] for m in messages), "messages",
                                       self.engine.info.max_token_chars)
-        ids = await self._offload(size, self._encode_chat, messages)
+        ids = await self._offload(size, self._encode_chat, messages, req.tools)
         return await self._run("chat", req, [ids], max_tokens, param, raw)
 
     async def completion(self, req: CompletionRequest, raw: Request) -> Response:
@@ -143,14 +146,18 @@ class OpenAIServing:
         except (ValueError, TypeError) as e:
             raise bad_request(str(e), where.split("[")[0])
 
-    def _encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def _encode_chat(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         try:
+            if tools:  # rendered by the chat template when it has a tool format (EngineClient.encode_chat)
+                return self.engine.encode_chat(messages, tools=tools)
             return self.engine.encode_chat(messages)
         except (ValueError, TypeError, TokenizerMissingError, TemplateError) as e:  # the request's fault
             raise bad_request(f"messages: cannot apply the chat template: {e}", "messages")
 
-    def _params(self, req: SamplingFields, max_tokens: int | None) -> SamplingParams:
+    def _params(self, req: SamplingFields, max_tokens: int | None, structured: Any = None) -> SamplingParams:
         values: dict[str, Any] = {k: v for k, v in self.config.sampling_defaults.items() if v is not None}
+        if structured is not None:
+            values["structured_outputs"] = structured
         for name in PARAM_FIELDS:
             v = getattr(req, name)
             if v is not None:
@@ -178,7 +185,10 @@ class OpenAIServing:
 
     async def _run(self, kind: str, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None,
                    param: str, raw: Request) -> Response:
-        base = self._params(req, max_tokens)
+        structured, tool_calls = request_constraint(req)
+        if structured is not None:
+            await compile_checked(self.engine, structured)
+        base = self._params(req, max_tokens, structured)
         prompt_param = "messages" if kind == "chat" else "prompt"
         for ids in prompts:
             self.limits.check_prompt_tokens(len(ids), prompt_param)
@@ -192,7 +202,7 @@ class OpenAIServing:
             raise APIError(503, f"the server is overloaded ({waiting} requests waiting); retry later",
                            headers={"Retry-After": "1"})
         job = Job(kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()),
-                  time.monotonic(), prompts)
+                  time.monotonic(), prompts, tool_calls=tool_calls)
         for p, ids in enumerate(prompts):
             for i in range(req.n):
                 params = base
@@ -302,6 +312,10 @@ class OpenAIServing:
                             yield self._chunk(job, c.index, {}, None, {
                                 "diffusion_step": step_event(self.engine, step, out.step_log.gen_len)})
                     text = self._new_text(c, out)
+                    if job.tool_calls is not None:  # a forced call is sent whole, once it is complete
+                        if out.finished:
+                            yield self._tool_chunk(job, c, out)
+                        continue
                     if out.finished:
                         extra = {"diffusion": _diffusion([out])}
                         if out.text is None:
@@ -338,6 +352,14 @@ class OpenAIServing:
         new, c.sent = text[len(c.sent):], text
         return new
 
+    def _tool_chunk(self, job: Job, c: Choice, out: RequestOutput) -> bytes:
+        calls = job.tool_calls.parse(out.text or "") if out.finish_reason == "stop" else None
+        extra = {"diffusion": _diffusion([out])}
+        if calls is None:  # not a complete call (the canvas was too short): the text as content
+            return self._chunk(job, c.index, {"content": out.text or ""}, out.finish_reason, extra)
+        delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+        return self._chunk(job, c.index, delta, "tool_calls", extra)
+
     def _chunk_object(self, job: Job) -> str:
         return "chat.completion.chunk" if job.kind == "chat" else "text_completion"
 
@@ -362,13 +384,18 @@ class OpenAIServing:
         for c in job.choices:
             out = c.final
             assert out is not None
+            finish = out.finish_reason
             if job.kind == "chat":
                 ch: dict[str, Any] = {"index": c.index, "message": {"role": "assistant", "content": out.text or ""}}
+                calls = job.tool_calls.parse(out.text or "") if job.tool_calls and finish == "stop" else None
+                if calls is not None:
+                    ch["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+                    finish = "tool_calls"
             else:
                 ch = {"index": c.index, "text": out.text or ""}
                 if out.text is None:
                     ch["token_ids"] = out.token_ids
-            ch.update(logprobs=None, finish_reason=out.finish_reason, diffusion=_diffusion([out]))
+            ch.update(logprobs=None, finish_reason=finish, diffusion=_diffusion([out]))
             choices.append(ch)
         return {"id": job.id, "object": "chat.completion" if job.kind == "chat" else "text_completion",
                 "created": job.created, "model": self.config.model_name, "choices": choices,

@@ -60,14 +60,15 @@ class DiffusionModel:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._require_tokenizer().decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
         """Prompt ids of chat messages (validated; content encoded as plain text, special tokens only from the
-        template). Raises ChatMessageError naming the message index and field."""
+        template; OpenAI `tools` rendered when the template has a tool format). Raises ChatMessageError naming
+        the message index and field."""
         tok = self._require_tokenizer()
         if getattr(tok, "chat_template", None) is None:
             raise RequestError(f"{self.path}: the tokenizer has no chat template; pass a plain prompt instead",
                                "messages")
-        return encode_chat(tok, messages, self._encode_lock)
+        return encode_chat(tok, messages, self._encode_lock, tools)
 
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:
