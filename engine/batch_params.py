@@ -66,6 +66,14 @@ class ParamTable:
 _COLUMNS = tuple(f for f in fields(ParamTable) if "get" in f.metadata)
 
 
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
 def param_row(p: ResolvedParams) -> ParamRow:
-    """A request's column values (built once per request, on the thread that submits it)."""
-    return tuple(c.metadata["get"](p) for c in _COLUMNS)
+    """A request's column values (built once per request, on the thread that submits it); a value a column
+    cannot hold fails this request alone, here, before it joins a batch."""
+    row = tuple(c.metadata["get"](p) for c in _COLUMNS)
+    for c, v in zip(_COLUMNS, row):
+        if not c.metadata["dtype"].is_floating_point and not _INT64[0] <= int(v) <= _INT64[1]:
+            raise ValueError(f"{c.name}: {v} does not fit the engine's int64 parameter table")
+    return row

@@ -180,6 +180,25 @@ def add_cli_flags(group: argparse._ArgumentGroup) -> None:
             group.add_argument(flag(name), type=kind, default=default, help=help)
 
 
+def markdown_table() -> str:
+    """README's table of request fields (tests/test_schema.py checks README holds the current one)."""
+    src = {"model": "model", "fixed": "", "random": "random"}
+    rows = ["| field | valid values | unset | meaning |", "|---|---|---|---|"]
+    for name, (spec, default) in _schema().items():
+        if spec.kind == "choice":
+            valid = ", ".join(f"`{c}`" for c in spec.choice_values())
+        elif spec.kind == "stop":
+            valid = "string or list of strings"
+        elif spec.kind in ("bool", "object"):
+            valid = {"bool": "boolean", "object": "see engine/constraints"}[spec.kind]
+        else:
+            valid = spec.range_text()
+        unset = src[spec.source] or ("" if default is None else f"`{default!r}`")
+        api = "" if spec.api else " (Python API only)"
+        rows.append(f"| `{name}` | {valid} | {unset} | {spec.help.replace('|', chr(92) + '|')}{api} |")
+    return "\n".join(rows) + "\n"
+
+
 # the SDK's typed keyword arguments ---------------------------------------------------------------------------------
 SDK_LITERALS = {"remasking": "Remasking", "cache": "CacheMode", "algorithm": "Algorithm"}
 """Names of the SDK's Literal aliases for the choice fields."""

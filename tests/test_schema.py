@@ -146,3 +146,11 @@ def test_a_new_field_declared_once_appears_in_every_derived_place(monkeypatch):
     add_cli_flags(p.add_argument_group())
     assert p.parse_args(["--shade", "1.5"]).shade == 1.5 and p.parse_args([]).shade == 0.25
     assert "    shade: float | None" in sdk_source()
+
+
+def test_readme_tables_are_generated_from_the_schema_and_registry():
+    from engine.decoding.registry import markdown_table as rules_table
+    from engine.param_schema import markdown_table
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"<!-- schema:params -->\n{markdown_table()}<!-- /schema:params -->" in readme
+    assert f"<!-- registry:rules -->\n{rules_table()}<!-- /registry:rules -->" in readme

@@ -162,3 +162,15 @@ def remasking_by_id(i: int) -> Remasking:
 
 def transfer_by_id(i: int) -> Transfer:
     return _BY_ID["transfer"][i]
+
+
+def markdown_table() -> str:
+    """README's table of decoding rules (tests/test_schema.py checks README holds the current one)."""
+    rows = ["| rule | chosen by | what it does |", "|---|---|---|"]
+    for r in remasking_rules():
+        alias = f" (alias {', '.join(f'`{a}`' for a in r.aliases)})" if r.aliases else ""
+        rows.append(f"| `{r.name}`{alias} | `remasking` | {r.help} |")
+    for t in transfer_rules():
+        how = {"algorithm": "`algorithm`", "param": f"`{t.name}` set", "remasking": f"`remasking={t.name}`"}[t.kind]
+        rows.append(f"| `{t.name}` | {how} | {t.help} |")
+    return "\n".join(rows) + "\n"
