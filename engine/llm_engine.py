@@ -8,12 +8,11 @@ from typing import Callable
 import torch
 
 from .cache_manager import PageAllocator
-from .constraints.build import make_constraint
 from .errors import EngineStepError, ParallelError, RequestError
+from .input_processor import build_sequence
 from .kv_pool import KVPool, kv_bytes_per_token
 from .model.diffusion_model import DiffusionModel
 from .outputs import RequestOutput, cut_at_stop_token
-from .batch_params import param_row
 from .runner import DEFAULT_LOGITS_MEMORY, ModelRunner
 from .sampling_params import ResolvedParams
 from .scheduler import ScheduleOutput, ScheduledRequest, Scheduler, SchedulerConfig
@@ -86,21 +85,19 @@ class LLMEngine:
         """Fault-injection hook for tests: step() calls it at each phase, ("schedule", None), ("forward", None),
         ("update", None), then ("output", request_id) before each output; whatever it raises is a step fault."""
 
-    def new_sequence(self, request_id: str, prompt_ids: list[int], params: ResolvedParams) -> Sequence:
-        """A request's host state, checked to fit the KV pool, not queued. Reads no mutable engine state, so any
-        thread may call it (AsyncEngine does, to raise errors on the caller's thread)."""
-        seq = Sequence(request_id, list(prompt_ids), params, shift=1 if self.model.config.shift_logits else 0)
-        self.scheduler.check_fits(seq)
-        seq.row = param_row(params)
-        seq.constraint = make_constraint(params.structured_outputs, self.model)
-        return seq
-
     def add_request(self, request_id: str, prompt_ids: list[int], params: ResolvedParams) -> Sequence:
+        """Queue a request from checked ids and resolved params (its Sequence built by the input processor's
+        build_sequence)."""
         if request_id in self.requests:
             raise RequestError(f"request_id {request_id!r} is already in use", "request_id")
-        seq = self.new_sequence(request_id, prompt_ids, params)
+        return self.add(build_sequence(self.model, self.scheduler, request_id, prompt_ids, params))
+
+    def add(self, seq: Sequence) -> Sequence:
+        """Queue a Sequence built by the input processor (engine/input_processor.py)."""
+        if seq.request_id in self.requests:
+            raise RequestError(f"request_id {seq.request_id!r} is already in use", "request_id")
         self.scheduler.add(seq)
-        self.requests[request_id] = seq
+        self.requests[seq.request_id] = seq
         return seq
 
     def has_unfinished(self) -> bool:

@@ -203,11 +203,23 @@ class ModelLimits:
             raise SamplingParamsError("stop", "stop strings need a tokenizer and this checkpoint has none; "
                                               "use token-id prompts without stop strings")
 
-    def check_length(self, prompt_len: int, max_tokens: int, where: str = "prompt") -> None:
-        if prompt_len + max_tokens > self.max_model_len:
-            raise RequestTooLargeError(
-                f"{where}: {prompt_len} prompt tokens + max_tokens {max_tokens} exceed the model's context length "
-                f"of {self.max_model_len} tokens", "max_tokens" if prompt_len < self.max_model_len else where)
+    def check_length(self, prompt_len: int, max_tokens: int, where: str = "prompt", param: str = "max_tokens"
+                     ) -> None:
+        check_context(prompt_len, max_tokens, self.max_model_len, where, param)
+
+
+def check_context(prompt_len: int, max_tokens: int, max_model_len: int, where: str = "prompt",
+                  param: str = "max_tokens") -> None:
+    """The one context-length check (engine and server): prompt + max_tokens must fit; the error names the prompt
+    (`where`) when the prompt alone fills the context, else the generation length (`param`)."""
+    if prompt_len + max_tokens <= max_model_len:
+        return
+    if prompt_len >= max_model_len:
+        raise RequestTooLargeError(f"{where}: the prompt is {prompt_len} tokens; the model's context length is "
+                                   f"{max_model_len} tokens", where)
+    raise RequestTooLargeError(
+        f"{where}: {prompt_len} prompt tokens + {param} {max_tokens} exceed the model's context length of "
+        f"{max_model_len} tokens; use at most {max_model_len - prompt_len}", param)
 
 
 @dataclass(slots=True)

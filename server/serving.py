@@ -20,10 +20,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from engine.async_engine import EngineError
-from engine.errors import TokenizerMissingError
 from engine.outputs import RequestOutput
 from engine.param_schema import api_names
-from engine.sampling_params import SamplingParams, SamplingParamsError
+from engine.errors import RequestTooLargeError, TokenizerMissingError
+from engine.sampling_params import SamplingParams, SamplingParamsError, check_context
 
 from .config import ServerConfig
 from .engine_client import EngineClient
@@ -174,14 +174,12 @@ class OpenAIServing:
             raise bad_request(str(e))
 
     def _check_length(self, ids: list[int], params: SamplingParams, param: str, prompt_param: str) -> None:
-        limit = self.engine.info.max_model_len
+        """The engine's context check (engine/sampling_params.check_context), before any choice is queued."""
         gen = params.max_tokens if params.max_tokens is not None else self.engine.info.defaults.max_tokens
-        if len(ids) >= limit:
-            raise bad_request(f"the prompt is {len(ids)} tokens; this model's context is {limit} tokens",
-                              prompt_param)
-        if len(ids) + gen > limit:
-            raise bad_request(f"'{param}' is too large: the prompt ({len(ids)} tokens) + {param} ({gen}) exceeds "
-                              f"this model's context of {limit} tokens; use at most {limit - len(ids)}", param)
+        try:
+            check_context(len(ids), gen, self.engine.info.max_model_len, prompt_param, param)
+        except RequestTooLargeError as e:
+            raise bad_request(str(e), e.param)
 
     async def _run(self, kind: str, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None,
                    param: str, raw: Request) -> Response:
