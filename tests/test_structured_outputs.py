@@ -183,3 +183,32 @@ def test_invalid_specs_are_refused_naming_the_field(llms, spec, param):
         llm.generate([[5, 6]], SamplingParams(max_tokens=8, structured_outputs=spec))
     assert e.value.param == param, str(e.value)
     assert llm.engine.scheduler.has_unfinished() is False
+
+
+@pytest.mark.slow
+def test_bundled_model_keeps_its_accuracy_under_a_digit_regex():
+    """The trained bundled model (sort / reverse digits) answers 50 held-out problems as well with its answer format
+    enforced as without, at its default schedule and with a threshold."""
+    from engine.bundled import DEFAULT_MODEL_DIR, task
+
+    llm = LLM(DEFAULT_MODEL_DIR, dtype="float32")
+    probs = task.make_problems(50, seed=5, split="held_out")
+    convs = [task.messages_for(q) for q, _ in probs]
+    regex = r"[0-9]( [0-9]){1,7}"
+    for opts in ({}, {"threshold": 0.9}):
+        plain = llm.chat(convs, SamplingParams(**opts))
+        cons = llm.chat(convs, SamplingParams(**opts, structured_outputs={"regex": regex}))
+        acc_plain = sum(task.check(q, o.text) for (q, _), o in zip(probs, plain))
+        acc_cons = sum(task.check(q, o.text) for (q, _), o in zip(probs, cons))
+        assert all(o.finish_reason == "stop" and re.fullmatch(regex, o.text) for o in cons)
+        assert acc_plain >= 45 and acc_cons >= acc_plain, (opts, acc_plain, acc_cons)
+
+
+def test_a_vocabulary_that_cannot_spell_the_grammar_is_refused():
+    """The bundled model's vocabulary has digits and a few words only: a JSON object is refused up front."""
+    from engine.bundled import DEFAULT_MODEL_DIR
+
+    llm = LLM(DEFAULT_MODEL_DIR, dtype="float32")
+    with pytest.raises(StructuredOutputsError) as e:
+        llm.generate([[8, 9]], SamplingParams(max_tokens=8, structured_outputs={"json_object": True}))
+    assert e.value.param == "structured_outputs.json_object" and "cannot spell" in str(e.value)

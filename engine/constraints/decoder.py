@@ -42,7 +42,8 @@ class Constraint:
         self.stop_ids = list(stop_ids)
         self.mask_id = mask_id
         self.eos: int | None = None
-        """The stop token committed once the grammar accepted (then every later position gets it)."""
+        """The token every later position gets: the stop token committed once the grammar accepted (or, at a
+        dead end where the vocabulary can spell nothing allowed, a plain filler token: finish_reason length)."""
         self.path: list[int] | None = None
         """Closing path from the current state (None: not computed, or no path fits the canvas)."""
         self._path_known = False
@@ -52,10 +53,7 @@ class Constraint:
     def allowed(self) -> np.ndarray:
         """[V] bool: the tokens the grammar allows next (stop tokens only when it accepts; never the mask)."""
         self.mask_calls += 1
-        bits = np.frombuffer(self.m.compute_bitmask(), dtype=np.uint8)
-        ok = np.unpackbits(bits, bitorder="little")[:self.vocab.size].astype(bool)
-        if ok.shape[0] < self.vocab.size:
-            ok = np.concatenate([ok, np.zeros(self.vocab.size - ok.shape[0], dtype=bool)])
+        ok = self.vocab.mask(self.m)
         ok[self.stop_ids] = self.m.is_accepting()
         ok[self.mask_id] = False
         return ok
@@ -199,8 +197,9 @@ class StepConstraints:
             row.tokens.append(c.eos)
             return
         ok = c.allowed()
-        if not ok.any():  # the grammar allows nothing (cannot happen for a compiled grammar): end the answer
-            c.eos = c.stop_ids[0]
+        if not ok.any():  # a dead end: this vocabulary cannot spell any continuation. Fill the canvas with a
+            # plain token (no EOS), so the request ends with finish_reason "length", never "stop" on invalid text
+            c.eos = int(c.vocab.closing_order[0])
             row.tokens.append(c.eos)
             return
         forced = int(ok.sum()) == 1

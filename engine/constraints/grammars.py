@@ -22,6 +22,7 @@ CACHE_SIZE = 256
 PARSER_LIMITS = dict(max_grammar_size=200_000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000,
                      step_max_items=50_000, max_lexer_states=100_000)
 """llguidance parser limits for every compiled grammar (see llguidance.LLParserLimits)."""
+ENCODE_CACHE = 4096
 
 
 @dataclass(slots=True)
@@ -30,6 +31,17 @@ class Vocab:
     lltok: Any  # llguidance.LLTokenizer
     size: int  # model vocabulary size (the logits' width; may exceed the tokenizer's)
     closing_order: np.ndarray  # [K] int64 non-special token ids, best closer first (decoder.py)
+    banned: np.ndarray  # [S] int64 special tokens (unk, pad, mask, control tokens): never allowed in a constrained
+    # answer (stop tokens are allowed separately, once the grammar accepts)
+
+    def mask(self, matcher: Any) -> np.ndarray:
+        """[size] bool: the tokens `matcher` allows next, special tokens removed."""
+        bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
+        ok = np.unpackbits(bits, bitorder="little")[:self.size].astype(bool)
+        if ok.shape[0] < self.size:
+            ok = np.concatenate([ok, np.zeros(self.size - ok.shape[0], dtype=bool)])
+        ok[self.banned] = False
+        return ok
 
 
 class GrammarCache:
@@ -70,6 +82,9 @@ class GrammarCache:
         m = LLMatcher(vocab.lltok, text, log_level=0, limits=LLParserLimits(**PARSER_LIMITS))
         if m.is_error():
             raise StructuredOutputsError(spec.field_param, f"invalid {spec.option}: {_short(m.get_error())}")
+        if not m.is_accepting() and not vocab.mask(m).any():
+            raise StructuredOutputsError(spec.field_param, f"this model's vocabulary cannot spell any output "
+                                                           f"matching this {spec.option}")
         with self._lock:
             self._compiled[key] = m
             while len(self._compiled) > self.size:
@@ -95,8 +110,12 @@ def _build_vocab(tokenizer: Any, vocab_size: int, stop_ids: list[int]) -> Vocab:
         lltok = llguidance.hf.from_tokenizer(tokenizer, eos_token=eos)
     except (ValueError, TypeError):  # a decoder llguidance cannot read: give it every token's bytes ourselves
         lltok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteTokens(tokenizer, eos)))
-    specials = set(stop_ids) | {i for i in range(lltok.vocab_size) if lltok.is_special_token(i)}
-    return Vocab(lltok, vocab_size, _closing_order(lltok, specials))
+    specials = {i for i in range(lltok.vocab_size) if lltok.is_special_token(i)}
+    specials |= {i for i in getattr(tokenizer, "all_special_ids", []) if i < vocab_size}
+    specials |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special and i < vocab_size}
+    banned = np.array(sorted(specials), dtype=np.int64)
+    order = _closing_order(lltok, specials | set(stop_ids))
+    return Vocab(lltok, vocab_size, order[order < vocab_size], banned)
 
 
 class _ByteTokens:
@@ -114,8 +133,16 @@ class _ByteTokens:
         self.tokens = [p.encode() if i in special or decoder is None else decoder.decode([p]).encode()
                        for i, p in enumerate(pieces)]
 
+        self._encoded: OrderedDict[str, list[int]] = OrderedDict()
+
     def __call__(self, s: str) -> list[int]:
-        return self._tok(s, add_special_tokens=False)["input_ids"]
+        """Encode (llguidance asks for forced text; the same strings recur, so the last ENCODE_CACHE are kept)."""
+        ids = self._encoded.get(s)
+        if ids is None:
+            ids = self._encoded[s] = self._tok(s, add_special_tokens=False)["input_ids"]
+            if len(self._encoded) > ENCODE_CACHE:
+                self._encoded.popitem(last=False)
+        return list(ids)
 
 
 _CLOSERS = frozenset(b'"}])')

@@ -65,7 +65,7 @@ class StructuredOutputs:
                 raise StructuredOutputsError(f"{p}.json", f"must be a JSON schema object, got {type(schema).__name__}")
             if len(_json.dumps(schema)) > MAX_SPEC_CHARS:
                 raise StructuredOutputsError(f"{p}.json", f"longer than {MAX_SPEC_CHARS} characters")
-            object.__setattr__(self, "json", _json.dumps(schema, sort_keys=True))  # canonical text: the cache key
+            object.__setattr__(self, "json", _json.dumps(schema))  # text (the cache key); property order kept
         for name in ("regex", "grammar"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, str) and v):

@@ -82,14 +82,28 @@ function readSettings() {
     threshold: $("threshold").value === "" ? null : Number($("threshold").value),
     seed: $("seed").value === "" ? null : int("seed", -(2 ** 53)),
   };
+  s.structured_outputs = readConstraint();
   if (s.threshold !== null && !(s.threshold > 0 && s.threshold <= 1)) throw new Error("threshold must be in (0, 1]");
   if (!(s.temperature >= 0)) throw new Error("temperature must be ≥ 0");
   return s;
 }
 
+function readConstraint() {
+  // the output constraint box -> the request's structured_outputs (null: unconstrained)
+  const kind = $("constraint-kind").value, text = $("constraint").value;
+  if (!kind) return null;
+  if (!text.trim()) throw new Error(`type the ${kind} of the output constraint`);
+  if (kind === "json") {
+    try { return { json: JSON.parse(text) }; } catch (e) { throw new Error(`JSON schema: ${e.message}`); }
+  }
+  if (kind === "choice") return { choice: text.split("\n").filter((x) => x !== "") };
+  return { [kind]: text };
+}
+
 function summary(s) {
   return [`max_tokens ${s.max_tokens}`, `steps ${s.steps}`, `block ${s.block_length}`, s.remasking,
-    `cache ${s.cache}`, `threshold ${s.threshold ?? "off"}`, `T ${s.temperature}`, `seed ${s.seed ?? "random"}`]
+    `cache ${s.cache}`, `threshold ${s.threshold ?? "off"}`, `T ${s.temperature}`, `seed ${s.seed ?? "random"}`,
+    ...(s.structured_outputs ? [`constrained: ${Object.keys(s.structured_outputs)[0]}`] : [])]
     .join(" · ");
 }
 
@@ -349,6 +363,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("compare").addEventListener("click", () => generate(true));
   $("stop").addEventListener("click", () => { if (app.running) app.running.controller.abort(); });
   $("defaults").addEventListener("click", applyDefaults);
+  $("constraint-kind").addEventListener("change", () => { $("constraint").disabled = !$("constraint-kind").value; });
   $("playback").addEventListener("change", () => {
     for (const r of app.runs) r.playback = Number($("playback").value);
   });

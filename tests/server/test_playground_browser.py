@@ -224,3 +224,36 @@ def test_api_docs_render_offline_with_every_operation(browser, keyed_server):
     assert all(f in fields for f in ("steps", "block_length", "remasking", "threshold", "cache", "cfg_scale")), fields
     assert outside == []
     page.close()
+
+
+def test_playground_output_constraint_box(browser, server):
+    """The constraint box sends structured_outputs: a regex keeps the bundled model's answer, a JSON schema gives
+    valid JSON, and an invalid regex shows the server's 400 naming the field."""
+    import json
+
+    import jsonschema
+
+    page, outside = _page(browser, server.url)
+    page.goto(server.url + "/playground")
+    sync_api.expect(page.locator("body")).to_have_attribute("data-ready", "true", timeout=30_000)
+    assert page.locator("#constraint").is_disabled()
+    (q, a), = task.make_problems(1, seed=21, split="held_out")
+    page.select_option("#constraint-kind", "regex")
+    page.fill("#constraint", "[0-9]( [0-9]){1,7}")
+    got = _generate(page, q)
+    assert got["answer"].strip() == a and "constrained: regex" in got["run"].locator(".run-settings").inner_text()
+
+    schema = {"type": "integer", "minimum": 10, "maximum": 99}  # JSON this vocabulary (digits) can spell
+    page.select_option("#constraint-kind", "json")
+    page.fill("#constraint", json.dumps(schema))
+    got = _generate(page, q, "#compare")
+    jsonschema.validate(json.loads(got["answer"]), schema)
+
+    page.select_option("#constraint-kind", "regex")
+    page.fill("#constraint", "(unclosed")
+    page.click("#compare")
+    bad = page.locator(".run").last
+    sync_api.expect(bad).to_have_attribute("data-status", "error", timeout=30_000)
+    sync_api.expect(bad.locator(".run-error")).to_contain_text("structured_outputs.regex")
+    assert outside == [], outside
+    page.close()

@@ -179,3 +179,23 @@ def test_tools_are_rendered_when_the_chat_template_supports_them(engine):
     finally:
         tok.chat_template = saved
     assert rendered.startswith("TOOLS: get_weather add")
+
+
+def test_sdk_structured_options(app):
+    """unmask_client's AsyncClient sends response_format / structured_outputs / tools and parses tool_calls."""
+    from unmask_client import AsyncClient
+
+    async def main():
+        async with AsyncClient("http://testserver", model="tiny", transport=httpx.ASGITransport(app=app)) as c:
+            js = await c.chat(MSGS, max_tokens=48, response_format={"type": "json_schema",
+                                                                    "json_schema": {"name": "p", "schema": PERSON}})
+            rx = await c.complete("x", max_tokens=16, structured_outputs={"regex": "[0-9]{4}"})
+            tc = await c.chat(MSGS, max_tokens=48, tools=[ADD], tool_choice="required")
+            return js, rx, tc
+
+    js, rx, tc = run(main())
+    jsonschema.validate(json.loads(js.text), PERSON)
+    assert re.fullmatch("[0-9]{4}", rx.choices[0].text)
+    call = tc.choices[0].message.tool_calls[0]
+    assert tc.choices[0].finish_reason == "tool_calls" and call.function.name == "add"
+    jsonschema.validate(json.loads(call.function.arguments), ADD["function"]["parameters"])

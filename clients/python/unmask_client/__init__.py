@@ -11,14 +11,14 @@ from .retry import RetryPolicy
 from .steps import StepCanvas
 from .streaming import AsyncStream, Stream
 from .types import (ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, DiffusionStats, DiffusionStep,
-                    ModelCard, Usage)
+                    ModelCard, ToolCall, ToolFunction, Usage)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Client", "AsyncClient", "RetryPolicy", "Stream", "AsyncStream",
     "ChatCompletion", "ChatCompletionChunk", "Completion", "CompletionChunk", "DiffusionStats", "DiffusionStep",
-    "ModelCard", "Usage", "StepCanvas",
+    "ModelCard", "Usage", "StepCanvas", "ToolCall", "ToolFunction",
     "UnmaskError", "APIError", "BadRequestError", "AuthenticationError", "NotFoundError", "RateLimitError",
     "InternalServerError", "ServiceUnavailableError", "StreamError", "APIConnectionError", "APITimeoutError",
     "ReadyTimeoutError",

@@ -27,6 +27,12 @@ class CompletionOptions(SamplingOptions, total=False):
     """stream=True: end with a usage chunk (default on)."""
     include_steps: bool | None
     """stream=True (unmask extension): one chunk per denoising step whose `.step` is a DiffusionStep."""
+    response_format: Mapping[str, Any] | None
+    """Structured outputs (valid when finish_reason is "stop"): {"type": "json_object"} or {"type":
+    "json_schema", "json_schema": {"name", "schema"}}."""
+    structured_outputs: Mapping[str, Any] | None
+    """One of {"json": schema}, {"regex": r"..."}, {"choice": [...]}, {"grammar": llguidance Lark},
+    {"json_object": True}."""
     extra_body: Mapping[str, Any] | None
     """More JSON fields, sent as they are."""
     timeout: float | None
@@ -36,9 +42,15 @@ class CompletionOptions(SamplingOptions, total=False):
 class ChatOptions(CompletionOptions, total=False):
     max_completion_tokens: int | None
     """Generation length (OpenAI's newer name for max_tokens; wins if both are set)."""
+    tools: Sequence[Mapping[str, Any]] | None
+    """OpenAI function tools."""
+    tool_choice: str | Mapping[str, Any] | None
+    """"required" or {"type": "function", "function": {"name": ...}} forces a call, returned in
+    message.tool_calls."""
 
 
-BODY_FIELDS = (*SAMPLING_OPTIONS, "max_completion_tokens", "n", "user")
+BODY_FIELDS = (*SAMPLING_OPTIONS, "max_completion_tokens", "n", "user", "response_format", "structured_outputs",
+               "tools", "tool_choice")
 """Request fields sent as they are; unset (None) ones are not sent."""
 
 

@@ -113,8 +113,9 @@ class Client(BaseClient):
         The options (typed: ChatOptions) are the request options of params.SamplingOptions (max_tokens,
         temperature, top_p, seed, stop, and the diffusion options steps, block_length, remasking, threshold,
         factor, cfg_scale, cache, top_k, ignore_eos, algorithm, alg_temp; unset: the server's or the model's
-        defaults), plus max_completion_tokens, n, user, model, include_usage, include_steps, extra_body (more
-        JSON fields, sent as they are) and timeout (read timeout of this call in seconds).
+        defaults), plus max_completion_tokens, n, user, structured outputs (response_format, structured_outputs,
+        tools, tool_choice: guaranteed valid when finish_reason is "stop"), model, include_usage, include_steps,
+        extra_body (more JSON fields, sent as they are) and timeout (read timeout of this call in seconds).
         """
         fields = build_body("chat", options, stream)
         body = {"model": self._model(options.get("model")), "messages": message_dicts(messages), **fields}
@@ -132,7 +133,7 @@ class Client(BaseClient):
     def complete(self, prompt: str | list[str] | list[int] | list[list[int]], *, stream: bool = False,
                  **options: Unpack[CompletionOptions]) -> Completion | Stream[CompletionChunk]:
         """POST /v1/completions: a raw prompt (string, strings, token ids, lists of token ids), no chat template.
-        The options are chat()'s but max_completion_tokens."""
+        The options are chat()'s but max_completion_tokens, tools and tool_choice."""
         fields = build_body("complete", options, stream)
         body = {"model": self._model(options.get("model")), "prompt": prompt, **fields}
         return self._post("/v1/completions", body, stream, options.get("timeout"), Completion, CompletionChunk)

@@ -33,9 +33,25 @@ class Usage(_Model):
     total_tokens: int = 0
 
 
+class ToolFunction(_Model):
+    name: str | None = None
+    arguments: str | None = None
+    """The call's arguments as a JSON string (valid against the tool's parameters)."""
+
+
+class ToolCall(_Model):
+    index: int | None = None
+    """Streams only: which call a delta belongs to."""
+    id: str | None = None
+    type: str | None = "function"
+    function: ToolFunction
+
+
 class ChatMessage(_Model):
     role: str
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    """A forced tool call (tool_choice "required" or named); content is then None."""
 
 
 class ChatChoice(_Model):
@@ -97,6 +113,7 @@ class DiffusionStep(_Model):
 class ChatDelta(_Model):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChunkChoice(_Model):
