@@ -3,7 +3,9 @@
 Data flow of a step: the host lists each request's query range (a refresh pass over the whole canvas, or a
 block pass) -> one packed forward (variable lengths, K/V written to and read from the paged pool) -> logits only at
 the current block's positions -> candidates and scores -> per-row commit selection -> canvas update. The host gets
-back one small tensor per step (tokens committed and EOS flags per request).
+back one small tensor per step (tokens committed and EOS flags per request). The requests' sampling parameters
+come from the batched-parameters table (engine/batch_params.py), rebuilt when the batch membership changes; the
+scoring and commit rules are the decoding plug-ins (engine/decoding/).
 """
 from __future__ import annotations
 

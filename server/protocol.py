@@ -1,6 +1,8 @@
 """OpenAI request and response schemas (pydantic), with the diffusion options as top-level request fields.
 
-Every field has a description and its range, so `/openapi.json` and `/docs` describe the whole surface. Unknown
+Every field has a description and its range, so `/openapi.json` and `/docs` describe the whole surface. The
+sampling and diffusion fields are not written here: `SamplingFields` is built from the engine's request schema
+(SamplingParams' `param(...)` fields, engine/param_schema.py), their enums from the decoding registry. Unknown
 request fields are ignored (as vLLM does). Ranges checked here are the ones a schema can state; the engine's
 SamplingParams validation runs afterwards and its errors come back as 400s naming the same field.
 """

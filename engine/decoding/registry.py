@@ -114,6 +114,14 @@ def _load() -> None:
         pkg = importlib.import_module(f"{__package__}.{package}")
         for mod in sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)):
             importlib.import_module(f"{pkg.__name__}.{mod}")
+    # the built-in rules' ids follow their listing order (low_confidence = 0, ...), whatever the file names
+    import dataclasses
+    for kind, table in (("remasking", _REMASKING), ("transfer", _TRANSFER)):
+        ordered = sorted(table.values(), key=lambda s: (s.order, s.id))
+        _BY_ID[kind].clear()
+        for i, spec in enumerate(ordered):
+            table[spec.name] = _BY_ID[kind][i] = dataclasses.replace(spec, id=i)
+        _next_id[kind] = len(ordered)
 
 
 def _sorted(table: dict[str, Any]) -> list[Any]:
@@ -157,10 +165,12 @@ def transfer(name: str) -> Transfer:
 
 
 def remasking_by_id(i: int) -> Remasking:
+    _load()
     return _BY_ID["remasking"][i]
 
 
 def transfer_by_id(i: int) -> Transfer:
+    _load()
     return _BY_ID["transfer"][i]
 
 

@@ -105,18 +105,8 @@ class AsyncClient(BaseClient):
 
     async def chat(self, messages: Sequence[Mapping[str, Any] | BaseModel], *, stream: bool = False,
              **options: Unpack[ChatOptions]) -> ChatCompletion | AsyncStream[ChatCompletionChunk]:
-        """POST /v1/chat/completions. With stream=True, an iterator of ChatCompletionChunk: the role, then one
-        content delta per finished block, the finish reason, and the usage (include_usage, default on).
-        include_steps=True (unmask extension) adds one chunk per denoising step whose `.step` is a DiffusionStep
-        (positions committed and their tokens); StepCanvas replays them.
-
-        The options (typed: ChatOptions) are the request options of params.SamplingOptions (max_tokens,
-        temperature, top_p, seed, stop, and the diffusion options steps, block_length, remasking, threshold,
-        factor, cfg_scale, cache, top_k, ignore_eos, algorithm, alg_temp; unset: the server's or the model's
-        defaults), plus max_completion_tokens, n, user, structured outputs (response_format, structured_outputs,
-        tools, tool_choice: guaranteed valid when finish_reason is "stop"), model, include_usage, include_steps,
-        extra_body (more JSON fields, sent as they are) and timeout (read timeout of this call in seconds).
-        """
+        """POST /v1/chat/completions, as Client.chat (the same options, ChatOptions); with stream=True an async
+        iterator of ChatCompletionChunk."""
         fields = build_body("chat", options, stream)
         body = {"model": await self._model(options.get("model")), "messages": message_dicts(messages), **fields}
         return await self._post("/v1/chat/completions", body, stream, options.get("timeout"), ChatCompletion,
