@@ -9,7 +9,8 @@ declaration is the source of everything that names or checks request parameters:
 - the value each unset field takes on a server (`fixed_defaults()`: server/playground.py, /v1/models'
   `diffusion_defaults`);
 - the Python SDK's typed keyword arguments: clients/python/unmask_client/params.py is generated from here
-  (`sdk_source()`) and tests/test_schema.py checks it is current.
+  (`sdk_source()`) and tests/test_schema.py checks it is current; so are README's tables of request fields and
+  decoding rules. `regenerate()` rewrites both (the command is GENERATED).
 
 Choices that are decoding plug-ins (remasking, algorithm) are read from engine/decoding/registry.py.
 Adding a plain request field is one `param(...)` field on SamplingParams (plus its test).
@@ -208,8 +209,7 @@ def sdk_source() -> str:
     """clients/python/unmask_client/params.py: the request options as a TypedDict (torch-free, typed)."""
     out = ['"""Request options of the unmask server, generated from the engine\'s request schema (engine/param_schema.py);',
            "tests/test_schema.py checks it is current. Do not edit by hand; regenerate with",
-           "    python -c \"from engine.param_schema import sdk_source; print(sdk_source(), end='')\" \\",
-           '        > clients/python/unmask_client/params.py',
+           f"    {GENERATED}",
            '"""', "from __future__ import annotations", "", "from typing import Literal, Union", "",
            "from typing_extensions import TypedDict", ""]
     items = api_specs()
@@ -228,3 +228,22 @@ def sdk_source() -> str:
     out += textwrap.wrap(", ".join(repr(n) for n in items) + ")", 116, initial_indent="    ",
                          subsequent_indent="    ")
     return "\n".join(out) + "\n"
+
+
+GENERATED = "python -c 'import engine.param_schema as s; s.regenerate()'"
+"""The command that rewrites the files generated from the schema and the registry."""
+
+
+def regenerate(root: str | None = None) -> None:
+    """Rewrite clients/python/unmask_client/params.py and README.md's generated tables (between their markers)."""
+    from pathlib import Path
+
+    from .decoding.registry import markdown_table as rules_table
+    base = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    (base / "clients/python/unmask_client/params.py").write_text(sdk_source())
+    readme = (base / "README.md").read_text()
+    for marker, table in (("schema:params", markdown_table()), ("registry:rules", rules_table())):
+        start, end = f"<!-- {marker} -->\n", f"<!-- /{marker} -->"
+        a, b = readme.index(start) + len(start), readme.index(end)
+        readme = readme[:a] + table + readme[b:]
+    (base / "README.md").write_text(readme)

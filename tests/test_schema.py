@@ -13,7 +13,7 @@ import pytest
 from engine import SamplingParams, SamplingParamsError
 from engine.cli import build_parser, sampling_fields
 from engine.decoding import registry
-from engine.param_schema import (SDK_LITERALS, add_cli_flags, api_names, api_specs, fixed_defaults, param,
+from engine.param_schema import (GENERATED, SDK_LITERALS, add_cli_flags, api_names, api_specs, fixed_defaults, param,
                                  sdk_source, specs)
 from engine.sampling_params import GenerationDefaults
 from server import protocol
@@ -28,7 +28,7 @@ SDK_PARAMS = Path(__file__).resolve().parents[1] / "clients/python/unmask_client
 
 
 def test_sdk_options_are_generated_from_the_current_schema():
-    assert SDK_PARAMS.read_text() == sdk_source(), "regenerate clients/python/unmask_client/params.py (its header)"
+    assert SDK_PARAMS.read_text() == sdk_source(), f"run {GENERATED}"
 
 
 def test_sdk_keyword_arguments_match_the_schema():
@@ -152,5 +152,5 @@ def test_readme_tables_are_generated_from_the_schema_and_registry():
     from engine.decoding.registry import markdown_table as rules_table
     from engine.param_schema import markdown_table
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert f"<!-- schema:params -->\n{markdown_table()}<!-- /schema:params -->" in readme
-    assert f"<!-- registry:rules -->\n{rules_table()}<!-- /registry:rules -->" in readme
+    assert f"<!-- schema:params -->\n{markdown_table()}<!-- /schema:params -->" in readme, f"run {GENERATED}"
+    assert f"<!-- registry:rules -->\n{rules_table()}<!-- /registry:rules -->" in readme, f"run {GENERATED}"

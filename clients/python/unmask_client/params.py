@@ -1,7 +1,6 @@
 """Request options of the unmask server, generated from the engine's request schema (engine/param_schema.py);
 tests/test_schema.py checks it is current. Do not edit by hand; regenerate with
-    python -c "from engine.param_schema import sdk_source; print(sdk_source(), end='')" \
-        > clients/python/unmask_client/params.py
+    python -c 'import engine.param_schema as s; s.regenerate()'
 """
 from __future__ import annotations
 
