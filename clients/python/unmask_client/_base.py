@@ -6,7 +6,6 @@ from typing import Any, Mapping, Sequence
 
 import httpx
 from pydantic import BaseModel
-from typing_extensions import TypedDict
 
 from .errors import APIConnectionError, APITimeoutError, error_from_response
 from .params import SAMPLING_OPTIONS, SamplingOptions

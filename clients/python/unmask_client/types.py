@@ -4,7 +4,7 @@ Every model keeps fields it does not know (extra="allow"), so a newer server nev
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
