@@ -4,6 +4,8 @@
         --max-concurrency 32 --cache dual --threshold 0.9 --result-file out.json
     python -m benchmarks.serve --base-url http://127.0.0.1:8000 --dataset-name random --random-input-len 128 \
         --random-output-len 64 --request-rate 4 --ignore-eos --steps 64 --block-length 16
+    python -m benchmarks.serve --base-url http://127.0.0.1:8000 --dataset-name shared-prefix \
+        --shared-prefix-len 512 --random-input-len 32 --random-output-len 32 --ignore-eos
 
 Flags and result keys follow `vllm bench serve`. Every request streams (`stream_options.include_usage`), from
 the Poisson arrival process of --request-rate (inf: all at once), at most --max-concurrency in flight.
@@ -16,9 +18,13 @@ Per request:
 - Output tokens: the usage chunk's completion_tokens.
 
 Datasets: `random` sends token-id prompts to /v1/completions (lengths uniform in input-len * [1 - r, 1 + r], ids
-uniform in --random-token-range); `task` sends the bundled model's held-out problems as chat and reports accuracy.
+uniform in --random-token-range); `shared-prefix` is the random dataset behind a shared system prompt: every prompt
+starts with one of --shared-prefix-num random prefixes of --shared-prefix-len tokens (round robin), followed by its
+own random suffix of --random-input-len tokens (the workload prompt-prefix caching serves; vLLM's
+prefix-repetition dataset); `task` sends the bundled model's held-out problems as chat and reports accuracy.
 Diffusion options (--steps, --block-length, --threshold, ...) are sent as top-level fields. The server's diffusion
-counters (unmask:* or vllm:diffusion_*) are read from /metrics before and after the run.
+counters (unmask:* or vllm:diffusion_*) and the prefix-cache counters (prefix_cache_queries / _hits, in tokens, and
+their ratio) are read from /metrics before and after the run.
 """
 from __future__ import annotations
 
@@ -49,7 +55,10 @@ COUNTERS = {  # result key -> metric names (unmask's, then vLLM's) summed over t
     "positions_computed": ("unmask:positions_computed_total", "vllm:diffusion_num_canvas_positions_total"),
     "tokens_committed": ("unmask:tokens_committed_total", "vllm:diffusion_num_committed_tokens_total"),
     "generation_tokens": ("unmask:generation_tokens_total", "vllm:generation_tokens_total"),
+    "prefix_cache_queries": ("unmask:prefix_cache_queries_total", "vllm:prefix_cache_queries_total"),
+    "prefix_cache_hits": ("unmask:prefix_cache_hits_total", "vllm:prefix_cache_hits_total"),
 }
+DATASETS = ("random", "shared-prefix", "task")
 
 
 @dataclass
@@ -96,6 +105,17 @@ def random_requests(n: int, input_len: int, output_len: int, range_ratio: float,
         out.append(BenchRequest(prompt=[rng.randrange(*token_range) for _ in range(length)], input_len=length,
                                 max_tokens=output_len))
     return out
+
+
+def shared_prefix_requests(n: int, prefix_len: int, num_prefixes: int, suffix_len: int, output_len: int,
+                           range_ratio: float, token_range: tuple[int, int], seed: int) -> list[BenchRequest]:
+    """Random prompts behind shared prefixes: request i = prefix[i % num_prefixes] + its own random suffix (length
+    as in random_requests)."""
+    rng = random.Random(seed + 7)
+    prefixes = [[rng.randrange(*token_range) for _ in range(prefix_len)] for _ in range(num_prefixes)]
+    suffixes = random_requests(n, suffix_len, output_len, range_ratio, token_range, seed)
+    return [BenchRequest(prompt=prefixes[i % num_prefixes] + r.prompt, input_len=prefix_len + r.input_len,
+                         max_tokens=output_len) for i, r in enumerate(suffixes)]
 
 
 def task_requests(n: int, output_len: int | None, seed: int) -> list[BenchRequest]:
@@ -252,6 +272,8 @@ def diffusion_section(before: dict[str, float], after: dict[str, float], duratio
         d["committed_tokens_per_s"] = d["tokens_committed"] / duration
     if d.get("denoising_steps"):
         d["committed_per_step"] = d.get("tokens_committed", 0.0) / d["denoising_steps"]
+    if d.get("prefix_cache_queries"):
+        d["prefix_cache_hit_rate"] = d.get("prefix_cache_hits", 0.0) / d["prefix_cache_queries"]
     return d
 
 
@@ -288,7 +310,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (with or without /v1)")
     p.add_argument("--model", help="model name to request (default: the first of /v1/models)")
     p.add_argument("--api-key", help="bearer key (default: $UNMASK_API_KEY, else $OPENAI_API_KEY)")
-    p.add_argument("--dataset-name", choices=("random", "task"), default="random")
+    p.add_argument("--dataset-name", choices=DATASETS, default="random")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: no cap)")
     p.add_argument("--request-rate", type=float, default=float("inf"),
@@ -296,6 +318,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--random-input-len", type=int, default=128)
     p.add_argument("--random-output-len", type=int, default=64)
     p.add_argument("--random-range-ratio", type=float, default=0.0, help="input lengths in len * [1 - r, 1 + r]")
+    p.add_argument("--shared-prefix-len", type=int, default=256,
+                   help="shared-prefix dataset: tokens of each shared system prompt")
+    p.add_argument("--shared-prefix-num", type=int, default=1,
+                   help="shared-prefix dataset: distinct shared prefixes (requests cycle through them)")
     p.add_argument("--random-token-range", type=int, nargs=2, default=(0, 1000), metavar=("LO", "HI"),
                    help="random prompt token ids are drawn from [LO, HI) (keep special ids out)")
     p.add_argument("--output-len", type=int, help="task dataset: max_completion_tokens (default: the server's)")
@@ -322,6 +348,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.num_prompts < 1:
         p.error("--num-prompts must be >= 1")
+    if args.shared_prefix_len < 0 or args.shared_prefix_num < 1:
+        p.error("--shared-prefix-len must be >= 0 and --shared-prefix-num >= 1")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         p.error("--max-concurrency must be >= 1")
     if not args.request_rate > 0:
@@ -340,6 +368,10 @@ def request_options(args: argparse.Namespace) -> dict[str, Any]:
 def make_requests(args: argparse.Namespace) -> list[BenchRequest]:
     if args.dataset_name == "task":
         return task_requests(args.num_prompts + args.num_warmups, args.output_len, args.seed)
+    if args.dataset_name == "shared-prefix":
+        return shared_prefix_requests(args.num_prompts + args.num_warmups, args.shared_prefix_len,
+                                      args.shared_prefix_num, args.random_input_len, args.random_output_len,
+                                      args.random_range_ratio, tuple(args.random_token_range), args.seed)
     return random_requests(args.num_prompts + args.num_warmups, args.random_input_len, args.random_output_len,
                            args.random_range_ratio, tuple(args.random_token_range), args.seed)
 
@@ -373,9 +405,11 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "num_prompts": args.num_prompts, "max_concurrency": args.max_concurrency,
         "request_rate": args.request_rate if not math.isinf(args.request_rate) else "inf",
         "label": args.label, "options": {k: v for k, v in options.items()},
-        "random_input_len": args.random_input_len if args.dataset_name == "random" else None,
-        "random_output_len": args.random_output_len if args.dataset_name == "random" else None,
+        "random_input_len": args.random_input_len if args.dataset_name != "task" else None,
+        "random_output_len": args.random_output_len if args.dataset_name != "task" else None,
     }
+    if args.dataset_name == "shared-prefix":
+        result |= {"shared_prefix_len": args.shared_prefix_len, "shared_prefix_num": args.shared_prefix_num}
     result |= summarize(results, duration, percentiles)
     result["accuracy"] = None
     if args.dataset_name == "task":

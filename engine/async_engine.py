@@ -20,7 +20,7 @@ How it works:
   waiting requests carry on. If the step failed before anything was scheduled, the running requests fail (every
   request when none runs), so a request that breaks admission cannot wedge the loop (LLMEngine.step).
 
-Streams (RequestStream): every completed block that is not the last yields an unfinished RequestOutput
+Streams (RequestStream, engine/request_stream.py): every completed block that is not the last yields an unfinished RequestOutput
 (finished=False, finish_reason None) whose token_ids and text are everything generated so far (cumulative, cut at
 the first stop token, never retracting earlier text); the stream then ends with the final output (finished=True,
 finish_reason 'stop' or 'length'), the same output LLM.generate returns for that request. A consumer slower than
@@ -49,7 +49,6 @@ import dataclasses
 import itertools
 import logging
 import threading
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,8 +59,9 @@ from .errors import EngineError, EngineStepError, ParallelError, RequestError, R
 from .llm import LLM, Prompt
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
-from .sampling_params import ResolvedParams, SamplingParams
-from .sequence import SeqStats, Sequence
+from .request_stream import RequestStream, StreamState
+from .sampling_params import SamplingParams
+from .sequence import SeqStats
 from .step_log import StepLog
 
 log = logging.getLogger("unmask.engine")
@@ -80,44 +80,14 @@ class EngineStats:
     positions_computed: int = 0
     """Query positions fed through the network, over every request (CFG twins included)."""
     tokens_committed: int = 0
+    prefix_cache_queries: int = 0
+    """Prompt tokens looked up in the prefix cache (block-causal models with prefix caching on)."""
+    prefix_cache_hits: int = 0
+    """Prompt tokens found there (their K/V not computed again)."""
     preemptions: int = 0
     finished: int = 0
     aborted: int = 0
     failed: int = 0
-
-
-@dataclass(eq=False, slots=True)
-class _Request:
-    request_id: str
-    prompt_ids: list[int]
-    params: ResolvedParams
-    prompt: str | None
-    loop: asyncio.AbstractEventLoop
-    ready: asyncio.Event
-    """Set (on the caller's loop) when `pending` holds an item."""
-    seq: Sequence | None = None
-    last: RequestOutput | None = None
-    done: bool = False
-    """Retired by the engine thread (finished, aborted or failed)."""
-    step_log: StepLog | None = None
-    """record_steps: the request's per-step commits."""
-    steps_notified: int = 0
-    """Steps of step_log the consumer has been woken for (engine thread)."""
-    pending: "RequestOutput | BaseException | None" = None
-    """The latest undelivered item: outputs are cumulative, so a newer one replaces an unread unfinished one and a
-    slow consumer holds one output, not a queue. The final output (or error) is never replaced."""
-    ended: bool = False
-    """The final output or error has been posted (caller's loop)."""
-    consumed: bool = False
-    """The consumer has taken the final output or error."""
-
-    def post(self, item: "RequestOutput | BaseException") -> None:
-        """Caller's loop: keep only the latest output."""
-        if self.ended:
-            return
-        self.ended = isinstance(item, BaseException) or item.finished
-        self.pending = item
-        self.ready.set()
 
 
 @dataclass(slots=True)
@@ -130,7 +100,7 @@ class _Totals:
     steps: int = 0
 
 
-Delivery = tuple[_Request, "RequestOutput | BaseException"]
+Delivery = tuple[StreamState, "RequestOutput | BaseException"]
 
 
 class AsyncEngine:
@@ -147,10 +117,10 @@ class AsyncEngine:
         self._engine.stream_deltas = True
         self._cond = threading.Condition()
         self._inbox: list[tuple[str, Any]] = []
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, StreamState] = {}
         """Live requests by id: added on the caller's thread, removed by the engine thread (under _cond)."""
         self._ids = itertools.count()
-        self._recording: dict[str, _Request] = {}
+        self._recording: dict[str, StreamState] = {}
         """Live requests with record_steps (engine thread only)."""
         self._closing = False
         self._owns_llm = False
@@ -188,7 +158,7 @@ class AsyncEngine:
     @property
     def healthy(self) -> bool:
         """Running, and able to run the model (False once a tensor-parallel worker is lost): what /health reports."""
-        return self.is_running and self._dead is None and self.llm.model.executor.healthy
+        return self.is_running and self._dead is None and self._engine.executor.healthy
 
     @property
     def unhealthy_reason(self) -> str | None:
@@ -197,7 +167,7 @@ class AsyncEngine:
         if self._dead is not None:
             return f"the engine loop died: {type(self._dead).__name__}: {self._dead}"
         try:
-            self.llm.model.executor.check()
+            self._engine.executor.check()
         except Exception as exc:  # noqa: BLE001 - the executor's own description of the lost worker
             return str(exc)
         return None if self.is_running else "the engine is shut down"
@@ -210,14 +180,14 @@ class AsyncEngine:
         the request's per-step commits and wake the stream after every step (see the module docstring)."""
         if params is not None and not isinstance(params, SamplingParams):
             raise RequestTypeError(f"params: expected a SamplingParams, got {type(params).__name__}", "params")
-        self.llm.model.executor.check()  # a lost tensor-parallel worker fails new requests at once
+        self._engine.executor.check()  # a lost tensor-parallel worker fails new requests at once
         rid = request_id if request_id is not None else f"async-{next(self._ids)}"
         seq = self.llm.processor.process(rid, prompt, params)  # validated, tokenised, built once, here
         if not isinstance(rid, str):
             raise RequestTypeError(f"request_id: expected a string, got {type(rid).__name__}", "request_id")
         loop = asyncio.get_running_loop()
-        req = _Request(rid, seq.prompt_ids, seq.params, prompt if isinstance(prompt, str) else None, loop,
-                       asyncio.Event(), seq=seq)
+        req = StreamState(rid, seq.prompt_ids, seq.params, prompt if isinstance(prompt, str) else None, loop,
+                          asyncio.Event(), seq=seq)
         if record_steps:
             req.step_log = seq.step_log = StepLog(seq.params.max_tokens)
         with self._cond:
@@ -230,7 +200,7 @@ class AsyncEngine:
             self._requests[rid] = req
             self._inbox.append(("add", req))
             self._cond.notify()
-        return RequestStream(self, req)
+        return RequestStream(req, self._abandon)
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None) -> RequestOutput:
@@ -273,29 +243,12 @@ class AsyncEngine:
     async def __aexit__(self, *exc: Any) -> None:
         await self.aclose()
 
-    def _abandon(self, req: _Request) -> None:
+    def _abandon(self, req: StreamState) -> None:
         """The consumer of `req` is gone: abort that very request (not a later one reusing its id). Any thread."""
         with self._cond:
             if not req.done and self._requests.get(req.request_id) is req:
                 self._inbox.append(("abort", req))
                 self._cond.notify()
-
-    async def _next(self, req: _Request) -> RequestOutput:
-        while req.pending is None:
-            if req.consumed:
-                raise StopAsyncIteration
-            req.ready.clear()
-            try:
-                await req.ready.wait()
-            except asyncio.CancelledError:  # the consumer was cancelled while waiting: it is gone
-                self._abandon(req)
-                raise
-        item, req.pending = req.pending, None
-        if req.ended:
-            req.consumed = True
-        if isinstance(item, BaseException):
-            raise item
-        return item
 
     # engine thread ---------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -311,7 +264,7 @@ class AsyncEngine:
                 for kind, arg in cmds:
                     if kind == "add":
                         self._add(arg, deliveries)
-                    elif isinstance(arg, _Request):  # a stream's consumer went away: that request only
+                    elif isinstance(arg, StreamState):  # a stream's consumer went away: that request only
                         if self._requests.get(arg.request_id) is arg:
                             self._abort(arg.request_id, deliveries)
                     else:
@@ -351,7 +304,7 @@ class AsyncEngine:
             eng.stream_deltas = self._saved_stream_deltas
             eng.owner = None
 
-    def _add(self, req: _Request, deliveries: list[Delivery]) -> None:
+    def _add(self, req: StreamState, deliveries: list[Delivery]) -> None:
         if req.done:
             return
         try:
@@ -436,7 +389,7 @@ class AsyncEngine:
         with self._cond:
             return list(self._requests)
 
-    def _retire(self, req: _Request) -> None:
+    def _retire(self, req: StreamState) -> None:
         req.done = True
         self._recording.pop(req.request_id, None)
         if req.seq is not None:
@@ -448,9 +401,12 @@ class AsyncEngine:
     def _publish(self) -> None:
         eng, t = self._engine, self._totals
         live = list(eng.requests.values())
+        pc = eng.prefix_cache
         self._stats = EngineStats(
             running=len(eng.scheduler.running), waiting=len(eng.scheduler.waiting),
-            kv_pages_used=eng.allocator.num_used, kv_pages_total=eng.allocator.num_pages, steps=t.steps,
+            kv_pages_used=eng.allocator.num_used if pc is None else pc.num_used,
+            kv_pages_total=eng.allocator.num_pages, steps=t.steps,
+            prefix_cache_queries=0 if pc is None else pc.queries, prefix_cache_hits=0 if pc is None else pc.hits,
             positions_computed=t.positions + sum(s.stats.positions_computed for s in live),
             tokens_committed=t.tokens + sum(s.stats.tokens_committed for s in live),
             preemptions=eng.scheduler.num_preemptions, finished=t.finished, aborted=t.aborted, failed=t.failed)
@@ -468,60 +424,7 @@ class AsyncEngine:
         return aborted
 
 
-def _error(req: _Request, exc: BaseException) -> EngineError:
+def _error(req: StreamState, exc: BaseException) -> EngineError:
     err = EngineError(f"request {req.request_id}: engine step failed: {exc!r}")
     err.__cause__ = exc
     return err
-
-
-class RequestStream:
-    """The outputs of one request, as an async iterator: unfinished cumulative outputs (at most the latest one is
-    kept while the consumer is busy), then the final output; or EngineError if the engine failed the request.
-
-    The request is aborted (its pages freed) as soon as its consumer is gone, that is when, before the final
-    output was taken:
-    - an `async for` over the stream is left by `break` (each `async for` gets its own iterator, dropped then);
-    - the task awaiting the next output is cancelled;
-    - `await stream.aclose()` is called;
-    - the stream, or an `async for` iterator over it, is garbage-collected (a stream never iterated and dropped;
-      a loop left by an exception, once its traceback is released).
-    Only this request is aborted, never a later request that reuses its id. Iterating the stream itself
-    (`await stream.__anext__()`) keeps the request alive for as long as the stream object is referenced.
-    """
-
-    def __init__(self, engine: AsyncEngine, req: _Request) -> None:
-        self._engine, self._req = engine, req
-        weakref.finalize(self, _abandon_unless_consumed, engine, req)
-
-    @property
-    def request_id(self) -> str:
-        return self._req.request_id
-
-    def __aiter__(self) -> "_StreamIterator":
-        return _StreamIterator(self)
-
-    async def __anext__(self) -> RequestOutput:
-        return await self._engine._next(self._req)
-
-    async def aclose(self) -> None:
-        if not self._req.consumed:
-            self._engine._abandon(self._req)
-
-
-class _StreamIterator:
-    """One `async for` over a RequestStream; dropping it before the final output aborts the request."""
-
-    def __init__(self, stream: RequestStream) -> None:
-        self._stream = stream
-        self._finalizer = weakref.finalize(self, _abandon_unless_consumed, stream._engine, stream._req)
-
-    def __aiter__(self) -> "_StreamIterator":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        return await self._stream.__anext__()
-
-
-def _abandon_unless_consumed(engine: AsyncEngine, req: _Request) -> None:
-    if not req.consumed:
-        engine._abandon(req)

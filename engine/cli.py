@@ -39,10 +39,13 @@ def parallel_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_kernel_flag(p: argparse.ArgumentParser) -> None:
-    """--kernels, shared by every command that loads a model (generate, serve)."""
+    """--kernels and --no-prefix-caching, shared by every command that loads a model (generate, serve)."""
     p.add_argument("--kernels", choices=("auto", "triton", "torch"),
                    help="auto: Triton on CUDA, torch on CPU (default: $UNMASK_KERNELS, else auto); "
                         "triton on CPU needs TRITON_INTERPRET=1")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="do not share the KV pages of common prompt prefixes between requests (block-causal "
+                        "models such as LLaDA2; other families never share)")
 
 
 def sampling_fields() -> tuple[str, ...]:
@@ -76,7 +79,8 @@ def render_canvas(tokenizer: Any, ids: list[int], mask_id: int, eos_id: int, sto
 def cmd_generate(args: argparse.Namespace) -> int:
     from .llm import LLM
     params = sampling_params(args)
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, kernels=args.kernels, **parallel_options(args))
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, kernels=args.kernels,
+              enable_prefix_caching=args.enable_prefix_caching, **parallel_options(args))
     try:
         return _generate(llm, args, params)
     finally:

@@ -1,7 +1,8 @@
 """ForwardBatch: one step's model inputs as plain tensors, and run_batch, the forward every rank runs on them.
 
 The runner (rank 0) builds a ForwardBatch from its host state; a single process runs it directly, tensor-parallel
-ranks receive it in one broadcast and run the same function on their shards (engine/parallel.py). Nothing in it
+ranks receive it in one broadcast and run the same function on their shards (engine/executor/). An executor
+(engine/executor/base.py) is what runs it. Nothing in it
 refers to requests, so workers need no scheduler or canvas state.
 """
 from __future__ import annotations
@@ -144,27 +145,3 @@ def _attn_context(batch: ForwardBatch, kv: KVPoolTensors | None) -> AttnContext:
     if paged:
         ctx.write_slots, ctx.kv_pool = batch.write_slots, kv
     return ctx
-
-
-class LocalExecutor:
-    """One process holds the whole model: run_batch directly."""
-
-    world_size = 1
-
-    def __init__(self, net: Transformer) -> None:
-        self.net = net
-
-    def run(self, batch: ForwardBatch, kv: KVPoolTensors | None, consume: Consume | None = None,
-            forward: Callable[[ForwardBatch], torch.Tensor] | None = None) -> torch.Tensor | None:
-        return run_batch(self.net, kv, batch, consume, forward)
-
-    def init_pool(self, num_pages: int, page_size: int) -> None:
-        pass
-
-    def check(self) -> None:
-        """Raise if the model can no longer run (a lost worker); a single process always can."""
-
-    healthy = True
-
-    def shutdown(self) -> None:
-        pass

@@ -18,7 +18,7 @@ from .sampling_params import GenerationDefaults, ModelLimits, ResolvedParams, Sa
 from .sequence import Sequence
 
 if TYPE_CHECKING:
-    from .model.diffusion_model import DiffusionModel
+    from .loaded_model import DiffusionModel
     from .scheduler import Scheduler
 
 Prompt = str | list[int]

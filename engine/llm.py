@@ -28,22 +28,27 @@ class LLM:
                  dtype: str | torch.dtype = "auto", *, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 16384, kv_cache_memory: int | None = None,
                  page_size: int = 16, kernels: str | None = None, tensor_parallel_size: int = 1, expert_parallel: bool = False,
-                 parallel_timeout: float = 120.0, logits_memory: int | None = None) -> None:
+                 parallel_timeout: float = 120.0, logits_memory: int | None = None,
+                 enable_prefix_caching: bool = True) -> None:
         """kernels: "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch"; None reads $UNMASK_KERNELS,
         else auto. "triton" on CPU runs the interpreted kernels and needs TRITON_INTERPRET=1.
         tensor_parallel_size N > 1 shards the model over N processes (this one is rank 0, the engine starts
         N-1 workers; under torchrun every rank calls this and ranks > 0 serve, then exit). expert_parallel: MoE
         experts partitioned over the ranks. parallel_timeout: seconds before a silent rank fails a step.
         Call shutdown() (or use `with LLM(...) as llm:`) to stop the workers; they also stop at exit.
-        logits_memory: bytes the per-step candidate pass may use (the decoded positions are scored in chunks)."""
-        from .parallel import ParallelConfig, start_parallel, torchrun_rank
+        logits_memory: bytes the per-step candidate pass may use (the decoded positions are scored in chunks).
+        enable_prefix_caching: block-causal models (LLaDA2) share the KV pages of common prompt prefixes between
+        requests (engine/prefix_cache.py); other families never share."""
+        from .executor import LocalExecutor, ParallelConfig, torchrun_rank
         model_dir = Path(model) if model is not None else default_model_dir()
         self.parallel = ParallelConfig(tensor_parallel_size, expert_parallel, parallel_timeout)
         if self.parallel.tensor_parallel_size > 1 or torchrun_rank() is not None:
+            from .executor.launch import start_parallel
             resolve_dtype(dtype)
-            self.model = start_parallel(model_dir, resolve_device(device), dtype, self.parallel, kernels)
+            self.model, executor = start_parallel(model_dir, resolve_device(device), dtype, self.parallel, kernels)
         else:
             self.model = load_model(model_dir, device=device, dtype=dtype, kernels=kernels)
+            executor = LocalExecutor(self.model.net)
         try:
             cfg = self.model.config
             self.defaults: GenerationDefaults = model_defaults(cfg.family, read_generation_config(model_dir))
@@ -51,19 +56,20 @@ class LLM:
                                       has_tokenizer=self.model.tokenizer is not None)
             extra = {} if logits_memory is None else {"logits_memory": logits_memory}
             self.engine = LLMEngine(self.model, EngineConfig(
-                cache=CacheConfig(kv_cache_memory=kv_cache_memory, page_size=page_size),
+                cache=CacheConfig(kv_cache_memory=kv_cache_memory, page_size=page_size,
+                                  enable_prefix_caching=enable_prefix_caching),
                 scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
-                **extra))
+                **extra), executor)
             self.processor = InputProcessor(self.model, self.engine.scheduler, self.defaults, self.limits)
             """Requests -> Sequences (resolve, tokenise and check, build), shared with AsyncEngine."""
         except BaseException:
-            self.model.executor.shutdown()
+            executor.shutdown()
             raise
         self._ids = itertools.count()
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (no-op for one process). Idempotent; the LLM cannot generate after."""
-        self.model.executor.shutdown()
+        self.engine.executor.shutdown()
 
     def __enter__(self) -> "LLM":
         return self
@@ -73,10 +79,7 @@ class LLM:
 
     def memory_report(self) -> list[dict[str, int]]:
         """Per rank (one entry per process): param_bytes, kv_pool_bytes and rss_bytes (the process's resident set)."""
-        if self.model.executor.world_size == 1:
-            from .parallel import memory_of
-            return [memory_of(0, self.model.net, self.engine.pool.nbytes)]
-        return self.model.executor.memory_report(self.engine.pool.nbytes)
+        return self.engine.executor.memory_report(self.engine.pool.nbytes)
 
     @property
     def tokenizer(self) -> Any:

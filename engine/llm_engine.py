@@ -10,9 +10,11 @@ import torch
 from .cache_manager import PageAllocator
 from .errors import EngineStepError, ParallelError, RequestError
 from .input_processor import build_sequence
+from .executor import Executor, LocalExecutor
 from .kv_pool import KVPool, kv_bytes_per_token
-from .model.diffusion_model import DiffusionModel
+from .loaded_model import DiffusionModel
 from .outputs import RequestOutput, cut_at_stop_token
+from .prefix_cache import PrefixCache
 from .runner import DEFAULT_LOGITS_MEMORY, ModelRunner
 from .sampling_params import ResolvedParams
 from .scheduler import ScheduleOutput, ScheduledRequest, Scheduler, SchedulerConfig
@@ -29,6 +31,8 @@ class CacheConfig:
     CPU; on CUDA, gpu_memory_utilization of free memory."""
     gpu_memory_utilization: float = 0.9
     page_size: int = 16
+    enable_prefix_caching: bool = True
+    """Block-causal models: share the KV pages of common prompt prefixes between requests (prefix_cache.py)."""
 
     def __post_init__(self) -> None:
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
@@ -53,7 +57,9 @@ class EngineConfig:
 
 
 class LLMEngine:
-    def __init__(self, model: DiffusionModel, cfg: EngineConfig | None = None) -> None:
+    def __init__(self, model: DiffusionModel, cfg: EngineConfig | None = None, executor: Executor | None = None
+                 ) -> None:
+        """executor: runs the model's forwards (engine/executor; None: this process, LocalExecutor)."""
         self.model, self.cfg = model, cfg or EngineConfig()
         cc = self.cfg.cache
         memory = cc.kv_cache_memory
@@ -70,9 +76,12 @@ class LLMEngine:
             raise ValueError(f"kv_cache_memory {memory} bytes is less than one KV page ({per_page} bytes)")
         self.allocator = PageAllocator(num_pages, cc.page_size)
         self.pool = KVPool(model.config, num_pages, cc.page_size, model.dtype, model.device, shard)
-        model.executor.init_pool(num_pages, cc.page_size)
-        self.scheduler = Scheduler(self.cfg.scheduler, self.allocator)
-        self.runner = ModelRunner(model, self.pool, self.cfg.logits_memory)
+        self.prefix_cache = (PrefixCache(self.allocator)
+                             if cc.enable_prefix_caching and getattr(model.config, "block_causal", False) else None)
+        """Prompt-prefix reuse (block-causal families only: bidirectional K/V depend on the whole canvas)."""
+        self.scheduler = Scheduler(self.cfg.scheduler, self.allocator, self.prefix_cache)
+        self.runner = ModelRunner(model, self.pool, executor if executor is not None else LocalExecutor(model.net),
+                                  self.cfg.logits_memory)
         self.requests: dict[str, Sequence] = {}
         self.stream_deltas = False
         """Also return an unfinished output each time a request completes a block (AsyncEngine streaming)."""
@@ -84,6 +93,11 @@ class LLMEngine:
         self.fault_hook: Callable[[str, str | None], None] | None = None
         """Fault-injection hook for tests: step() calls it at each phase, ("schedule", None), ("forward", None),
         ("update", None), then ("output", request_id) before each output; whatever it raises is a step fault."""
+
+    @property
+    def executor(self) -> Executor:
+        """The runner's executor (health checks, memory reports, shutdown of tensor-parallel workers)."""
+        return self.runner.executor
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: ResolvedParams) -> Sequence:
         """Queue a request from checked ids and resolved params (its Sequence built by the input processor's

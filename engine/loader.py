@@ -11,7 +11,7 @@ from safetensors import safe_open
 from .config import ModelConfig
 from .errors import CheckpointError
 from .families import parse_config, stop_token_ids, tensor_mapper
-from .model.diffusion_model import DiffusionModel
+from .loaded_model import DiffusionModel
 from .model.parallel import SINGLE, Shard, shard_range
 from .model.transformer import Transformer
 from .tokenizer import end_of_turn_ids, load_tokenizer
@@ -248,6 +248,4 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     net = net.to(dev).eval().requires_grad_(False)
     if dev.type == "cuda":  # one GEMM for q/k/v and one for gate/up (engine/model/fuse.py)
         fuse_projections(net)
-    model = DiffusionModel(net, cfg, tokenizer, dev, torch_dtype, model_dir)
-    model.kernels = backend
-    return model
+    return DiffusionModel(net, cfg, tokenizer, dev, torch_dtype, model_dir, kernels=backend)

@@ -22,10 +22,11 @@ from .decoding.noise import STREAM_GUMBEL, row_keys
 from .decoding.select import SelectInputs, select
 from .block_graphs import BlockGraphs
 from .constraints.decoder import StepConstraints
+from .executor.base import Executor
 from .forward_batch import ForwardBatch
 from .kv_pool import KVPool
 from .model.attention import AttnContext
-from .model.diffusion_model import DiffusionModel
+from .loaded_model import DiffusionModel
 from .scheduler import RunnerOutput, ScheduledRequest
 from .sequence import Sequence
 from .step_upload import StepUpload
@@ -92,8 +93,12 @@ DEFAULT_LOGITS_MEMORY = 512 << 20
 
 
 class ModelRunner:
-    def __init__(self, model: DiffusionModel, pool: KVPool, logits_memory: int = DEFAULT_LOGITS_MEMORY) -> None:
+    def __init__(self, model: DiffusionModel, pool: KVPool, executor: Executor,
+                 logits_memory: int = DEFAULT_LOGITS_MEMORY) -> None:
         self.model, self.net, self.cfg = model, model.net, model.config
+        self.executor = executor
+        """Runs each step's ForwardBatch: in this process or on every tensor-parallel rank (engine/executor)."""
+        executor.init_pool(pool.num_pages, pool.page_size)
         self.device, self.pool = model.device, pool
         self.canvases: dict[int, torch.Tensor] = {}
         self.buf = torch.empty(0, dtype=torch.long, device=self.device)
@@ -101,7 +106,7 @@ class ModelRunner:
         self.stop_ids = torch.tensor(self.cfg.stop_ids, device=self.device)
         self.kernels = model.kernels
         self.upload = StepUpload(self.device)
-        use_graphs = (self.device.type == "cuda" and self.kernels == "triton" and model.executor.world_size == 1
+        use_graphs = (self.device.type == "cuda" and self.kernels == "triton" and executor.world_size == 1
                       and os.environ.get(GRAPHS_ENV, "1") != "0")
         self.graphs = BlockGraphs(self.net, pool, self.device) if use_graphs else None
         """Captured block passes (CUDA + Triton kernels, one process; UNMASK_CUDA_GRAPHS=0 turns them off)."""
@@ -142,7 +147,7 @@ class ModelRunner:
         keys = (row_keys(t.seed[dec.seq], plan.dev["step_no"][dec.seq], dec.pos, STREAM_GUMBEL) if plan.mmax
                 else torch.zeros(0, dtype=torch.long, device=self.device))  # [N] counter-based noise keys
         constrained = StepConstraints.of(reqs, plan.counts)  # structured-output rows (None: none in this step)
-        if self.model.executor.world_size > 1 and not t.any_filter and constrained is None:  # reduce each
+        if self.executor.world_size > 1 and not t.any_filter and constrained is None:  # reduce each
             # vocabulary shard on its rank (constrained rows need their full logits)
             batch.shard_decode = ShardDecode(self.cfg.mask_id, t.temperature[dec.seq], t.tempered[dec.seq], keys,
                                              t.any_sampling, t.any_tempered)
@@ -273,9 +278,9 @@ class ModelRunner:
                 return graphs.run(b.tokens, b.positions, b.write_slots, m.block_table, m.seq_lens_k, len(row_len),
                                   row_len[0])
 
-            self.model.executor.run(batch, self.pool.tensors, consume, forward)
+            self.executor.run(batch, self.pool.tensors, consume, forward)
         else:
-            self.model.executor.run(batch, self.pool.tensors, consume)
+            self.executor.run(batch, self.pool.tensors, consume)
         return x0, score, conf
 
     def _commit(self, reqs: list[ScheduledRequest], m: _Members, dec: "_Decode", x0: torch.Tensor,

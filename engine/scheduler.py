@@ -19,6 +19,11 @@ Policies:
   between steps, and cached requests are preempted only at a block boundary, where their next step is a refresh
   pass anyway. Older requests are never preempted for younger ones, so every request eventually becomes the head
   and runs: nobody starves.
+- Prefix caching (block-causal families, engine/prefix_cache.py): at admission a request's prompt is looked up;
+  the cached pages of its longest matching prefix join its block table (counted as taken, not newly allocated) and
+  its passes start after them (`Sequence.cached_prefix_len`). After the step whose query range covered its
+  shareable prompt pages, those pages are registered in the cache for later requests. Finishing or preemption
+  releases pages to the cache (cached ones become evictable, least recently used first) instead of freeing them.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 
 from .cache_manager import PageAllocator
 from .errors import RequestTooLargeError
+from .prefix_cache import PrefixCache, page_keys
 from .sequence import Sequence, Status
 
 
@@ -85,8 +91,10 @@ class UpdateResult:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, allocator: PageAllocator) -> None:
+    def __init__(self, cfg: SchedulerConfig, allocator: PageAllocator, prefix_cache: PrefixCache | None = None) -> None:
         self.cfg, self.allocator = cfg, allocator
+        self.prefix_cache = prefix_cache
+        """Set for block-causal families with prefix caching on; None: every page is private."""
         self.waiting: list[Sequence] = []  # sorted by arrival
         self.running: list[Sequence] = []  # sorted by arrival
         self._arrivals = 0
@@ -137,11 +145,12 @@ class Scheduler:
         i = 0  # waiting[:i] were passed over this step
         while i < len(self.waiting) and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[i]
-            need = self.pages_needed(seq)
             if seq in out.preempted:  # not back in the same step it left
                 i += 1
                 continue
-            if not self.allocator.can_allocate(need):
+            hit = self._prefix_hit(seq)
+            need = self.pages_needed(seq) - len(hit)
+            if not self._can_allocate(need, hit):
                 if i > 0:  # a backfill candidate that does not fit either
                     i += 1
                     continue
@@ -149,7 +158,7 @@ class Scheduler:
                     self._blocked_head, self._blocked_steps = seq, 0
                 self._blocked_steps += 1
                 starving = self._blocked_steps >= self.cfg.preempt_after_steps
-                if not (starving and self._preempt_for(seq, need, out)):
+                if not (starving and self._preempt_for(seq, need, hit, out)):
                     if starving:
                         return  # the pages that free up are kept for the head: no more backfill
                     i += 1
@@ -157,18 +166,21 @@ class Scheduler:
             if seq is self._blocked_head:
                 self._blocked_head, self._blocked_steps = None, 0
             self.waiting.pop(i)
-            seq.pages = self.allocator.allocate(need)
+            self._allocate(seq, need, hit)
             seq.status = Status.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
             out.admitted.append(seq)
 
-    def _preempt_for(self, head: Sequence, need: int, out: ScheduleOutput) -> bool:
+    def _preempt_for(self, head: Sequence, need: int, hit: list[int], out: ScheduleOutput) -> bool:
         victims = [s for s in reversed(self.running) if s.arrival > head.arrival and s.at_safe_point]
-        freeable = self.allocator.num_free + sum(len(s.pages) for s in victims)
+        if self.prefix_cache is None:
+            freeable = self.allocator.num_free + sum(len(s.pages) for s in victims)
+        else:  # shared pages free up only when their last holder goes; the head's hits stay taken
+            freeable = self.prefix_cache.num_free + self.prefix_cache.reclaimable([s.pages for s in victims]) - len(hit)
         if freeable < need:
             return False
         for seq in victims:
-            if self.allocator.can_allocate(need):
+            if self._can_allocate(need, hit):
                 break
             self.preempt(seq)
             out.preempted.append(seq)
@@ -177,8 +189,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         """Free a running request's pages and requeue it (by arrival); its canvas is kept."""
         self.running.remove(seq)
-        self.allocator.free(seq.pages)
-        seq.pages = []
+        self._free(seq)
         seq.status = Status.WAITING
         seq.stats.preemptions += 1
         self.num_preemptions += 1
@@ -189,6 +200,7 @@ class Scheduler:
         upd = UpdateResult()
         for req, committed, eos in zip(sched.scheduled, result.committed, result.eos):
             seq = req.seq
+            self._register_prefix(req)
             block_done = seq.advance(committed)
             if eos and not seq.params.ignore_eos:
                 upd.finished.append(seq)
@@ -208,6 +220,54 @@ class Scheduler:
             self.waiting.remove(seq)
         if seq is self._blocked_head:
             self._blocked_head, self._blocked_steps = None, 0
-        self.allocator.free(seq.pages)
-        seq.pages = []
+        self._free(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    # pages ------------------------------------------------------------------------------------------------
+    def _prefix_hit(self, seq: Sequence) -> list[int]:
+        """The cached pages seq's prompt starts with ([] without prefix caching, or for a CFG request: its
+        unconditional twin sees another prompt). Computes seq's page keys on first use."""
+        cache = self.prefix_cache
+        if cache is None or seq.num_rows > 1:
+            return []
+        if seq.prefix_keys is None:
+            seq.prefix_keys = page_keys(seq.prompt_ids, seq.params.block_length, cache.page_size)
+        return cache.match(seq.prefix_keys)
+
+    def _can_allocate(self, need: int, hit: list[int]) -> bool:
+        if self.prefix_cache is None:
+            return self.allocator.can_allocate(need)
+        return self.prefix_cache.can_allocate(need, hit)
+
+    def _allocate(self, seq: Sequence, need: int, hit: list[int]) -> None:
+        cache = self.prefix_cache
+        if cache is None:
+            seq.pages = self.allocator.allocate(need)
+            return
+        seq.pages = cache.allocate(need, hit)
+        seq.cached_prefix_len = len(hit) * cache.page_size
+        seq.prefix_registered = len(hit) == len(seq.prefix_keys or ())
+        if seq.stats.preemptions == 0 and seq.prefix_keys is not None:  # a readmission is not a new query
+            cache.count_query(seq.prompt_len, seq.cached_prefix_len)
+
+    def _free(self, seq: Sequence) -> None:
+        if self.prefix_cache is None:
+            self.allocator.free(seq.pages)
+        else:
+            self.prefix_cache.release(seq.pages)
+        seq.pages = []
+        seq.cached_prefix_len = 0
+
+    def _register_prefix(self, req: ScheduledRequest) -> None:
+        """After a step: once seq's passes have computed all its shareable prompt pages, they join the cache (and
+        become read-only for seq too)."""
+        seq = req.seq
+        keys = seq.prefix_keys
+        if self.prefix_cache is None or seq.prefix_registered or not keys:
+            return
+        end = len(keys) * self.prefix_cache.page_size
+        if req.query[1] < end:  # not all computed yet
+            return
+        h = seq.cached_prefix_len // self.prefix_cache.page_size
+        self.prefix_cache.register(keys[h:], seq.pages[h:len(keys)])
+        seq.cached_prefix_len, seq.prefix_registered = end, True

@@ -48,6 +48,13 @@ class Sequence:
     finish_reason: str | None = None
     pages: list[int] = field(default_factory=list)
     """KV pages of the conditional canvas, then (with CFG) of the unconditional twin."""
+    cached_prefix_len: int = 0
+    """Leading canvas positions whose K/V live in prefix-cache pages (engine/prefix_cache.py): found cached at
+    admission (the request's passes start after them) or registered by it since. Never written by this request."""
+    prefix_keys: list[bytes] | None = None
+    """Keys of the prompt's shareable pages (computed at first admission when prefix caching is on)."""
+    prefix_registered: bool = False
+    """Whether the prompt's shareable pages are all in the cache (found or registered)."""
     stats: SeqStats = field(default_factory=SeqStats)
     output_ids: list[int] | None = None
     emitted_blocks: int = 0

@@ -8,6 +8,14 @@ expert and each expert's run padded to the M tile, all on device (`align_by_expe
 launch needs is an upper bound known on the host) -> one grouped GEMM over the padded runs computes gate and up
 for a tile with SiLU(gate)*up fused in its epilogue -> a second grouped GEMM computes down with the routing weight
 fused -> the k slots of each token are summed in fp32.
+
+LLaDA2 / Bailing-MoE-V2 routing (`route_grouped`, torch; `route_grouped_triton`, one program per token): sigmoid
+scores in fp32, selection on the scores plus a per-expert bias with group-limited top-k (experts in n_group
+contiguous groups, a group's score is the sum of its two best biased scores, only the topk_group best groups
+compete), weights = the UNBIASED scores of the chosen experts renormalised (top_k > 1) times routed_scaling_factor.
+Shared experts join the same grouped GEMMs as extra experts every token is routed to with weight 1
+(`append_shared`): a shared SwiGLU of width n * I is n experts of width I, since down(silu(gate x) * up x) sums
+over its intermediate columns (`split_shared` cuts it so at load time).
 """
 from __future__ import annotations
 
@@ -64,8 +72,122 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
     return weights, ids
 
 
+def route_grouped(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                  scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] + expert bias [E] -> weights [T, k] fp32, expert ids [T, k] (LLaDA2's gate)."""
+    T, E = logits.shape
+    _check_groups(E, top_k, n_group, topk_group)
+    scores = torch.sigmoid(logits.float())  # [T, E]
+    biased = scores + bias.float()  # [T, E] used for selection only
+    group_score = biased.view(T, n_group, E // n_group).topk(2, dim=-1).values.sum(-1)  # [T, G]
+    groups = torch.topk(group_score, topk_group, dim=-1).indices  # [T, Gk]
+    keep = torch.zeros(T, n_group, dtype=torch.bool, device=logits.device).scatter_(1, groups, True)  # [T, G]
+    keep = keep[:, :, None].expand(T, n_group, E // n_group).reshape(T, E)  # [T, E]
+    ids = torch.topk(biased.masked_fill(~keep, float("-inf")), top_k, dim=-1).indices  # [T, k]
+    weights = scores.gather(1, ids)  # [T, k]
+    if top_k > 1:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights * scaling, ids
+
+
+def _check_groups(E: int, top_k: int, n_group: int, topk_group: int) -> None:
+    if n_group < 1 or E % n_group or not 1 <= topk_group <= n_group:
+        raise ValueError(f"group-limited routing needs n_group dividing num_experts and 1 <= topk_group <= n_group "
+                         f"(num_experts={E}, n_group={n_group}, topk_group={topk_group})")
+    if E // n_group < 2:
+        raise ValueError(f"group-limited routing scores a group by its two best experts: num_experts / n_group must "
+                         f"be >= 2 (num_experts={E}, n_group={n_group})")
+    if not 1 <= top_k <= topk_group * (E // n_group):
+        raise ValueError(f"top_k {top_k} must be in [1, topk_group * experts per group = "
+                         f"{topk_group * (E // n_group)}]")
+
+
+def append_shared(weights: torch.Tensor, ids: torch.Tensor, first_shared: int, num_shared: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """weights/ids [T, k] -> [T, k + num_shared]: every token also goes to experts first_shared ..
+    first_shared + num_shared - 1 (the shared experts' chunks stacked after the routed ones) with weight 1."""
+    T = ids.shape[0]
+    extra = torch.arange(first_shared, first_shared + num_shared, dtype=ids.dtype, device=ids.device)
+    return (torch.cat([weights, weights.new_ones(T, num_shared)], 1),
+            torch.cat([ids, extra.expand(T, num_shared)], 1))
+
+
+def split_shared(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, width: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A shared SwiGLU gate/up [n * I, D], down [D, n * I] -> n experts of width I = `width`:
+    gate/up [n, I, D], down [n, D, I] (their outputs summed equal the shared expert's)."""
+    if gate.shape[0] % width:
+        raise ValueError(f"shared expert width {gate.shape[0]} is not a multiple of the expert width {width}")
+    n = gate.shape[0] // width
+    return (gate.reshape(n, width, -1), up.reshape(n, width, -1),
+            down.reshape(down.shape[0], n, width).permute(1, 0, 2).contiguous())
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Triton path
+
+@triton.jit
+def _route_grouped_kernel(
+    Logits, Bias, WOut, IdOut,
+    num_experts, per_group, stride_l, scaling,
+    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr, G_PAD: tl.constexpr,
+    EPG_PAD: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr,
+):
+    """One token: the experts as a [G_PAD, EPG_PAD] tile (group g, member j = expert g * per_group + j)."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_g = tl.arange(0, G_PAD)
+    offs_j = tl.arange(0, EPG_PAD)
+    valid = (offs_g < N_GROUP)[:, None] & (offs_j < per_group)[None, :]  # [G, J]
+    expert = offs_g[:, None] * per_group + offs_j[None, :]  # [G, J]
+    logit = tl.load(Logits + t * stride_l + expert, mask=valid, other=0.0).to(tl.float32)
+    score = tl.sigmoid(logit)  # [G, J] unbiased
+    biased = tl.where(valid, score + tl.load(Bias + expert, mask=valid, other=0.0).to(tl.float32), float("-inf"))
+    # group score: the sum of its two best biased scores
+    best = tl.max(biased, 1)  # [G]
+    first = tl.argmax(biased, 1)  # [G]
+    second = tl.max(tl.where(offs_j[None, :] == first[:, None], float("-inf"), biased), 1)  # [G]
+    gscore = tl.where(offs_g < N_GROUP, best + second, float("-inf"))  # [G]
+    keep = offs_g < 0  # [G] all False
+    for _ in tl.static_range(TOPK_GROUP):
+        g = tl.argmax(gscore, 0)
+        keep = keep | (offs_g == g)
+        gscore = tl.where(offs_g == g, float("-inf"), gscore)
+    cand = tl.reshape(tl.where(keep[:, None], biased, float("-inf")), [G_PAD * EPG_PAD])  # [GJ]
+    flat_expert = tl.reshape(expert, [G_PAD * EPG_PAD])
+    flat_score = tl.reshape(score, [G_PAD * EPG_PAD])
+    offs = tl.arange(0, G_PAD * EPG_PAD)
+    offs_k = tl.arange(0, K_PAD)
+    w = tl.zeros([K_PAD], tl.float32)
+    ids = tl.zeros([K_PAD], tl.int64)
+    for i in tl.static_range(TOP_K):
+        pick = offs == tl.argmax(cand, 0)  # [GJ] one-hot
+        w = tl.where(offs_k == i, tl.sum(tl.where(pick, flat_score, 0.0), 0), w)
+        ids = tl.where(offs_k == i, tl.sum(tl.where(pick, flat_expert, 0), 0), ids)
+        cand = tl.where(pick, float("-inf"), cand)
+    if RENORM:
+        w = w / tl.sum(w, 0)
+    k_mask = offs_k < TOP_K
+    tl.store(WOut + t * TOP_K + offs_k, w * scaling, mask=k_mask)
+    tl.store(IdOut + t * TOP_K + offs_k, ids, mask=k_mask)
+
+
+def route_grouped_triton(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                         scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """route_grouped's contract in one launch (one program per token, no host sync)."""
+    T, E = logits.shape
+    _check_groups(E, top_k, n_group, topk_group)
+    assert logits.stride(1) == 1 and bias.shape == (E,)
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(T, top_k, dtype=torch.long, device=logits.device)
+    if T == 0:
+        return weights, ids
+    per_group = E // n_group
+    _route_grouped_kernel[(T,)](
+        logits, bias.contiguous(), weights, ids, E, per_group, logits.stride(0), float(scaling),
+        N_GROUP=n_group, TOPK_GROUP=topk_group, TOP_K=top_k, G_PAD=triton.next_power_of_2(n_group),
+        EPG_PAD=triton.next_power_of_2(per_group), K_PAD=triton.next_power_of_2(top_k), RENORM=top_k > 1,
+        num_warps=4 if E >= 128 else 1)
+    return weights, ids
 
 def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 Per position (one program per row, the vocabulary streamed in tiles, nothing of size [N, V] written):
 - x0: argmax over v != mask_id of the temperature-scaled logits plus Gumbel noise -log(-log u) in float64, u the
-  counter-based hash of engine/decoding/noise.py (seed, step, position, column) recomputed in-kernel, so the draw
+  counter-based hash of kernels/counter_hash.py (seed, step, position, column) recomputed in-kernel, so the draw
   is bit-identical to the torch path's; greedy rows (temperature 0) take the plain argmax;
 - p(x0), the top-2 margin p1 - p2 and -H = sum p log p of the score distribution (softmax of the raw logits, or of
   the tempered ones for Dream/RND1 rows), from an online max / sum exp / sum exp * (l - max) in fp32.
@@ -16,13 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _mix(z):
-    """splitmix64 finaliser on uint64 (wrapping multiply, logical shifts)."""
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
-    return z ^ (z >> 31)
+from .counter_hash import uniform, uniform_tl
 
 
 @triton.jit
@@ -57,8 +51,7 @@ def _vocab_kernel(
         lg = tl.load(Logits + row * stride_ln + offs, mask=vm, other=float("-inf"))  # [BV] fp32
         lt = tl.where(sample, tl.math.div_rn(lg, temp_c), lg)  # IEEE division, as torch divides
         if SAMPLING:
-            h = _mix(key + offs.to(tl.uint64) * 0x9E3779B97F4A7C15)
-            u = ((h >> 11).to(tl.float64) + 0.5) * (1.0 / 9007199254740992.0)
+            u = uniform_tl(key, offs)  # [BV] float64, this row's columns
             pert = tl.where(sample, lt.to(tl.float64) - tl.log(-tl.log(u)), lt.to(tl.float64))
         else:
             pert = lt.to(tl.float64)
@@ -115,12 +108,11 @@ def vocab_scores_ref(logits: torch.Tensor, temperature: torch.Tensor, noise_keys
                      tempered: torch.Tensor, mask_id: int, sampling: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """vocab_scores' contract with full-vocabulary softmaxes (the torch decoders' formulas)."""
-    from engine.decoding import noise
     temp = temperature[:, None].float()  # [N, 1]
     lt = torch.where(temp > 0, logits / temp.clamp_min(1e-8), logits)  # [N, V]
     pert = lt.double()
     if sampling:
-        u = noise.uniform(noise_keys, logits.shape[-1])  # [N, V] float64
+        u = uniform(noise_keys, logits.shape[-1])  # [N, V] float64
         pert = torch.where(temp > 0, pert - torch.log(-torch.log(u)), pert)
     pert[:, mask_id] = float("-inf")
     x0 = pert.argmax(-1)  # [N]

@@ -92,7 +92,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           limits=limits_from_args(args))
     client = LocalEngineClient.from_model(args.model, device=args.device, dtype=args.dtype,
                                           max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
-                                          kernels=args.kernels, **parallel_options(args))
+                                          kernels=args.kernels, enable_prefix_caching=args.enable_prefix_caching,
+                                          **parallel_options(args))
     return asyncio.run(serve(client, config, args.host, args.port, args.log_level))
 
 

@@ -45,6 +45,10 @@ class _EngineCollector:
                      "Query positions fed through the network, over all requests.", s.positions_computed)
         yield family(CounterMetricFamily, "unmask:tokens_committed", "Tokens committed by the denoiser.",
                      s.tokens_committed)
+        yield family(CounterMetricFamily, "unmask:prefix_cache_queries",
+                     "Prefix cache queries, in prompt tokens looked up (block-causal models).", s.prefix_cache_queries)
+        yield family(CounterMetricFamily, "unmask:prefix_cache_hits",
+                     "Prefix cache hits, in prompt tokens found cached.", s.prefix_cache_hits)
 
 
 class Metrics:

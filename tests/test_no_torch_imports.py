@@ -44,10 +44,10 @@ def closure(start: Path) -> tuple[set[str], set[Path]]:
 
 
 def test_scheduler_and_cache_manager_import_no_torch():
-    for name in ("scheduler.py", "cache_manager.py"):
+    for name in ("scheduler.py", "cache_manager.py", "prefix_cache.py"):
         mods, files = closure(ENGINE / name)
         assert "torch" not in mods, f"{name} reaches torch through {sorted(f.name for f in files)}"
-        assert "sequence.py" in {f.name for f in files} or name == "cache_manager.py"
+        assert "sequence.py" in {f.name for f in files} or name in ("cache_manager.py", "prefix_cache.py")
 
 
 def test_the_check_sees_torch_where_it_is():

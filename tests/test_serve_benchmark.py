@@ -72,3 +72,28 @@ def test_task_requests_are_held_out_problems():
     reqs = serve.task_requests(20, None, seed=0)
     assert all(task.split_of(r.question) == "held_out" for r in reqs)
     assert reqs[0].messages == task.messages_for(reqs[0].question)
+
+
+def test_shared_prefix_requests_share_their_system_prompts():
+    reqs = serve.shared_prefix_requests(9, 24, 2, 6, 16, 0.5, (5, 50), seed=4)
+    heads = [tuple(r.prompt[:24]) for r in reqs]
+    assert heads[0::2] == [heads[0]] * 5 and heads[1::2] == [heads[1]] * 4 and heads[0] != heads[1]
+    tails = [r.prompt[24:] for r in reqs]
+    assert all(3 <= len(t) <= 9 for t in tails) and len({tuple(t) for t in tails}) == 9
+    assert all(len(r.prompt) == r.input_len and r.max_tokens == 16 for r in reqs)
+    assert all(5 <= t < 50 for r in reqs for t in r.prompt)
+    args = serve.parse_args(["--dataset-name", "shared-prefix", "--shared-prefix-len", "24", "--num-prompts", "3",
+                             "--num-warmups", "0", "--random-input-len", "6"])
+    assert [len(r.prompt) for r in serve.make_requests(args)] == [30, 30, 30]
+
+
+def test_prefix_cache_counters_and_hit_rate():
+    reg = CollectorRegistry()
+    q = Counter("unmask:prefix_cache_queries", "q", ["model_name"], registry=reg)
+    h = Counter("unmask:prefix_cache_hits", "h", ["model_name"], registry=reg)
+    q.labels("m").inc(300)
+    h.labels("m").inc(120)
+    parsed = serve.parse_counters(generate_latest(reg).decode())
+    assert parsed == {"prefix_cache_queries": 300.0, "prefix_cache_hits": 120.0}
+    d = serve.diffusion_section({"prefix_cache_queries": 100.0, "prefix_cache_hits": 20.0}, parsed, 1.0)
+    assert d["prefix_cache_hit_rate"] == pytest.approx(100 / 200)

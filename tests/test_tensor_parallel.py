@@ -86,7 +86,7 @@ def test_logits_match_one_rank(pair):
 def test_same_tokens_batched_mixed_params(pair, cache, monkeypatch):
     _, tp, one = pair
     prompts, params = mixed_requests(one, cache, seed=CACHES.index(cache))
-    ex, seen = tp.model.executor, []
+    ex, seen = tp.engine.executor, []
     run = ex.run
     monkeypatch.setattr(ex, "run", lambda batch, kv, consume=None: (seen.append(batch.shard_decode is None),
                                                                     run(batch, kv, consume))[1])
@@ -105,7 +105,7 @@ def test_batches_without_top_k_top_p_decode_from_vocab_shards(pair, cache, monke
     prompts, params = mixed_requests(one, cache, seed=7 + len(cache))
     params = [dataclasses.replace(p, top_p=None) for p in params]
     assert any(p.temperature > 0 for p in params)
-    ex, seen = tp.model.executor, []
+    ex, seen = tp.engine.executor, []
     run = ex.run
     monkeypatch.setattr(ex, "run", lambda batch, kv, consume=None: (seen.append(batch.shard_decode is not None),
                                                                     run(batch, kv, consume))[1])

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def workers(llm: LLM) -> list:
-    return llm.model.executor.procs
+    return llm.engine.executor.procs
 
 
 def gone(pid: int, within: float) -> bool:
@@ -53,7 +53,7 @@ def test_raising_worker_fails_requests_with_its_error(ckpt):
     try:
         good = llm.generate([[1, 2, 3]], PARAMS)[0]
         assert len(good.token_ids) == 8
-        llm.model.executor.call("inject_fault", "injected failure 1234")
+        llm.engine.executor.call("inject_fault", "injected failure 1234")
         t = time.monotonic()
         with pytest.raises(ParallelError, match=r"rank 1 failed: RuntimeError: injected failure 1234"):
             llm.generate([[1, 2, 3]], PARAMS)
@@ -73,7 +73,7 @@ def test_raising_worker_fails_requests_with_its_error(ckpt):
 def test_hung_worker_times_out_and_with_block_cleans_up(ckpt):
     with LLM(ckpt, tensor_parallel_size=2, parallel_timeout=3, kv_cache_memory=1 << 22) as llm:
         pid = workers(llm)[0].pid
-        llm.model.executor.call("inject_fault", "hang")
+        llm.engine.executor.call("inject_fault", "hang")
         t = time.monotonic()
         with pytest.raises(ParallelError, match="collective failed"):
             llm.generate([[1, 2, 3]], PARAMS)
@@ -87,7 +87,7 @@ def test_killed_worker_fails_async_requests_and_health(ckpt):
         try:
             assert engine.healthy
             assert len((await engine.generate([1, 2, 3], PARAMS)).token_ids) == 8
-            pid = engine.llm.model.executor.procs[0].pid
+            pid = engine.llm.engine.executor.procs[0].pid
             long = SamplingParams(max_tokens=64, block_length=4, steps=64, seed=2, ignore_eos=True)
             stream = engine.add_request([1, 2, 3], long)
             first = await stream.__anext__()  # one block done: the request is running
@@ -103,7 +103,7 @@ def test_killed_worker_fails_async_requests_and_health(ckpt):
                 engine.add_request([1, 2], PARAMS)
         finally:
             await engine.aclose()
-        assert not engine.llm.model.executor.procs[0].is_alive()
+        assert not engine.llm.engine.executor.procs[0].is_alive()
 
     asyncio.run(asyncio.wait_for(main(), 120))
 
@@ -112,7 +112,7 @@ SCRIPT = textwrap.dedent("""
     import sys, time
     from engine import LLM
     llm = LLM(sys.argv[1], tensor_parallel_size=2, kv_cache_memory=1 << 22)
-    print(llm.model.executor.procs[0].pid, flush=True)
+    print(llm.engine.executor.procs[0].pid, flush=True)
     if sys.argv[2] == "sleep":
         time.sleep(600)
 """)  # no __main__ guard on purpose: workers must not re-run the script

@@ -1,4 +1,6 @@
-"""DiffusionModel: the loaded network with its config and tokenizer (what load_model returns)."""
+"""DiffusionModel: what load_model returns. The network (engine/model, tensors only) with its config, device, dtype
+and kernel backend, the checkpoint's tokenizer (encode / decode / chat template, engine/chat.py) and `logits`, a
+full bidirectional forward through an executor (engine/executor): this process, or every tensor-parallel rank."""
 from __future__ import annotations
 
 import threading
@@ -7,23 +9,30 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig
-from ..chat import encode_chat
-from ..errors import RequestError, TokenizerMissingError
-from .transformer import Transformer
+from .chat import encode_chat
+from .config import ModelConfig
+from .errors import RequestError, TokenizerMissingError
+from .forward_batch import ForwardBatch
+from .model.transformer import Transformer
 
 
 class DiffusionModel:
     def __init__(self, net: Transformer, config: ModelConfig, tokenizer: Any | None, device: torch.device,
-                 dtype: torch.dtype, path: Path) -> None:
-        from ..forward_batch import LocalExecutor
+                 dtype: torch.dtype, path: Path, kernels: str = "torch", executor: Any = None) -> None:
+        """kernels: the resolved backend, "torch" or "triton" (kernels/dispatch.py). executor: what runs `logits`
+        (engine/executor; None: this process, LocalExecutor)."""
+        from .executor.local import LocalExecutor
         self.net, self.config, self.tokenizer = net, config, tokenizer
-        self.device, self.dtype, self.path = device, dtype, path
-        self.executor: Any = LocalExecutor(net)
-        """Runs a ForwardBatch (engine/forward_batch.py): in this process, or across tensor-parallel ranks."""
-        self.kernels = "torch"
-        """Resolved kernel backend, "torch" or "triton" (kernels/dispatch.py); set by load_model / LLM."""
+        self.device, self.dtype, self.path, self.kernels = device, dtype, path, kernels
+        self._executor = executor if executor is not None else LocalExecutor(net)
         self._encode_lock = threading.Lock()
+
+    def with_executor(self, executor: Any) -> "DiffusionModel":
+        """The same model (network, tokenizer) whose `logits` run through `executor` (a tensor-parallel driver)."""
+        out = DiffusionModel(self.net, self.config, self.tokenizer, self.device, self.dtype, self.path, self.kernels,
+                             executor)
+        out._encode_lock = self._encode_lock
+        return out
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,19 +43,18 @@ class DiffusionModel:
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, L], got shape {list(input_ids.shape)}")
-        from ..forward_batch import ForwardBatch
         input_ids = input_ids.to(self.device)
         B, L = input_ids.shape
         if attention_mask is None:
             pos = torch.arange(L, device=self.device).repeat(B)  # [B*L]
             batch = ForwardBatch(input_ids.reshape(-1), pos, [L] * B, max_pos=L - 1, backend=self.kernels)
-            return self.executor.run(batch, None).view(B, L, -1)
+            return self._executor.run(batch, None).view(B, L, -1)
         mask = attention_mask.to(self.device).bool()  # [B, L]
         lengths = mask.sum(1).tolist()
         pos = (torch.cumsum(mask, 1) - 1)[mask]  # [T]
         batch = ForwardBatch(input_ids[mask], pos, lengths, max_pos=max(lengths) - 1, backend=self.kernels)
         out = torch.zeros(B, L, self.config.vocab_size, device=self.device)
-        out[mask] = self.executor.run(batch, None)
+        out[mask] = self._executor.run(batch, None)
         return out
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
