@@ -12,7 +12,7 @@ of --repeats runs reported):
   unconstrained output is gibberish until an EOS (if any); the constrained one is valid JSON, then EOS.
 Columns: wall seconds, generated tokens (before EOS) per second, denoising steps, tokens per forward
 (tokens committed / steps, over the batch), the constraint's own host time per constrained request-step
-(StepConstraints.consume + apply, timed by wrapping them) and llguidance mask computations per committed token.
+(StepConstraints.consume + apply, timed by wrapping them) and the same per token the constrained requests committed.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class ConstraintTimer:
     """Wraps StepConstraints.consume/apply to time the constraint's host work and count its request-steps."""
 
     def __init__(self) -> None:
-        self.seconds, self.row_steps = 0.0, 0
+        self.seconds, self.row_steps, self.tokens = 0.0, 0, 0
         self._consume, self._apply = decoder.StepConstraints.consume, decoder.StepConstraints.apply
         timer = self
 
@@ -59,12 +59,13 @@ class ConstraintTimer:
             out = timer._apply(sc, *a)
             timer.seconds += time.perf_counter() - t
             timer.row_steps += len(sc.rows)
+            timer.tokens += sum(len(r.tokens) for r in sc.rows)
             return out
 
         decoder.StepConstraints.consume, decoder.StepConstraints.apply = consume, apply
 
     def reset(self) -> None:
-        self.seconds, self.row_steps = 0.0, 0
+        self.seconds, self.row_steps, self.tokens = 0.0, 0, 0
 
 
 def run(llm: LLM, prompts: list[Any], params: SamplingParams, chat: bool, timer: ConstraintTimer
@@ -78,6 +79,7 @@ def run(llm: LLM, prompts: list[Any], params: SamplingParams, chat: bool, timer:
     committed = sum(o.stats.tokens_committed for o in outs)
     return {"wall": wall, "tok_s": tokens / wall, "steps": steps, "tpf": committed / max(steps, 1),
             "ms_per_step": 1000 * timer.seconds / timer.row_steps if timer.row_steps else 0.0,
+            "us_per_token": 1e6 * timer.seconds / timer.tokens if timer.tokens else 0.0,
             "outs": outs}
 
 
@@ -91,10 +93,11 @@ def bench(name: str, llm: LLM, prompts: list[Any], configs: dict[str, dict[str, 
             res["constrained"].append(run(llm, prompts, SamplingParams(**opts, structured_outputs=constraint),
                                           chat, timer))
         for kind, runs in res.items():
-            med = {k: statistics.median(r[k] for r in runs) for k in ("wall", "tok_s", "steps", "tpf", "ms_per_step")}
+            med = {k: statistics.median(r[k] for r in runs) for k in ("wall", "tok_s", "steps", "tpf", "ms_per_step",
+                                                                    "us_per_token")}
             extra = f"{sum(check(i, o) for i, o in enumerate(runs[0]['outs']))}/{len(prompts)}" if check else "-"
             rows.append(f"| {name} | {cname} | {kind} | {med['wall']:.2f} | {med['tok_s']:.1f} | {med['steps']:.0f} "
-                        f"| {med['tpf']:.2f} | {med['ms_per_step']:.2f} | {extra} |")
+                        f"| {med['tpf']:.2f} | {med['ms_per_step']:.2f} | {med['us_per_token']:.0f} | {extra} |")
             print(rows[-1], flush=True)
     return rows
 
@@ -108,7 +111,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     timer = ConstraintTimer()
     header = ["| model | schedule | decoding | wall s | tok/s | steps | tokens/forward | constraint ms per "
-              "request-step | accuracy / valid |", "|---|---|---|---|---|---|---|---|---|"]
+              "request-step | constraint µs per token | accuracy / valid |", "|---|---|---|---|---|---|---|---|---|---|"]
     rows: list[str] = []
 
     llm = LLM(DEFAULT_MODEL_DIR, dtype="float32")

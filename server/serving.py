@@ -31,7 +31,7 @@ from .errors import APIError, bad_request
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .sse import SSEResponse
-from .structured import ToolCalls, compile_checked, request_constraint
+from .structured import ToolCalls, ToolStream, compile_checked, request_constraint
 from .step_events import step_event
 
 log = logging.getLogger("unmask.server")
@@ -60,6 +60,8 @@ class Choice:
     done: bool = False
     steps_sent: int = 0
     """Denoising steps already streamed (stream_options.include_steps)."""
+    tools: ToolStream | None = None
+    """A forced tool call's stream state (chat with tool_choice required / named)."""
 
 
 @dataclass(slots=True)
@@ -310,9 +312,9 @@ class OpenAIServing:
                             yield self._chunk(job, c.index, {}, None, {
                                 "diffusion_step": step_event(self.engine, step, out.step_log.gen_len)})
                     text = self._new_text(c, out)
-                    if job.tool_calls is not None:  # a forced call is sent whole, once it is complete
-                        if out.finished:
-                            yield self._tool_chunk(job, c, out)
+                    if job.tool_calls is not None:  # a forced call: tool_calls deltas instead of content
+                        for chunk in self._tool_chunks(job, c, out):
+                            yield chunk
                         continue
                     if out.finished:
                         extra = {"diffusion": _diffusion([out])}
@@ -350,13 +352,20 @@ class OpenAIServing:
         new, c.sent = text[len(c.sent):], text
         return new
 
-    def _tool_chunk(self, job: Job, c: Choice, out: RequestOutput) -> bytes:
-        calls = job.tool_calls.parse(out.text or "") if out.finish_reason == "stop" else None
-        extra = {"diffusion": _diffusion([out])}
-        if calls is None:  # not a complete call (the canvas was too short): the text as content
-            return self._chunk(job, c.index, {"content": out.text or ""}, out.finish_reason, extra)
-        delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
-        return self._chunk(job, c.index, delta, "tool_calls", extra)
+    def _tool_chunks(self, job: Job, c: Choice, out: RequestOutput) -> list[bytes]:
+        if c.tools is None:
+            c.tools = ToolStream(job.tool_calls)
+        text = (out.text or "").rstrip("\ufffd") if not out.finished else (out.text or "")
+        deltas = c.tools.deltas(text)
+        chunks = [self._chunk(job, c.index, {"tool_calls": [d]}, None) for d in deltas]
+        if out.finished:
+            extra = {"diffusion": _diffusion([out])}
+            if out.finish_reason == "stop" and c.tools.head is not None:
+                chunks.append(self._chunk(job, c.index, {}, "tool_calls", extra))
+            else:  # not a complete call (the canvas was too short): what is left as content
+                chunks.append(self._chunk(job, c.index, {"content": text} if c.tools.head is None else {},
+                                          out.finish_reason, extra))
+        return chunks
 
     def _chunk_object(self, job: Job) -> str:
         return "chat.completion.chunk" if job.kind == "chat" else "text_completion"

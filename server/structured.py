@@ -11,7 +11,8 @@ strict}) and vLLM `structured_outputs` {json | regex | choice | grammar | json_o
 - {"type": "function", "function": {"name": N}}: the output is N's arguments (a JSON object valid against its
   parameters).
 A forced call comes back as message.tool_calls = [{id, type: "function", function: {name, arguments}}] with content
-null and finish_reason "tool_calls" (streamed as one tool_calls delta when the call is complete).
+null and finish_reason "tool_calls"; streamed as OpenAI does (ToolStream): the id and name first, then argument
+fragments as blocks complete.
 Every error is a 400 naming the field, raised before anything is queued; grammars compile off the event loop
 under COMPILE_TIMEOUT_S.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -32,26 +34,65 @@ COMPILE_TIMEOUT_S = 10.0
 MAX_TOOLS = 128
 
 
+_REQUIRED_HEAD = re.compile(r'\{"name":("(?:[^"\\]|\\.)*"),"arguments":')
+"""The start of a "required" call as the compact JSON grammar writes it: {"name":"<name>","arguments":"""
+
+
 @dataclass(frozen=True, slots=True)
 class ToolCalls:
     """A forced tool call: `name` set (named function; the output is its arguments) or None ("required": the
     output is {"name", "arguments"})."""
     name: str | None
 
+    def head(self, text: str) -> tuple[str, int] | None:
+        """(function name, where its arguments start in text) once the text says so, else None."""
+        if self.name is not None:
+            return self.name, 0
+        m = _REQUIRED_HEAD.match(text)
+        return (json.loads(m.group(1)), m.end()) if m else None
+
+    def arguments(self, text: str, start: int) -> str:
+        """The arguments text so far: a "required" call's last character is held back (the wrapper's closing
+        brace at the end; while the text grows it may still be one)."""
+        return text[start:] if self.name is not None else text[start:-1]
+
     def parse(self, text: str) -> list[dict[str, Any]] | None:
         """The OpenAI tool_calls of a finished output, or None when it is not a complete call."""
         try:
-            value = json.loads(text)
+            json.loads(text)
         except ValueError:
             return None
-        if self.name is not None:
-            name, args = self.name, text
-        elif isinstance(value, dict) and isinstance(value.get("name"), str) and "arguments" in value:
-            name, args = value["name"], json.dumps(value["arguments"], ensure_ascii=False, separators=(",", ":"))
-        else:
+        head = self.head(text)
+        if head is None:
             return None
-        return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                 "function": {"name": name, "arguments": args}}]
+        return [{"id": new_call_id(), "type": "function",
+                 "function": {"name": head[0], "arguments": self.arguments(text, head[1])}}]
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+class ToolStream:
+    """One choice's forced call as OpenAI streams it: a first delta with id, type and name (arguments ""), then
+    argument fragments as the text grows; concatenated, the fragments are the blocking answer's arguments."""
+
+    def __init__(self, calls: ToolCalls) -> None:
+        self.calls, self.head, self.sent = calls, None, 0
+
+    def deltas(self, text: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if self.head is None:
+            self.head = self.calls.head(text)
+            if self.head is None:
+                return out
+            out.append({"index": 0, "id": new_call_id(), "type": "function",
+                        "function": {"name": self.head[0], "arguments": ""}})
+        args = self.calls.arguments(text, self.head[1])
+        if len(args) > self.sent:
+            out.append({"index": 0, "function": {"arguments": args[self.sent:]}})
+            self.sent = len(args)
+        return out
 
 
 def request_constraint(req: Any) -> tuple[StructuredOutputs | None, ToolCalls | None]:

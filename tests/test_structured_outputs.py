@@ -51,7 +51,7 @@ def random_params(rng: random.Random, family: str, **kw) -> SamplingParams:
     rule = rng.choice(["fixed", "fixed", "threshold", "factor"])
     remasking = rng.choice(["low_confidence", "margin", "entropy", "random"]
                            + (["origin"] if family == "dream" and rule == "fixed" else []))
-    out = dict(max_tokens=gen, block_length=block, steps=rng.choice([gen, gen // 2, gen // 4]),
+    out = dict(max_tokens=gen, block_length=block, steps=rng.choice([gen, max(gen // 2, 1), max(gen // 4, 1)]),
                remasking=remasking, cache=rng.choice(["none", "prefix", "dual"]),
                temperature=rng.choice([0.0, 0.7, 1.0]), seed=rng.randrange(1 << 30))
     if rule == "threshold":
@@ -126,6 +126,68 @@ def test_completes_in_a_tight_canvas_and_reports_length_when_nothing_fits(llms):
     assert out.finish_reason == "length"
 
 
+TIGHT = [  # (spec, a shortest valid answer): canvases of twice its length in characters
+    ({"json": {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}, "minItems": 2},
+                                                "b": {"type": "string", "minLength": 3}}, "required": ["a", "b"]}},
+     '{"a":[0,0],"b":"aaa"}'),
+    ({"json": {"type": "object", "properties": {"o": {"type": "object", "properties": {
+        "x": {"type": "null"}, "y": {"type": "boolean"}}, "required": ["x", "y"]}}, "required": ["o"]}},
+     '{"o":{"x":null,"y":true}}'),
+    ({"regex": r"[a-z]+@[a-z]+\.com"}, "a@b.com"),
+    ({"regex": r"(ab)*c"}, "c"),  # a loop whose exit the closing path must find
+    ({"json": {"anyOf": [{"type": "string", "pattern": "^x+$"}, {"type": "array", "items": {"type": "number"}}]}},
+     "[]"),
+    ({"grammar": 'start: "(" item ("," item)* ")"\nitem: /[0-9]+/ | start\n'}, "(0)"),  # recursive
+]
+
+
+def test_tight_canvases_complete_for_every_kind_of_constraint(llms):
+    llm, rng = llms["llada"], random.Random("tight-kinds")
+    specs, params = [], []
+    for spec, shortest in TIGHT:
+        for _ in range(3):
+            specs.append(spec)
+            params.append(random_params(rng, "llada", max_tokens=2 * len(shortest), temperature=1.0,
+                                        structured_outputs=spec))
+    for spec, p, out in zip(specs, params, llm.generate([prompt(llm, rng) for _ in params], params)):
+        assert out.finish_reason == "stop", (spec, p, out.text)
+        if "json" in spec:
+            jsonschema.validate(json.loads(out.text), spec["json"])
+        elif "regex" in spec:
+            assert re.fullmatch(spec["regex"], out.text), (spec, out.text)
+        else:
+            assert _nested_tuple(out.text), out.text
+
+
+def _nested_tuple(text: str) -> bool:
+    """Recursive-descent check of start: "(" item ("," item)* ")", item: /[0-9]+/ | start."""
+    def group(i: int) -> int:
+        if i >= len(text) or text[i] != "(":
+            return -1
+        i = item(i + 1)
+        while i > 0 and i < len(text) and text[i] == ",":
+            i = item(i + 1)
+        return i + 1 if i > 0 and i < len(text) and text[i] == ")" else -1
+
+    def item(i: int) -> int:
+        m = re.match(r"[0-9]+", text[i:])
+        return i + m.end() if m else group(i)
+
+    return group(0) == len(text)
+
+
+def test_compiled_grammars_are_cached(llms):
+    from engine.constraints.build import compile_for
+    from engine.constraints.grammars import GRAMMARS
+
+    model = llms["llada"].model
+    spec = StructuredOutputs(regex="[0-9]{2,5}x")
+    first, _ = compile_for(spec, model)
+    hits = GRAMMARS.hits
+    again, _ = compile_for(StructuredOutputs(regex="[0-9]{2,5}x"), model)
+    assert again is first and GRAMMARS.hits == hits + 1
+
+
 def test_unconstrained_requests_are_unchanged_by_constrained_neighbours(llms):
     """Batch invariance at temperature 0: the same tokens alone and next to constrained requests."""
     llm, rng = llms["llada"], random.Random("invariance")
@@ -176,6 +238,8 @@ def test_json_object_and_ignore_eos(llms):
     ({"choice": []}, "structured_outputs.choice"),
     ({"regex": "a", "choice": ["a"]}, "structured_outputs"),
     ({"jsonn": {}}, "structured_outputs.jsonn"),
+    ({"json": {"enum": ["x" * 100] * 20000}}, "structured_outputs.json"),  # too large
+    ({"json": "[" * 100000 + "]" * 100000}, "structured_outputs.json"),  # nested too deep to read
 ])
 def test_invalid_specs_are_refused_naming_the_field(llms, spec, param):
     llm = llms["llada"]

@@ -59,7 +59,13 @@ class Constraint:
         return ok
 
     def closing(self, cap: int) -> list[int] | None:
-        """A token path from the current state to acceptance of at most `cap` tokens, or None."""
+        """A token path from the current state to acceptance of at most `cap` tokens, or None. Greedy over
+        Vocab.closing_order; if that does not fit, again with a one-step look-ahead for acceptance (which finds
+        the exit of loops such as (ab)*c)."""
+        path = self._rollout(cap, 0)
+        return path if path is not None else self._rollout(cap, LOOKAHEAD)
+
+    def _rollout(self, cap: int, lookahead: int) -> list[int] | None:
         m, order, n = self.m, self.vocab.closing_order, 0
         path: list[int] = []
         if cap < 0:
@@ -73,7 +79,7 @@ class Constraint:
                 if ranked.size == 0:
                     return None
                 pick = int(ranked[0])
-                for t in ranked[:LOOKAHEAD].tolist():
+                for t in ranked[:lookahead].tolist():
                     if m.consume_token(t):
                         acc = m.is_accepting()
                         m.rollback(1)
@@ -184,10 +190,10 @@ class StepConstraints:
             lo, hi = max(a, row.start), min(b, row.start + row.count)
             k = lo
             while row.active and k < hi:
-                self._offer(row, k - row.start, logits[k - a], _one(inputs, k - a))
+                self._offer(row, k - row.start, logits[k - a], inputs, k - a)
                 k += 1
 
-    def _offer(self, row: _Row, n: int, logits: torch.Tensor, inp: CandidateInputs) -> None:
+    def _offer(self, row: _Row, n: int, logits: torch.Tensor, inputs: CandidateInputs, k: int) -> None:
         c: Constraint = row.seq.constraint
         if n != len(row.tokens):  # a position was skipped: the run has ended
             row.active = False
@@ -203,9 +209,11 @@ class StepConstraints:
             row.tokens.append(c.eos)
             return
         forced = int(ok.sum()) == 1
-        allowed = torch.from_numpy(ok).to(logits.device)
+        allowed = torch.from_numpy(ok)
+        if logits.device.type != "cpu":
+            allowed = allowed.to(logits.device)
         masked = logits.masked_fill(~allowed[:logits.shape[-1]], float("-inf"))
-        x0, _, conf = candidates(masked[None], inp)  # [1] each
+        x0, _, conf = candidates(masked[None], _one(inputs, k))  # [1] each
         token, cf = int(x0[0]), float(conf[0])
         if n > 0 and not forced and not row.rule.more(n, cf, row.min_conf):
             row.active = False
@@ -231,7 +239,10 @@ class StepConstraints:
         return commit
 
 
+_PER_ROW = tuple(f.name for f in fields(CandidateInputs) if "Tensor" in str(f.type))
+"""CandidateInputs' per-position [N] tensors (temperature, top_k, top_p, score, tempered, noise_keys)."""
+
+
 def _one(inp: CandidateInputs, k: int) -> CandidateInputs:
     """The candidate inputs of one decoded position (row k of the chunk)."""
-    return replace(inp, **{f.name: getattr(inp, f.name)[k:k + 1] for f in fields(inp)
-                           if isinstance(getattr(inp, f.name), torch.Tensor)})
+    return replace(inp, **{name: getattr(inp, name)[k:k + 1] for name in _PER_ROW})

@@ -57,15 +57,20 @@ class StructuredOutputs:
                     raise StructuredOutputsError(f"{p}.json", f"longer than {MAX_SPEC_CHARS} characters")
                 try:
                     schema = _json.loads(self.json)
-                except ValueError as e:
+                except (ValueError, RecursionError) as e:
                     raise StructuredOutputsError(f"{p}.json", f"not valid JSON ({e})") from None
             else:
                 schema = self.json
             if not isinstance(schema, (dict, bool)):
                 raise StructuredOutputsError(f"{p}.json", f"must be a JSON schema object, got {type(schema).__name__}")
-            if len(_json.dumps(schema)) > MAX_SPEC_CHARS:
+            try:
+                text = _json.dumps(schema)  # the cache key; property order kept
+            except (ValueError, TypeError, RecursionError) as e:
+                raise StructuredOutputsError(f"{p}.json", f"not a JSON schema ({type(e).__name__}: "
+                                                          f"{str(e)[:200]})") from None
+            if len(text) > MAX_SPEC_CHARS:
                 raise StructuredOutputsError(f"{p}.json", f"longer than {MAX_SPEC_CHARS} characters")
-            object.__setattr__(self, "json", _json.dumps(schema))  # text (the cache key); property order kept
+            object.__setattr__(self, "json", text)
         for name in ("regex", "grammar"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, str) and v):

@@ -127,21 +127,31 @@ def test_streams_equal_the_blocking_answer_and_stream_tool_calls(app):
             for ch in chunk.choices:
                 parts.append(ch.delta.content or "")
                 finish = ch.finish_reason or finish
-        calls, tfinish = {}, None
-        async for chunk in await c.chat.completions.create(tools=[WEATHER], tool_choice="required", stream=True,
-                                                           model="tiny", messages=MSGS, max_tokens=64):
-            for ch in chunk.choices:
-                for tc in ch.delta.tool_calls or []:
-                    cur = calls.setdefault(tc.index, {"name": "", "arguments": ""})
-                    cur["name"] += tc.function.name or ""
-                    cur["arguments"] += tc.function.arguments or ""
-                tfinish = ch.finish_reason or tfinish
-        return full, parts, finish, calls, tfinish
+        streamed = []
+        for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+            tk = dict(tools=[WEATHER, ADD], tool_choice=choice, model="tiny", messages=MSGS, max_tokens=64,
+                      temperature=1.0, seed=5, extra_body={"block_length": 8})
+            blocking = await c.chat.completions.create(**tk)
+            calls, frags, tfinish = {}, 0, None
+            async for chunk in await c.chat.completions.create(stream=True, **tk):
+                for ch in chunk.choices:
+                    for tc in ch.delta.tool_calls or []:
+                        cur = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+                        cur["name"] += tc.function.name or ""
+                        cur["arguments"] += tc.function.arguments or ""
+                        frags += bool(tc.function.arguments)
+                    tfinish = ch.finish_reason or tfinish
+            streamed.append((blocking, calls, frags, tfinish))
+        return full, parts, finish, streamed
 
-    full, parts, finish, calls, tfinish = run(main())
+    full, parts, finish, streamed = run(main())
     assert "".join(parts) == full.choices[0].message.content and finish == full.choices[0].finish_reason == "stop"
-    assert tfinish == "tool_calls" and calls[0]["name"] == "get_weather"
-    jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER["function"]["parameters"])
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, ADD)}
+    for blocking, calls, frags, tfinish in streamed:
+        want = blocking.choices[0].message.tool_calls[0].function
+        assert tfinish == "tool_calls" and list(calls) == [0] and frags >= 2  # arguments arrive in pieces
+        assert calls[0] == {"name": want.name, "arguments": want.arguments}
+        jsonschema.validate(json.loads(want.arguments), params[want.name])
 
 
 @pytest.mark.parametrize("body, param", [
@@ -199,3 +209,27 @@ def test_sdk_structured_options(app):
     call = tc.choices[0].message.tool_calls[0]
     assert tc.choices[0].finish_reason == "tool_calls" and call.function.name == "add"
     jsonschema.validate(json.loads(call.function.arguments), ADD["function"]["parameters"])
+
+
+def test_a_grammar_that_compiles_too_long_is_a_400(app, engine, monkeypatch):
+    """Compilation runs off the event loop under COMPILE_TIMEOUT_S; past it the request is refused, naming the
+    field, and the server keeps answering."""
+    import time
+
+    from server import structured
+
+    real = engine.compile_structured
+    monkeypatch.setattr(structured, "COMPILE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(engine, "compile_structured", lambda spec: (time.sleep(1.0), real(spec)), raising=False)
+
+    async def main():
+        c = oai(app)
+        with pytest.raises(openai.BadRequestError) as e:
+            await c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=8,
+                                            extra_body={"structured_outputs": {"regex": "[a-z]{3}"}})
+        ok = await c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=4)
+        return e.value, ok
+
+    err, ok = run(main())
+    assert err.body["param"] == "structured_outputs.regex" and "exceeded" in err.body["message"]
+    assert ok.choices[0].finish_reason in ("stop", "length")
