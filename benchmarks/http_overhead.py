@@ -69,7 +69,7 @@ def free_port() -> int:
 
 
 def start_server(model_dir: Path, args: argparse.Namespace, port: int, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", str(model_dir), "--port", str(port),
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--port", str(port),
            "--device", args.device, "--dtype", args.dtype, "--max-num-seqs", str(args.concurrency),
            "--kv-cache-memory", str(args.kv_cache_memory), "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -261,7 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--specs", type=int, default=60, help="distinct (prompt, options) specs in the pool")
     ap.add_argument("--leave-fraction", type=float, default=1 / 3, help="fraction of clients that leave early")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="float32", help="server and reference dtype (float32: bit-exact reference)")
+    ap.add_argument("--dtype", default="auto",
+                    help="server and reference dtype (auto: the server's default, not passed to it; the reference "
+                         "is exact at every dtype because outputs do not depend on the batch)")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="start no new round after this many seconds (the rounds run stay complete)")
     ap.add_argument("--rss-tolerance", type=float, default=0.10)
     ap.add_argument("--serve-args", default="", help="extra `unmask serve` flags, e.g. '--max-num-seqs 32'")
     ap.add_argument("--out", help="write a markdown report here (and .json beside it)")
@@ -273,13 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     specs = make_specs(args.specs, args.seed)
     fill_references(specs, args.dtype)
     print(f"references for {len(specs)} specs in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-    serve_args = ["--dtype", args.dtype, "--served-model-name", "tiny", *args.serve_args.split()]
+    serve_args = [*(["--dtype", args.dtype] if args.dtype != "auto" else []), "--served-model-name", "tiny",
+                  *args.serve_args.split()]
     server = Server(serve_args)
     rng = random.Random(args.seed)
     rounds: list[Round] = []
     from engine.bundled import task
     try:
         for i in range(args.rounds):
+            if args.max_seconds is not None and rounds and time.monotonic() - t0 > args.max_seconds:
+                print(f"stopping after {i} rounds: --max-seconds {args.max_seconds} reached", file=sys.stderr)
+                break
             results, pairs, secs = asyncio.run(one_round(server.url, specs, args.clients, rng, i,
                                                          args.leave_fraction))
             zero, g = wait_gauges_zero(server.url)
@@ -310,12 +318,18 @@ def main(argv: list[str] | None = None) -> int:
     passed = (all(r.failed == 0 and r.gauges_zero for r in rounds) and rss_ok and code == 0
               and sum(r.completed for r in rounds) > 0)
     summary = {"passed": passed, "rss_within_tolerance": rss_ok, "exit_code": code, "args": vars(args),
+               "dtype": _resolved_dtype(args.dtype),
                "commit": _commit(),
                "rounds": [asdict(r) for r in rounds], "total_seconds": round(time.monotonic() - t0, 1)}
     print(json.dumps({k: v for k, v in summary.items() if k != "rounds"}), file=sys.stderr)
     if args.out:
         _report(Path(args.out), summary, argv if argv is not None else sys.argv[1:])
     return 0 if passed else 1
+
+
+def _resolved_dtype(dtype: str) -> str:
+    from engine.loader import resolve_dtype
+    return str(resolve_dtype(dtype)).removeprefix("torch.")
 
 
 def _commit() -> str:
@@ -340,7 +354,7 @@ def _report(path: Path, s: dict[str, Any], argv: list[str]) -> None:
     path.write_text(
         "# Load with faults\n\n"
         f"Command: `python -m benchmarks.load_faults {' '.join(argv)}` (commit {s['commit']}, bundled model, "
-        f"{os.cpu_count()} CPUs shared with other jobs)\n\n"
+        f"dtype {s['args']['dtype']} = {s['dtype']}, {os.cpu_count()} CPUs shared with other jobs)\n\n"
         f"Result: **{'PASS' if s['passed'] else 'FAIL'}** (RSS within {100 * s['args']['rss_tolerance']:.0f}% of "
         f"round 1: {s['rss_within_tolerance']}; server exit status after SIGTERM: {s['exit_code']}; "
         f"{s['total_seconds']} s in all)\n\n" + "\n".join(rows) + "\n\n"

@@ -18,7 +18,8 @@ Per request:
 - Output tokens: the usage chunk's completion_tokens.
 
 Datasets: `random` sends token-id prompts to /v1/completions (lengths uniform in input-len * [1 - r, 1 + r], ids
-uniform in --random-token-range); `shared-prefix` is the random dataset behind a shared system prompt: every prompt
+uniform over the served model's vocabulary without its special ids, or in --random-token-range);
+`shared-prefix` is the random dataset behind a shared system prompt: every prompt
 starts with one of --shared-prefix-num random prefixes of --shared-prefix-len tokens (round robin), followed by its
 own random suffix of --random-input-len tokens (the workload prompt-prefix caching serves; vLLM's
 prefix-repetition dataset); `task` sends the bundled model's held-out problems as chat and reports accuracy.
@@ -40,7 +41,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import httpx
 from tqdm import tqdm
@@ -95,24 +96,48 @@ def load_task_module() -> Any:
     return module
 
 
-def random_requests(n: int, input_len: int, output_len: int, range_ratio: float, token_range: tuple[int, int],
-                    seed: int) -> list[BenchRequest]:
+def random_requests(n: int, input_len: int, output_len: int, range_ratio: float,
+                    token_range: tuple[int, int] | Sequence[int], seed: int) -> list[BenchRequest]:
+    """token_range: (LO, HI) draws ids uniformly from [LO, HI); a longer sequence is the list of ids to draw from."""
     rng = random.Random(seed)
     lo_len, hi_len = max(1, round(input_len * (1 - range_ratio))), max(1, round(input_len * (1 + range_ratio)))
+    ids = _id_pool(token_range)
     out = []
     for _ in range(n):
         length = rng.randint(lo_len, hi_len)
-        out.append(BenchRequest(prompt=[rng.randrange(*token_range) for _ in range(length)], input_len=length,
+        out.append(BenchRequest(prompt=[ids[rng.randrange(len(ids))] for _ in range(length)], input_len=length,
                                 max_tokens=output_len))
     return out
 
 
+OFFLINE_TOKEN_RANGE = (0, 1000)
+"""Random-prompt ids when requests are built without a server to ask (make_requests(args) with no model card)."""
+
+
+def _id_pool(token_range: tuple[int, int] | Sequence[int]) -> Sequence[int]:
+    """(LO, HI) -> range(LO, HI); a longer sequence is the list of ids itself."""
+    return range(*token_range) if isinstance(token_range, tuple) and len(token_range) == 2 else list(token_range)
+
+
+def served_token_ids(card: Any) -> list[int]:
+    """The ids a random prompt may use on the served model: its vocabulary (/v1/models `vocab_size`, as vllm bench
+    serve takes it from the model's tokenizer) minus the mask, EOS and stop ids."""
+    vocab = getattr(card, "vocab_size", None)
+    if not vocab:
+        raise SystemExit(f"benchmarks.serve: the server does not report model {card.id!r}'s vocab_size; pass "
+                         f"--random-token-range LO HI")
+    special = getattr(card, "special_tokens", None) or {}
+    skip = {special.get("mask_token_id"), special.get("eos_token_id"), *(special.get("stop_token_ids") or [])}
+    return [t for t in range(vocab) if t not in skip]
+
+
 def shared_prefix_requests(n: int, prefix_len: int, num_prefixes: int, suffix_len: int, output_len: int,
-                           range_ratio: float, token_range: tuple[int, int], seed: int) -> list[BenchRequest]:
+                           range_ratio: float, token_range: tuple[int, int] | Sequence[int], seed: int) -> list[BenchRequest]:
     """Random prompts behind shared prefixes: request i = prefix[i % num_prefixes] + its own random suffix (length
     as in random_requests)."""
     rng = random.Random(seed + 7)
-    prefixes = [[rng.randrange(*token_range) for _ in range(prefix_len)] for _ in range(num_prefixes)]
+    pool = _id_pool(token_range)
+    prefixes = [[pool[rng.randrange(len(pool))] for _ in range(prefix_len)] for _ in range(num_prefixes)]
     suffixes = random_requests(n, suffix_len, output_len, range_ratio, token_range, seed)
     return [BenchRequest(prompt=prefixes[i % num_prefixes] + r.prompt, input_len=prefix_len + r.input_len,
                          max_tokens=output_len) for i, r in enumerate(suffixes)]
@@ -322,8 +347,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="shared-prefix dataset: tokens of each shared system prompt")
     p.add_argument("--shared-prefix-num", type=int, default=1,
                    help="shared-prefix dataset: distinct shared prefixes (requests cycle through them)")
-    p.add_argument("--random-token-range", type=int, nargs=2, default=(0, 1000), metavar=("LO", "HI"),
-                   help="random prompt token ids are drawn from [LO, HI) (keep special ids out)")
+    p.add_argument("--random-token-range", type=int, nargs=2, metavar=("LO", "HI"),
+                   help="random prompt token ids are drawn from [LO, HI) (default: the served model's vocabulary "
+                        "from /v1/models, without its mask / EOS / stop ids)")
     p.add_argument("--output-len", type=int, help="task dataset: max_completion_tokens (default: the server's)")
     p.add_argument("--num-warmups", type=int, default=1, help="requests sent (and not counted) before the run")
     p.add_argument("--seed", type=int, default=0)
@@ -365,15 +391,19 @@ def request_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
-def make_requests(args: argparse.Namespace) -> list[BenchRequest]:
+def make_requests(args: argparse.Namespace, card: Any = None) -> list[BenchRequest]:
     if args.dataset_name == "task":
         return task_requests(args.num_prompts + args.num_warmups, args.output_len, args.seed)
+    if args.random_token_range:
+        ids: Sequence[int] = tuple(args.random_token_range)
+    else:  # the served vocabulary; with no server to ask (card None, building requests offline) [0, 1000)
+        ids = served_token_ids(card) if card is not None else OFFLINE_TOKEN_RANGE
     if args.dataset_name == "shared-prefix":
         return shared_prefix_requests(args.num_prompts + args.num_warmups, args.shared_prefix_len,
                                       args.shared_prefix_num, args.random_input_len, args.random_output_len,
-                                      args.random_range_ratio, tuple(args.random_token_range), args.seed)
+                                      args.random_range_ratio, ids, args.seed)
     return random_requests(args.num_prompts + args.num_warmups, args.random_input_len, args.random_output_len,
-                           args.random_range_ratio, tuple(args.random_token_range), args.seed)
+                           args.random_range_ratio, ids, args.seed)
 
 
 def make_client(base_url: str, api_key: str | None, model: str | None, concurrency: int | None) -> AsyncClient:
@@ -386,13 +416,14 @@ def make_client(base_url: str, api_key: str | None, model: str | None, concurren
 async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     key = args.api_key or os.environ.get("UNMASK_API_KEY") or os.environ.get("OPENAI_API_KEY")
     percentiles = [float(p) for p in args.metric_percentiles.split(",")]
-    requests = make_requests(args)
-    warmups, requests = requests[:args.num_warmups], requests[args.num_warmups:]
     options = request_options(args)
     async with make_client(args.base_url, key, args.model, args.max_concurrency) as client:
         await client.wait_until_ready(timeout=300)
-        model = client.model or (await client.models())[0].id
+        cards = await client.models()
+        model = client.model or cards[0].id
         client.model = model
+        requests = make_requests(args, next((c for c in cards if c.id == model), cards[0]))
+        warmups, requests = requests[:args.num_warmups], requests[args.num_warmups:]
         if warmups:
             await run_load(client, warmups, options, None, float("inf"), progress=False)
         before = await scrape(client)
@@ -434,5 +465,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def exit_status(result: dict[str, Any]) -> int:
+    """Non-zero when no request succeeded (a run that measured nothing must not look like one that did)."""
+    if result["completed"] == 0:
+        print(f"benchmarks.serve: every request failed ({result['failed']}); first errors: "
+              f"{result['errors'][:3]}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

@@ -17,7 +17,7 @@ SERVER=""
 stop() { if [ -n "$SERVER" ]; then kill -TERM "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; SERVER=""; fi; }
 trap stop EXIT
 start() {  # start MODEL_ARGS...
-  python -m engine.cli serve --port "$PORT" --max-num-seqs 64 --dtype float32 --log-level warning "$@" \
+  python -m server.cli serve --port "$PORT" --max-num-seqs 64 --dtype float32 --log-level warning "$@" \
     > "$OUT/server.log" 2>&1 &
   SERVER=$!
 }

@@ -108,13 +108,7 @@ class AsyncEngine:
         """Serve `llm`'s model and engine (its scheduler, KV pool and options) from a background thread."""
         self.llm = llm
         self._engine: LLMEngine = llm.engine
-        if self._engine.owner is not None:
-            raise RuntimeError("this LLM is already served by an AsyncEngine; shut that one down first")
-        if self._engine.has_unfinished():
-            raise RuntimeError("the LLM's engine has unfinished requests")
-        self._engine.owner = self
-        self._saved_stream_deltas = self._engine.stream_deltas
-        self._engine.stream_deltas = True
+        self._engine.claim(self)  # released when the engine thread ends
         self._cond = threading.Condition()
         self._inbox: list[tuple[str, Any]] = []
         self._requests: dict[str, StreamState] = {}
@@ -279,6 +273,7 @@ class AsyncEngine:
                     self._publish()
                 if closing:
                     return
+                del cmds, deliveries  # hold no request's outputs (nor its event loop) while waiting for work
         except BaseException as exc:  # a bug in this loop: fail everything rather than hang the callers
             with self._cond:
                 self._dead = exc
@@ -301,14 +296,13 @@ class AsyncEngine:
                 return
             raise
         finally:
-            eng.stream_deltas = self._saved_stream_deltas
-            eng.owner = None
+            eng.release(self)
 
     def _add(self, req: StreamState, deliveries: list[Delivery]) -> None:
         if req.done:
             return
         try:
-            self._engine.add(req.seq)
+            self._engine.add(req.seq, stream=True)
             if req.step_log is not None:
                 self._recording[req.request_id] = req
         except Exception as exc:  # built on the caller's side already; only an engine invariant breaks here

@@ -1,8 +1,11 @@
-"""`unmask` command line: `unmask generate "prompt"` prints the completion from the bundled model (or --model)."""
+"""`unmask generate "prompt"`: print the completion from the bundled model (or --model), and the flag groups that
+every command loading a model shares (sampling, parallelism, kernels).
+
+The `unmask` command line itself (generate and serve) is server/cli.py; this module runs `generate` alone as
+`python -m engine.cli generate ...` (what torchrun starts on every rank), without the server's dependencies."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
@@ -92,7 +95,6 @@ def _generate(llm: Any, args: argparse.Namespace, params: Any) -> int:
     if args.token_ids:
         prompt = [int(t) for t in args.prompt.replace(",", " ").split()]
     chat = not args.raw and not args.token_ids and getattr(llm.tokenizer, "chat_template", None) is not None
-    llm.engine.keep_last_canvas = True
     out = None
     for step, (canvas, final) in enumerate(llm.iter_steps(prompt, params, chat=chat), start=1):
         if args.show_steps:
@@ -108,12 +110,12 @@ def _generate(llm: Any, args: argparse.Namespace, params: Any) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unmask", description="Inference engine for masked-diffusion LMs")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_generate_parser(sub: Any) -> None:
+    """Register `generate` on an argparse subparsers object."""
     gen = sub.add_parser("generate", help="generate a completion for one prompt")
     gen.add_argument("prompt", help="prompt text (chat-formatted when the model has a chat template)")
-    gen.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    gen.add_argument("--model", help="checkpoint directory or Hugging Face repo id such as "
+                                      "GSAI-ML/LLaDA-8B-Instruct (default: the bundled model)")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: the checkpoint's "
                                                      "torch_dtype; on CPU bfloat16 where the CPU supports it)")
@@ -125,14 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(gen)
     add_parallel_flags(gen)
     gen.set_defaults(func=cmd_generate)
-    from server.cli import add_serve_parser
-    add_serve_parser(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`generate` only (server/cli.py builds the full `unmask` parser)."""
+    parser = argparse.ArgumentParser(prog="unmask", description="Inference engine for masked-diffusion LMs")
+    add_generate_parser(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = build_parser()
+    return run_command(build_parser(), argv)
+
+
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse argv and run the chosen command; errors become one `unmask: error: ...` line and exit status 2 (bad
+    input) or 1 (a lost tensor-parallel rank)."""
+    # HF_HUB_OFFLINE stays the user's: a Hugging Face repo id may be downloaded (engine/hub.py); tokenizers load
+    # local files only
     args = parser.parse_args(argv)
     from .errors import CheckpointError, ParallelError, TokenizerMissingError
     from .sampling_params import SamplingParamsError

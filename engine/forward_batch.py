@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .decoding.candidates import ShardDecode, shard_stats
-from .model.attention import AttnContext, KVPoolTensors
+from .model.attention import AttnContext, AttnGroup, KVPoolTensors
 from .model.transformer import Transformer
 
 
@@ -54,6 +54,8 @@ class ForwardBatch:
     """Padded query layout (torch backend), when the runner uploaded it with the step's metadata; else built here."""
     q_valid: torch.Tensor | None = None
     unpad_index: torch.Tensor | None = None
+    attn_groups: "list[AttnGroup] | None" = None
+    """Paged torch passes: the rows' attention groups at bucketed lengths (engine/shape_buckets.py)."""
     logit_chunk: int = 0
     """Logit rows computed (and handed to run_batch's consume) at once; 0: all of them."""
     cfg_splits: list[int] | None = None
@@ -72,6 +74,9 @@ class ForwardBatch:
                 setattr(out, f.name, v.to(device, non_blocking=async_ok))
         if self.shard_decode is not None:
             out.shard_decode = self.shard_decode.to(device)
+        if self.attn_groups is not None:
+            out.attn_groups = [AttnGroup(*(getattr(g, f.name).to(device, non_blocking=async_ok) for f in fields(g)))
+                               for g in self.attn_groups]
         return out
 
 
@@ -141,7 +146,7 @@ def _attn_context(batch: ForwardBatch, kv: KVPoolTensors | None) -> AttnContext:
         ctx = AttnContext.from_lengths(batch.lengths, batch.tokens.device)
         ctx.backend = batch.backend
     if paged and batch.backend != "triton":
-        ctx.key_valid, ctx.read_slots = batch.key_valid, batch.read_slots
+        ctx.key_valid, ctx.read_slots, ctx.groups = batch.key_valid, batch.read_slots, batch.attn_groups
     if paged:
         ctx.write_slots, ctx.kv_pool = batch.write_slots, kv
     return ctx

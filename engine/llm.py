@@ -9,6 +9,7 @@ import torch
 
 from .input_processor import InputProcessor, Prompt, PromptIds
 from .llm_engine import CacheConfig, EngineConfig, LLMEngine
+from .hub import resolve_model_path
 from .loader import load_model, read_generation_config, resolve_device, resolve_dtype
 from .outputs import RequestOutput
 from .sampling_params import GenerationDefaults, ModelLimits, ResolvedParams, SamplingParams, model_defaults
@@ -40,7 +41,7 @@ class LLM:
         enable_prefix_caching: block-causal models (LLaDA2) share the KV pages of common prompt prefixes between
         requests (engine/prefix_cache.py); other families never share."""
         from .executor import LocalExecutor, ParallelConfig, torchrun_rank
-        model_dir = Path(model) if model is not None else default_model_dir()
+        model_dir = resolve_model_path(model) if model is not None else default_model_dir()  # dir or HF repo id
         self.parallel = ParallelConfig(tensor_parallel_size, expert_parallel, parallel_timeout)
         if self.parallel.tensor_parallel_size > 1 or torchrun_rank() is not None:
             from .executor.launch import start_parallel
@@ -126,14 +127,14 @@ class LLM:
             ids = self.processor.prompt_ids(prompt, max_tokens=resolved.max_tokens)
         self._check_not_served()
         rid = f"gen-{next(self._ids)}"
-        seq = self.engine.add(self.processor.sequence(rid, ids, resolved))
+        seq = self.engine.add(self.processor.sequence(rid, ids, resolved), keep_canvas=True)
         try:
             while True:
                 finished = [o for o in self.engine.step() if o.request_id == rid and o.finished]
                 if finished:
-                    yield self.engine.last_canvas.pop(rid, finished[0].token_ids), finished[0]
+                    yield seq.final_canvas if seq.final_canvas is not None else finished[0].token_ids, finished[0]
                     return
-                if id(seq) in self.engine.runner.canvases:
+                if self.engine.runner.has(seq):
                     yield self.engine.runner.generated(seq), None
         finally:
             self.engine.abort(rid)

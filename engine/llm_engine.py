@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -83,33 +82,47 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.pool, executor if executor is not None else LocalExecutor(model.net),
                                   self.cfg.logits_memory)
         self.requests: dict[str, Sequence] = {}
-        self.stream_deltas = False
-        """Also return an unfinished output each time a request completes a block (AsyncEngine streaming)."""
-        self.keep_last_canvas = False
-        self.last_canvas: dict[str, list[int]] = {}
-        """With keep_last_canvas, each finished request's final generated canvas (for --show-steps)."""
-        self.owner: object | None = None
-        """The AsyncEngine serving this engine from its thread, if any (then nobody else may step it)."""
-        self.fault_hook: Callable[[str, str | None], None] | None = None
-        """Fault-injection hook for tests: step() calls it at each phase, ("schedule", None), ("forward", None),
-        ("update", None), then ("output", request_id) before each output; whatever it raises is a step fault."""
+        self._owner: object | None = None
+
+    @property
+    def owner(self) -> object | None:
+        """Who holds the engine exclusively (an AsyncEngine stepping it from its thread), if anyone."""
+        return self._owner
+
+    def claim(self, owner: object) -> None:
+        """Take the engine for `owner` (an AsyncEngine): nobody else may add requests or step it until release().
+        Raises RuntimeError if another owner holds it or requests are unfinished."""
+        if self._owner is not None:
+            raise RuntimeError("this LLM is already served by an AsyncEngine; shut that one down first")
+        if self.has_unfinished():
+            raise RuntimeError("the LLM's engine has unfinished requests")
+        self._owner = owner
+
+    def release(self, owner: object) -> None:
+        if self._owner is owner:
+            self._owner = None
 
     @property
     def executor(self) -> Executor:
         """The runner's executor (health checks, memory reports, shutdown of tensor-parallel workers)."""
         return self.runner.executor
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: ResolvedParams) -> Sequence:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: ResolvedParams, *, stream: bool = False,
+                    keep_canvas: bool = False) -> Sequence:
         """Queue a request from checked ids and resolved params (its Sequence built by the input processor's
-        build_sequence)."""
+        build_sequence). stream / keep_canvas: see add()."""
         if request_id in self.requests:
             raise RequestError(f"request_id {request_id!r} is already in use", "request_id")
-        return self.add(build_sequence(self.model, self.scheduler, request_id, prompt_ids, params))
+        return self.add(build_sequence(self.model, self.scheduler, request_id, prompt_ids, params), stream=stream,
+                        keep_canvas=keep_canvas)
 
-    def add(self, seq: Sequence) -> Sequence:
-        """Queue a Sequence built by the input processor (engine/input_processor.py)."""
+    def add(self, seq: Sequence, *, stream: bool = False, keep_canvas: bool = False) -> Sequence:
+        """Queue a Sequence built by the input processor (engine/input_processor.py). stream: step() also returns
+        an unfinished output each time it completes a block (what AsyncEngine streams). keep_canvas: once
+        finished, seq.final_canvas holds its whole generated canvas (past EOS; `unmask generate --show-steps`)."""
         if seq.request_id in self.requests:
             raise RequestError(f"request_id {seq.request_id!r} is already in use", "request_id")
+        seq.stream, seq.keep_canvas = stream, keep_canvas
         self.scheduler.add(seq)
         self.requests[seq.request_id] = seq
         return seq
@@ -121,13 +134,13 @@ class LLMEngine:
         seq = self.requests.pop(request_id, None)
         if seq is None or seq.finished:
             return
-        if id(seq) in self.runner.canvases:
+        if self.runner.has(seq):
             self.runner.remove(seq)
         self.scheduler.finish(seq, "abort")
 
     def step(self) -> list[RequestOutput]:
         """One engine step: schedule, one batched forward, update. Returns the requests that finished in it and,
-        with stream_deltas, one unfinished output for each request that completed a block.
+        for streaming requests, one unfinished output for each that completed a block.
 
         If anything in the step raises, every request of the step that did not finish is failed (removed, its
         pages freed) and EngineStepError carries the finished outputs and the failed ids; the engine stays usable.
@@ -135,33 +148,21 @@ class LLMEngine:
         worker: no later step can run either), are re-raised as they are after the same cleanup."""
         sched: ScheduleOutput | None = None
         outs: list[RequestOutput] = []
-        hook = self.fault_hook
         try:
-            if hook is not None:
-                hook("schedule", None)
             sched = self.scheduler.schedule()
             for seq in sched.admitted:
-                if id(seq) not in self.runner.canvases:
-                    self.runner.add(seq)
+                self.runner.add(seq)
             if not sched.scheduled:
                 return []
-            if hook is not None:
-                hook("forward", None)
             recorded = [r for r in sched.scheduled if r.seq.step_log is not None]
-            before = [self.runner.canvases[id(r.seq)][r.block[0]:r.block[1]].clone() for r in recorded]
+            before = [self.runner.block_tokens(r.seq, r.block).clone() for r in recorded]
             result = self.runner.step(sched.scheduled)
             if recorded:
                 self._record_steps(recorded, before)
-            if hook is not None:
-                hook("update", None)
             upd = self.scheduler.update(sched, result)
             for seq in upd.finished:
-                if hook is not None:
-                    hook("output", seq.request_id)
                 outs.append(self._finish(seq))
             for seq in upd.blocks_done:
-                if hook is not None:
-                    hook("output", seq.request_id)
                 out = self._block_done(seq)
                 if out is not None:
                     outs.append(out)
@@ -184,12 +185,12 @@ class LLMEngine:
         for seq in victims:
             if seq.finished:
                 continue
-            self.runner.canvases.pop(id(seq), None)
+            self.runner.discard(seq)
             self.scheduler.finish(seq, "error")
             if self.requests.get(seq.request_id) is seq:
                 del self.requests[seq.request_id]
             failed.append(seq.request_id)
-        self.runner.members = None  # the batch layout is rebuilt from the canvases left
+        self.runner.reset_layout()  # the batch layout is rebuilt from the canvases left
         return failed
 
     def _record_steps(self, recorded: list[ScheduledRequest], before: list[torch.Tensor]) -> None:
@@ -197,7 +198,7 @@ class LLMEngine:
         before the step and hold a token after it. One device-to-host copy for all of them."""
         mask_id = self.model.config.mask_id
         old = torch.cat(before)  # [Nr] block tokens before the step, recorded requests concatenated
-        new = torch.cat([self.runner.canvases[id(r.seq)][r.block[0]:r.block[1]] for r in recorded])  # [Nr]
+        new = torch.cat([self.runner.block_tokens(r.seq, r.block) for r in recorded])  # [Nr]
         idx = torch.nonzero((old == mask_id) & (new != mask_id))[:, 0]  # [C] ascending
         flat, toks = torch.stack([idx, new[idx]]).tolist() if idx.numel() else ([], [])
         start = 0
@@ -212,14 +213,17 @@ class LLMEngine:
     def _text_state(self, seq: Sequence) -> "_TextState":
         if seq.text is None:
             p = seq.params
-            seq.text = _TextState(StopStrings(p.stop) if p.stop and self.model.tokenizer is not None else None)
+            # a constrained answer ends where its grammar does: stop strings do not cut it (the cut text would not
+            # match the constraint)
+            cut = p.stop and self.model.tokenizer is not None and p.structured_outputs is None
+            seq.text = _TextState(StopStrings(p.stop) if cut else None)
         return seq.text
 
     def _block_done(self, seq: Sequence) -> RequestOutput | None:
         """A block of seq completed: finish it if its committed text now holds a stop string (searching only the
         new text), else (streaming) its unfinished output."""
         st = self._text_state(seq)
-        if st.stops is None and not self.stream_deltas:
+        if st.stops is None and not seq.stream:
             return None
         done = self.runner.generated(seq)[:seq.block_bounds()[0] - seq.prompt_len]
         ids = done if seq.params.ignore_eos else cut_at_stop_token(done, self.model.config.stop_ids)[0]
@@ -229,7 +233,7 @@ class LLMEngine:
             if st.stops.find(text, st.searched) >= 0:
                 return self._finish(seq)
             st.searched = len(text)
-        if not self.stream_deltas:
+        if not seq.stream:
             return None
         if text is not None:  # stream only text that can no longer change or be cut, at a token boundary
             safe = stream_safe(text, st.stops)
@@ -244,8 +248,8 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence) -> RequestOutput:
         gen = self.runner.remove(seq)
-        if self.keep_last_canvas:
-            self.last_canvas[seq.request_id] = gen
+        if seq.keep_canvas:
+            seq.final_canvas = gen
         ids, stopped = (gen, False) if seq.params.ignore_eos else cut_at_stop_token(gen, self.model.config.stop_ids)
         tok = self.model.tokenizer
         text = None

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from .config import ModelConfig
+from .hub import resolve_model_path
 from .errors import CheckpointError
 from .families import parse_config, stop_token_ids, tensor_mapper
 from .loaded_model import DiffusionModel
@@ -62,31 +63,28 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def _json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in `path`; CheckpointError naming the file when it is unreadable or not an object."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable {what} ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: {what} must be a JSON object")
+    return obj
+
+
 def read_generation_config(model_dir: Path) -> dict[str, Any]:
     """generation_config.json as a dict ({} when absent)."""
     path = model_dir / "generation_config.json"
-    if not path.exists():
-        return {}
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable generation config ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: generation config must be a JSON object")
-    return cfg
+    return _json_object(path, "generation config") if path.exists() else {}
 
 
 def read_config(model_dir: Path) -> ModelConfig:
     path = model_dir / "config.json"
     if not path.exists():
         raise CheckpointError(f"{path}: config.json not found in the checkpoint directory")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable config ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: config must be a JSON object")
-    return parse_config(raw, str(path))
+    return parse_config(_json_object(path, "config"), str(path))
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -218,15 +216,17 @@ def _checkpoint_name(cfg: ModelConfig, internal: str, expert: int | None) -> str
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                dtype: str | torch.dtype = "float32", shard: Shard = SINGLE, kernels: str | None = None) -> DiffusionModel:
-    """Load a LLaDA / LLaDA-MoE / Dream / RND1 checkpoint directory (config.json, safetensors, tokenizer files).
+    """Load a LLaDA / LLaDA-MoE / Dream / RND1 checkpoint directory (config.json, safetensors, tokenizer files), or
+    a Hugging Face repo id such as "GSAI-ML/LLaDA-8B-Instruct" (the local cache first; see engine/hub.py).
     dtype: float32, bfloat16, float16 or "auto" (see resolve_dtype). With a Shard, only this rank's slices are read
     (torch.distributed must already be initialised).
     kernels: "auto" | "triton" | "torch" (None: $UNMASK_KERNELS, else auto); see kernels/dispatch.py."""
     from kernels.dispatch import resolve_kernels
     dev = resolve_device(device)
     from .model.fuse import fuse_projections
+    from .shape_buckets import bucket_linears
     backend = resolve_kernels(kernels, dev)
-    model_dir = Path(model_dir)
+    model_dir = resolve_model_path(model_dir)  # a directory, or a Hugging Face repo id (engine/hub.py)
     torch_dtype = resolve_dtype(dtype, dev, checkpoint_dtype(model_dir) if dtype == "auto" else None)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: checkpoint directory does not exist")
@@ -248,4 +248,6 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     net = net.to(dev).eval().requires_grad_(False)
     if dev.type == "cuda":  # one GEMM for q/k/v and one for gate/up (engine/model/fuse.py)
         fuse_projections(net)
+    else:  # a bounded set of GEMM row counts (engine/shape_buckets.py)
+        bucket_linears(net)
     return DiffusionModel(net, cfg, tokenizer, dev, torch_dtype, model_dir, kernels=backend)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from .sequence import SeqStats
 from .step_log import StepLog
@@ -46,9 +45,3 @@ def cut_at_stop_token(ids: list[int], stop_ids: tuple[int, ...]) -> tuple[list[i
         if t in stops:
             return ids[:i], True
     return ids, False
-
-
-def cut_at_stop_string(ids: list[int], stop: tuple[str, ...], tokenizer: Any) -> tuple[list[int], str, bool]:
-    """Shortest prefix of ids whose text contains a stop string; text is cut just before it."""
-    from .stop_strings import StopStrings
-    return StopStrings(stop).cut(ids, tokenizer)

@@ -25,10 +25,10 @@ from .constraints.decoder import StepConstraints
 from .executor.base import Executor
 from .forward_batch import ForwardBatch
 from .kv_pool import KVPool
-from .model.attention import AttnContext
 from .loaded_model import DiffusionModel
 from .scheduler import RunnerOutput, ScheduledRequest
 from .sequence import Sequence
+from .shape_buckets import GroupPlan, attention_groups, build_groups, group_upload
 from .step_upload import StepUpload
 
 GRAPHS_ENV = "UNMASK_CUDA_GRAPHS"
@@ -72,6 +72,7 @@ class _Members:
         self.key_valid = key_valid.to(dev)
         self.block_table = table.to(device=dev, dtype=torch.int32)  # [R, P] (triton attention)
         self.seq_lens_k = torch.tensor(row_lens, dtype=torch.int32, device=dev)  # [R]
+        self.row_keys = row_lens  # keys each forward row attends over (host)
         self.row_prompt = torch.tensor([seqs[i].prompt_len for i in self.row_seq], device=dev)  # [R]
         self.row_twin = torch.tensor([r >= len(seqs) for r in range(len(self.row_seq))], device=dev)  # [R]
         gen = [s.gen_len for s in seqs]
@@ -100,7 +101,8 @@ class ModelRunner:
         """Runs each step's ForwardBatch: in this process or on every tensor-parallel rank (engine/executor)."""
         executor.init_pool(pool.num_pages, pool.page_size)
         self.device, self.pool = model.device, pool
-        self.canvases: dict[int, torch.Tensor] = {}
+        self._canvases: dict[int, torch.Tensor] = {}
+        """Each running request's canvas [prompt_len + gen_len] long (views into `buf` once batched)."""
         self.buf = torch.empty(0, dtype=torch.long, device=self.device)
         self.members: _Members | None = None
         self.stop_ids = torch.tensor(self.cfg.stop_ids, device=self.device)
@@ -114,27 +116,50 @@ class ModelRunner:
         self.max_logit_rows = max(1, logits_memory // (self.cfg.vocab_size * LOGIT_ENTRY_BYTES))
         """Decoded positions whose logits are materialised at once (logits_memory / (vocab * LOGIT_ENTRY_BYTES))."""
 
-    # canvases -------------------------------------------------------------------------------------------
+    # canvases: the runner owns every running request's canvas; the engine goes through these methods --------
     def add(self, seq: Sequence) -> None:
-        ids = seq.prompt_ids + [self.cfg.mask_id] * seq.gen_len
-        self.canvases[id(seq)] = torch.tensor(ids, dtype=torch.long, device=self.device)
+        """Give an admitted request its canvas (prompt, then masks), unless it has one (a resumed request)."""
+        if id(seq) not in self._canvases:
+            ids = seq.prompt_ids + [self.cfg.mask_id] * seq.gen_len
+            self._canvases[id(seq)] = torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def has(self, seq: Sequence) -> bool:
+        return id(seq) in self._canvases
+
+    @property
+    def num_canvases(self) -> int:
+        return len(self._canvases)
 
     def remove(self, seq: Sequence) -> list[int]:
         """Drop a request's canvas; returns its generated region (host list)."""
-        canvas = self.canvases.pop(id(seq))
+        canvas = self._canvases.pop(id(seq))
         self.members = None if self.members and id(seq) in self.members.key else self.members
         return canvas[seq.prompt_len:].tolist()
 
+    def discard(self, seq: Sequence) -> None:
+        """Drop a request's canvas if it has one."""
+        if self.has(seq):
+            self.remove(seq)
+
+    def reset_layout(self) -> None:
+        """Forget the batch layout: the next step rebuilds it (and the token buffer) from the canvases."""
+        self.members = None
+
     def generated(self, seq: Sequence) -> list[int]:
-        return self.canvases[id(seq)][seq.prompt_len:].tolist()
+        """The request's generated region as it stands (masks included), host list."""
+        return self._canvases[id(seq)][seq.prompt_len:].tolist()
+
+    def block_tokens(self, seq: Sequence, block: tuple[int, int]) -> torch.Tensor:
+        """[block length] long, a view of canvas positions [a, b) on the device (changes with later steps)."""
+        return self._canvases[id(seq)][block[0]:block[1]]
 
     def _sync_members(self, seqs: list[Sequence]) -> _Members:
         key = tuple(id(s) for s in seqs)
         if self.members is None or self.members.key != key:
-            self.buf = torch.cat([self.canvases[id(s)] for s in seqs])
+            self.buf = torch.cat([self._canvases[id(s)] for s in seqs])
             self.members = _Members(self, seqs)
             for s, off, n in zip(seqs, self.members.offsets, self.members.lens):
-                self.canvases[id(s)] = self.buf[off:off + n]
+                self._canvases[id(s)] = self.buf[off:off + n]
         return self.members
 
     # one step -------------------------------------------------------------------------------------------
@@ -175,10 +200,9 @@ class ModelRunner:
             host["keep_cached"] = keep
         if self.kernels == "triton":
             host["cu_seqlens_q"] = torch.tensor(row_base, dtype=torch.int32)  # [R + 1]
-        else:  # the padded [R, Lq] layout SDPA needs, built here so it rides in the same copy
-            padded = AttnContext.from_lengths(row_len, "cpu")
-            if padded.q_index is not None:
-                host.update(q_index=padded.q_index, q_valid=padded.q_valid, unpad_index=padded.unpad_index)
+        else:  # SDPA's padded layouts, one per (query, key) length bucket, riding in the same copy
+            groups = attention_groups(row_len, m.row_keys)
+            host.update(group_upload(groups))
         # the positions decoded this step: each request's still-masked block positions (counts known here)
         blocks = [r.block for r in reqs]
         blen = [e - b for b, e in blocks]
@@ -207,7 +231,7 @@ class ModelRunner:
             values = []
         for r in reqs:
             r.seq.stats.positions_computed += (r.query[1] - r.query[0]) * r.seq.num_rows
-        return _Plan(self.upload.send(host), row_len, counts, mmax, values)
+        return _Plan(self.upload.send(host), row_len, counts, mmax, values, groups if self.kernels != "triton" else [])
 
     def _inputs(self, reqs: list[ScheduledRequest], m: _Members, plan: "_Plan") -> tuple[ForwardBatch, "_Decode"]:
         """The step's forward inputs: one packed forward over every row's query range (K/V written to and read
@@ -234,8 +258,8 @@ class ModelRunner:
         if self.kernels == "triton":  # packed layout: no padded query index, keys through the block table
             batch.cu_seqlens_q, batch.block_table, batch.seq_lens_k = d["cu_seqlens_q"], m.block_table, m.seq_lens_k
             batch.page_size = self.pool.page_size
-        else:  # the padded layout SDPA needs, uploaded with the plan
-            batch.q_index, batch.q_valid, batch.unpad_index = d.get("q_index"), d.get("q_valid"), d.get("unpad_index")
+        else:  # SDPA per length-bucket group, so a row's attention does not depend on the batch
+            batch.attn_groups = build_groups(plan.groups, d, m.read_slots, m.key_valid, self.pool.scratch_slot)
         if m.cfg_seqs:
             sel = torch.nonzero_static(m.params.cfg_w[seq] > 0, size=sum(counts[i] for i in m.cfg_seqs))[:, 0]  # [Nc]
             batch.twin_rows, batch.cfg_sel = (d["first_twin"][seq] + dpos)[sel], sel
@@ -322,6 +346,7 @@ class _Plan:
     counts: list[int]  # positions decoded per request
     mmax: int  # max(counts)
     rule_values: list[float]  # each request's transfer-rule value this step (host copy of dev["rule_value"])
+    groups: list[GroupPlan]  # attention groups (torch kernels)
 
 
 @dataclass(slots=True)

@@ -214,8 +214,8 @@ def check_context(prompt_len: int, max_tokens: int, max_model_len: int, where: s
     (`where`) when the prompt alone fills the context, else the generation length (`param`)."""
     if prompt_len + max_tokens <= max_model_len:
         return
-    if prompt_len >= max_model_len:
-        raise RequestTooLargeError(f"{where}: the prompt is {prompt_len} tokens; the model's context length is "
+    if prompt_len >= max_model_len:  # the prompt alone (also when max_tokens is not known yet: 0)
+        raise RequestTooLargeError(f"{where}: {prompt_len} prompt tokens exceed the model's context length of "
                                    f"{max_model_len} tokens", where)
     raise RequestTooLargeError(
         f"{where}: {prompt_len} prompt tokens + {param} {max_tokens} exceed the model's context length of "

@@ -56,9 +56,6 @@ class Sequence:
     prefix_registered: bool = False
     """Whether the prompt's shareable pages are all in the cache (found or registered)."""
     stats: SeqStats = field(default_factory=SeqStats)
-    output_ids: list[int] | None = None
-    emitted_blocks: int = 0
-    user_data: Any = None
     step_log: StepLog | None = None
     """Set for requests that asked for their per-step commits (see step_log.py); None costs nothing."""
     row: Any = None
@@ -68,6 +65,11 @@ class Sequence:
     """The request's structured-output state (engine/constraints Constraint), None when unconstrained."""
     text: Any = None
     """The engine's text state of the request (stop-string search position, streamed text)."""
+    stream: bool = False
+    """Its consumer streams: each completed block also yields an unfinished output (LLMEngine.add_request)."""
+    keep_canvas: bool = False
+    final_canvas: list[int] | None = None
+    """With keep_canvas, the whole generated canvas once finished (past EOS; `unmask generate --show-steps`)."""
 
     def __post_init__(self) -> None:
         self.masked_in_block = self.block_masks = self.block_len(0)

@@ -6,9 +6,7 @@ non_blocking copy from pinned memory (on CUDA) and hands back device views with 
 Two pinned buffers alternate; before one is refilled, the event recorded after its last copy is waited on, so a
 copy still in flight is never overwritten (the wait is on that copy only, not on the step's compute).
 
-NOTE(kernels): not wired into the runner yet. The runner's step inputs are being restructured by the
-tensor-parallel work (ForwardBatch); once that lands, the step's host lists (query ranges, decoded positions,
-schedule counts) should be built as host tensors and sent through one `send` per step.
+The runner (ModelRunner._plan) sends each step's host-known layout through one `send`.
 """
 from __future__ import annotations
 

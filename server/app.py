@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import logging
 import time
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -22,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .config import PUBLIC_PATHS, ServerConfig
 from .engine_client import EngineClient
 from .errors import APIError
+from .memory import TRIM_AFTER_BYTES, release_freed_memory
 from .metrics import CONTENT_TYPE, Metrics
 from .api_docs import add_api_docs
 from .playground import add_playground, effective_defaults, special_tokens
@@ -76,6 +78,7 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     async def models() -> ModelList:
         info = engine.info
         return ModelList(data=[ModelCard(id=name, created=created, root=info.path, max_model_len=info.max_model_len,
+                                         vocab_size=info.vocab_size,
                                          family=info.family, diffusion_defaults=effective_defaults(info, config),
                                          special_tokens=special_tokens(info))
                                for name in config.served_model_names])
@@ -83,6 +86,7 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     add_playground(app)
     add_api_docs(app)
 
+    @app.head("/health", include_in_schema=False)  # load balancers probe with HEAD
     @app.get("/health", summary="200 while the engine loop is alive, 503 once it is dead or shutting down",
              response_class=Response, responses={200: {"description": "Alive (empty body)", "content": None},
                                                  503: {"description": "Dead or shutting down (empty body)"}})
@@ -122,13 +126,15 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return APIError(500, f"internal server error ({type(exc).__name__})").response()
 
-    # outermost last: CORS (so browsers can read even a 401) -> API key -> body limit -> routes
+    # outermost last: request id (on every response) -> CORS (so browsers can read even a 401) -> API key ->
+    # body limit -> routes
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     if config.api_key is not None:
         app.add_middleware(APIKeyAuth, api_key=config.api_key)
     if config.allowed_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["*"],
+        app.add_middleware(JSONErrorCORS, allow_origins=config.allowed_origins, allow_methods=["*"],
                            allow_headers=["*"])
+    app.add_middleware(RequestIdHeader)
     return app
 
 
@@ -157,6 +163,52 @@ def _param(loc: Any) -> str | None:
     return "".join(parts) or None
 
 
+class JSONErrorCORS(CORSMiddleware):
+    """Starlette's CORS, with a rejected preflight answered by an OpenAI-shaped JSON 400 (not plain text)."""
+
+    def preflight_response(self, request_headers: Any) -> Response:
+        resp = super().preflight_response(request_headers)
+        if resp.status_code < 400:
+            return resp
+        err = APIError(resp.status_code, f"CORS preflight refused: {resp.body.decode(errors='replace')}")
+        out = err.response()
+        for name, value in resp.headers.items():
+            if name not in ("content-type", "content-length"):
+                out.headers[name] = value
+        return out
+
+
+REQUEST_ID_HEADER = b"x-request-id"
+REQUEST_ID_CHARS = frozenset(range(0x21, 0x7F))
+
+
+class RequestIdHeader:
+    """Every HTTP response carries `X-Request-Id`: the client's own (printable ASCII, up to 128 bytes) echoed, else
+    a fresh random id. Pure ASGI."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = b""
+        for name, value in scope.get("headers", ()):
+            if name == REQUEST_ID_HEADER:
+                rid = value
+        if not (0 < len(rid) <= 128 and all(b in REQUEST_ID_CHARS for b in rid)):
+            rid = uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = rid.decode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != REQUEST_ID_HEADER]
+                message = {**message, "headers": [*headers, (REQUEST_ID_HEADER, rid)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 class APIKeyAuth:
     """401 unless `Authorization: Bearer <key>`; constant-time compare of SHA-256 digests. Public paths and CORS
     preflights pass. Pure ASGI (no BaseHTTPMiddleware), so streaming and disconnects are untouched."""
@@ -183,10 +235,12 @@ class APIKeyAuth:
 
 class BodyLimit:
     """413 for a body over max_bytes: refused on Content-Length before reading, or as soon as the streamed body
-    passes the limit."""
+    passes the limit. After a large body the freed memory is returned to the OS (server/memory.py)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
+        self.large_in_flight = 0
+        """Requests with a declared body of at least TRIM_AFTER_BYTES being served."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -206,4 +260,15 @@ class BodyLimit:
                     raise HTTPException(413, too_big.message)
             return message
 
-        await self.app(scope, limited_receive, send)
+        large = False
+        try:
+            for name, value in scope.get("headers", ()):
+                if name == b"content-length" and value.isdigit() and int(value) >= TRIM_AFTER_BYTES:
+                    large = True
+                    self.large_in_flight += 1
+            await self.app(scope, limited_receive, send)
+        finally:
+            if large:
+                self.large_in_flight -= 1
+            if large or seen >= TRIM_AFTER_BYTES:  # the body, its JSON and its model are garbage: pages back
+                release_freed_memory(last_one=self.large_in_flight == 0)

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .api_docs import DOCS_PATHS
+from .connection import ConnectionLimits
 from .limits import RequestLimits
 
 PUBLIC_PATHS = ("/health", "/metrics", "/version", *DOCS_PATHS, "/openapi.json")
@@ -35,6 +36,8 @@ class ServerConfig:
     keep_alive_timeout: float = 30.0
     """Seconds an idle keep-alive connection stays open. Longer than the 5 s after which httpx / openai clients
     drop idle pooled connections, so a client never reuses a connection the server is closing (a lost request)."""
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    """Header / body / send timeouts and the connection cap (server/connection.py)."""
     tokenize_inline_chars: int = 4096
     """Prompts up to this many characters (or token ids) are tokenized on the event loop; longer ones in a thread."""
 

@@ -34,6 +34,8 @@ class ModelInfo:
     mask_token_id: int | None = None
     eos_token_id: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    max_num_seqs: int | None = None
+    """Requests in the engine's running batch at most (None: unknown)."""
 
 
 class EngineClient(Protocol):
@@ -81,7 +83,8 @@ class LocalEngineClient:
             defaults=llm.defaults, has_tokenizer=tok is not None,
             has_chat_template=getattr(tok, "chat_template", None) is not None,
             max_token_chars=max(map(len, tok.get_vocab()), default=None) if tok is not None else None,
-            mask_token_id=cfg.mask_id, eos_token_id=cfg.eos_id, stop_token_ids=tuple(cfg.stop_ids))
+            mask_token_id=cfg.mask_id, eos_token_id=cfg.eos_id, stop_token_ids=tuple(cfg.stop_ids),
+            max_num_seqs=engine._engine.scheduler.cfg.max_num_seqs)
         self._pieces: dict[int, str] = {}
 
     @classmethod

@@ -23,10 +23,18 @@ class APIError(Exception):
         self.type = type or ERROR_TYPES.get(status) or HTTPStatus(status).phrase.replace(" ", "") + "Error"
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+        return {"error": {"message": _printable(self.message), "type": self.type, "param": _printable(self.param),
+                          "code": self.status}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _printable(text: str | None) -> str | None:
+    """Text that always encodes as UTF-8: a lone surrogate echoed from a request becomes an escape (\\ud800)."""
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:

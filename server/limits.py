@@ -10,6 +10,11 @@ model, chosen so that the defaults never refuse a request the model's context an
 - max_tokens: the context minus one;
 - messages: the context (every chat template renders at least one token per message, its role header);
 - steps: the engine's own bound (one step per generated token at most is useful; the engine caps it at 16384).
+Fairness (one request must not hold the engine for long while others wait):
+- denoising steps per request, summed over its choices (prompts x n x steps): 65536 (--max-request-steps), e.g.
+  n=128 with 512 steps, or n=4 with the largest steps; a request over it is refused (400, param `steps`);
+- batch slots per request: at most half of --max-num-seqs of one request's choices run at once
+  (--max-request-slots); the rest start as those finish, so a new request always finds a free slot.
 The others are fixed: n (128, OpenAI's own limit), stop strings (16 of at most 256 characters, the engine's caps),
 and, in ServerConfig, the body size (--max-body-bytes, 32 MiB, 413) and the waiting queue (--max-queue, 1000,
 503 with Retry-After).
@@ -31,6 +36,8 @@ MAX_N = 128
 """OpenAI's documented maximum for `n`."""
 PROMPT_CHARS_SLACK = 4
 """Text prompts longer than max_prompt_tokens x (longest token's characters) x this are refused untokenized."""
+MAX_REQUEST_STEPS = 4 * MAX_STEPS
+"""Denoising steps per request, summed over its choices (65536)."""
 MAX_STOP_CHARS = MAX_STOP_LENGTH
 """The engine's caps (engine.sampling_params) are the defaults; a flag above them is moot (the engine refuses)."""
 
@@ -53,6 +60,10 @@ class RequestLimits:
     """Stop strings per request."""
     max_stop_chars: int = MAX_STOP_CHARS
     """Characters per stop string."""
+    max_request_steps: int = MAX_REQUEST_STEPS
+    """Denoising steps per request summed over its choices (prompts x n x steps)."""
+    max_request_slots: int | None = None
+    """Choices of one request in the running batch at once. None: half of the engine's max_num_seqs."""
     context: int | None = None
     """The model's context length, set by resolve() (named in the errors of the limits derived from it)."""
 
@@ -68,6 +79,19 @@ class RequestLimits:
         return dataclasses.replace(
             self, max_messages=self.max_messages or ctx, max_prompt_tokens=self.max_prompt_tokens or ctx - 1,
             max_tokens=self.max_tokens or ctx - 1, max_choices=self.max_choices or self.max_n * 16, context=ctx)
+
+    def request_slots(self, max_num_seqs: int | None) -> int | None:
+        """Choices of one request in the engine at once: the flag, else half the running batch (None: no cap)."""
+        if self.max_request_slots is not None:
+            return self.max_request_slots
+        return max(1, max_num_seqs // 2) if max_num_seqs else None
+
+    def check_work(self, choices: int, steps: int) -> None:
+        """Total denoising steps of a request (choices x steps, the steps resolved against the defaults)."""
+        if choices * steps > self.max_request_steps:
+            raise bad_request(f"{choices} choice{'s' if choices > 1 else ''} x {steps} steps = {choices * steps} "
+                              f"denoising steps; this server allows at most {self.max_request_steps} per request "
+                              f"(fewer steps or a smaller n; unmask serve --max-request-steps)", "steps")
 
     # checks, cheapest first --------------------------------------------------------------------------------
     def check_fields(self, req: Any) -> None:
@@ -142,6 +166,12 @@ def add_limit_flags(p: argparse.ArgumentParser) -> None:
                    help="prompts x n per request (default: 16 x --max-n)")
     g.add_argument("--max-steps", type=_positive, default=MAX_STEPS, metavar="N",
                    help=f"largest steps (default {MAX_STEPS}, the engine's cap)")
+    g.add_argument("--max-request-steps", type=_positive, default=MAX_REQUEST_STEPS, metavar="N",
+                   help=f"denoising steps per request summed over its choices, prompts x n x steps "
+                        f"(default {MAX_REQUEST_STEPS})")
+    g.add_argument("--max-request-slots", type=_positive, metavar="N",
+                   help="choices of one request in the running batch at once; the rest start as those finish "
+                        "(default: half of --max-num-seqs)")
     g.add_argument("--max-stop", type=_positive, default=MAX_STOP_STRINGS, metavar="N",
                    help=f"stop strings per request (default {MAX_STOP_STRINGS}, the engine's cap)")
     g.add_argument("--max-stop-chars", type=_positive, default=MAX_STOP_CHARS, metavar="N",
@@ -152,7 +182,8 @@ def limits_from_args(args: argparse.Namespace) -> RequestLimits:
     return RequestLimits(max_messages=args.max_messages,
                          max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
                          max_n=args.max_n, max_choices=args.max_choices, max_steps=args.max_steps,
-                         max_stop=args.max_stop, max_stop_chars=args.max_stop_chars)
+                         max_stop=args.max_stop, max_stop_chars=args.max_stop_chars,
+                         max_request_steps=args.max_request_steps, max_request_slots=args.max_request_slots)
 
 
 def _positive(text: str) -> int:

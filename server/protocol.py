@@ -250,6 +250,7 @@ class ModelCard(BaseModel):
     root: str
     parent: str | None = None
     max_model_len: int
+    vocab_size: int | None = Field(None, description="unmask extension: token ids are in [0, vocab_size).")
     family: str = Field(description="Model family (llada, llada_moe, dream, rnd1).")
     diffusion_defaults: dict[str, Any] = Field(default_factory=dict, description="unmask extension: the value each "
                                                "unset sampling field takes (server-wide defaults over the model's).")

@@ -2,11 +2,12 @@
 
 Each choice (prompt x n) is one engine request. Streams send one content delta per finished block of a choice,
 text only ever extended; the request is aborted in the engine as soon as its client is gone (streaming or not).
+A request's choices run through a ChoiceRunner (server/choice_runner.py): bounded memory for slow readers, finished
+work accounted at once, and at most max_live of them in the batch at a time.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from jinja2 import TemplateError
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -30,6 +32,7 @@ from .engine_client import EngineClient
 from .errors import APIError, bad_request
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from .choice_runner import ChoiceRunner
 from .sse import SSEResponse
 from .structured import ToolCalls, ToolStream, compile_checked, request_constraint
 from .step_events import step_event
@@ -87,6 +90,8 @@ class OpenAIServing:
         self._idle = asyncio.Event()
         self._idle.set()
         self.limits = config.limits.resolve(engine.info.max_model_len)
+        self.max_live = self.limits.request_slots(engine.info.max_num_seqs)
+        """Choices of one request in the engine at once (None: no cap)."""
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unmask-tokenize")
 
     # entry points --------------------------------------------------------------------------------------
@@ -122,6 +127,12 @@ class OpenAIServing:
 
     # validation and translation -------------------------------------------------------------------------
     def _check_common(self, req: SamplingFields) -> None:
+        try:
+            check_unicode(req)
+        except APIError as e:  # one prompt is named `prompt` (as in every other error), several `prompt[i]`
+            if e.param and e.param.startswith("prompt[0]") and len(getattr(req, "prompt", ())) == 1:
+                e.param, e.message = "prompt", "prompt" + e.message.removeprefix("prompt[0]")
+            raise
         if req.model is not None and req.model not in self.config.served_model_names:
             raise APIError(404, f"The model `{req.model}` does not exist.", "model")
         if req.stream_options is not None and not req.stream:
@@ -146,7 +157,14 @@ class OpenAIServing:
         except TokenizerMissingError as e:
             raise bad_request(f"{where}: this model has no tokenizer; send token ids ({e})", where.split("[")[0])
         except (ValueError, TypeError) as e:
+            if isinstance(prompt, str) and not str(e).startswith(where):  # the tokenizer's own words: not ours
+                raise bad_request(f"{where}: the tokenizer cannot encode this text ({type(e).__name__})",
+                                  where.split("[")[0])
             raise bad_request(str(e), where.split("[")[0])
+        except Exception as e:  # noqa: BLE001 - anything else the tokenizer rejects is the input's fault
+            log.warning("tokenizer rejected %s: %s: %s", where, type(e).__name__, e)
+            raise bad_request(f"{where}: the tokenizer cannot encode this text ({type(e).__name__})",
+                              where.split("[")[0])
 
     def _encode_chat(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         try:
@@ -194,6 +212,7 @@ class OpenAIServing:
             self.limits.check_prompt_tokens(len(ids), prompt_param)
             self._check_length(ids, base, param, prompt_param)
         n_new = len(prompts) * req.n
+        self.limits.check_work(n_new, base.steps if base.steps is not None else self.engine.info.defaults.steps)
         if n_new > max(self.config.max_queue, 1):
             raise bad_request(f"n x prompts = {n_new} choices exceed the server's queue limit "
                               f"({self.config.max_queue})", "n")
@@ -207,25 +226,33 @@ class OpenAIServing:
             for i in range(req.n):
                 params = base
                 if i > 0 and base.seed is not None:
-                    params = SamplingParams(**{**_fields(base), "seed": (base.seed + i) & SEED_MASK})
+                    params = SamplingParams(**{**_fields(base), "seed": choice_seed(base.seed, i)})
                 job.choices.append(Choice(len(job.choices), p, ids, params, f"{job.id}-{len(job.choices)}"))
         include_steps = bool(req.stream and req.stream_options and req.stream_options.include_steps)
-        self._submit(job, include_steps)
+        runner = self._start(job, include_steps)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return SSEResponse(self._stream(job, include_usage, include_steps), on_close=lambda: self._release(job))
+            return SSEResponse(self._stream(job, runner, include_usage, include_steps),
+                               on_close=lambda: self._release(job))
         try:
-            await _until_disconnected(raw, self._collect(job))
+            await _until_disconnected(raw, self._collect(job, runner))
         finally:
+            await runner.aclose()
             self._release(job)
         return JSONResponse(self._response(job))
 
-    def _submit(self, job: Job, record_steps: bool = False) -> None:
+    def _start(self, job: Job, record_steps: bool = False) -> ChoiceRunner:
+        """Count the job's choices in flight and submit the first ones (at most max_request_slots at once)."""
         extra = {"record_steps": True} if record_steps else {}  # plain requests: the EngineClient call as before
+
+        def submit(c: Any) -> None:
+            c.stream = self.engine.add(c.prompt_ids, c.params, c.request_id, **extra)
+
+        for _ in job.choices:
+            self._acquire()
+        runner = ChoiceRunner(job.choices, submit, lambda c, out: self._finished(job, c, out), self.max_live)
         try:
-            for c in job.choices:
-                c.stream = self.engine.add(c.prompt_ids, c.params, c.request_id, **extra)
-                self._acquire()
+            runner.start()
         except SamplingParamsError as e:
             self._release(job)
             raise bad_request(str(e).removeprefix("SamplingParams."), e.field)
@@ -238,19 +265,22 @@ class OpenAIServing:
         except RuntimeError as e:  # the engine is shut down or dead
             self._release(job)
             raise APIError(503, f"the engine cannot take requests: {e}", headers={"Retry-After": "5"})
+        return runner
 
     def _acquire(self) -> None:
         self.inflight += 1
         self._idle.clear()
 
     def _release(self, job: Job) -> None:
-        """Abort every choice still running (client gone, error) and drop it from the in-flight count. Idempotent."""
+        """Abort every choice still running (client gone, error), drop the job's unfinished choices from the
+        in-flight count (submitted or not). Idempotent."""
         for c in job.choices:
-            if c.stream is None or c.done:
+            if c.done:
                 continue
             c.done = True
-            self.engine.abort(c.request_id)
-            self.metrics.request_aborted()
+            if c.stream is not None:
+                self.engine.abort(c.request_id)
+                self.metrics.request_aborted()
             self._end_one()
 
     def _end_one(self) -> None:
@@ -267,63 +297,63 @@ class OpenAIServing:
             return False
 
     # engine outputs -----------------------------------------------------------------------------------------
-    def _on_output(self, job: Job, c: Choice, out: RequestOutput) -> None:
-        now = time.monotonic()
-        if c.t_first is None:
-            c.t_first = now
-        if not out.finished or c.done:  # done: already released (aborted) by the server
+    def _finished(self, job: Job, c: Choice, out: RequestOutput) -> None:
+        """A choice's final output, as soon as the engine produced it (whether or not its client reads)."""
+        if c.done:  # already released (aborted) by the server
             return
         c.final, c.done = out, True
         self._end_one()
+        now = time.monotonic()
         if out.finish_reason == "abort":  # not the client's doing: shutdown (the client's own aborts end earlier)
             self.metrics.request_aborted()
-            raise APIError(503, "the request was aborted: the server is shutting down")
+            return
         self.metrics.request_finished(out.finish_reason or "stop", len(c.prompt_ids), len(out.token_ids),
-                                      now - job.t0, c.t_first - job.t0, out.stats.tokens_per_forward)
+                                      now - job.t0, (c.t_first or now) - job.t0, out.stats.tokens_per_forward)
 
-    async def _collect(self, job: Job) -> None:
-        async def one(c: Choice) -> None:
-            assert c.stream is not None
-            async for out in c.stream:
-                self._on_output(job, c, out)
+    @staticmethod
+    def _check_aborted(out: RequestOutput) -> None:
+        if out.finished and out.finish_reason == "abort":
+            raise APIError(503, "the request was aborted: the server is shutting down")
 
-        tasks = [asyncio.ensure_future(one(c)) for c in job.choices]
+    async def _collect(self, job: Job, runner: ChoiceRunner) -> None:
         try:
-            await asyncio.gather(*tasks)
+            async for c, out in runner:
+                if c.t_first is None:
+                    c.t_first = time.monotonic()
+                self._check_aborted(out)
         except EngineError as e:
             log.error("engine failure in %s: %s", job.id, e, exc_info=e)
             raise APIError(500, f"the engine failed while running this request: {e}")
-        finally:  # one choice failed: stop consuming the others (the caller aborts them)
-            for t in tasks:
-                t.cancel()
 
-    async def _stream(self, job: Job, include_usage: bool, include_steps: bool = False) -> AsyncIterator[bytes]:
+    async def _stream(self, job: Job, runner: ChoiceRunner, include_usage: bool,
+                      include_steps: bool = False) -> AsyncIterator[bytes]:
         try:
-            async with contextlib.aclosing(_merge(job.choices)) as merged:  # closed (pumps cancelled) on error
-                async for c, out in merged:
-                    first = c.t_first is None
-                    self._on_output(job, c, out)
-                    if first and job.kind == "chat":  # with the first block, as vLLM does after prefill: clients
-                        # (vllm bench, guidellm) time TTFT to the first chunk that has choices
-                        yield self._chunk(job, c.index, {"role": "assistant", "content": ""}, None)
-                    if include_steps and out.step_log is not None:  # the steps so far, before the block's text
-                        for step in out.step_log.since(c.steps_sent):
-                            c.steps_sent += 1
-                            yield self._chunk(job, c.index, {}, None, {
-                                "diffusion_step": step_event(self.engine, step, out.step_log.gen_len)})
-                    text = self._new_text(c, out)
-                    if job.tool_calls is not None:  # a forced call: tool_calls deltas instead of content
-                        for chunk in self._tool_chunks(job, c, out):
-                            yield chunk
-                        continue
-                    if out.finished:
-                        extra = {"diffusion": _diffusion([out])}
-                        if out.text is None:
-                            extra["token_ids"] = out.token_ids
-                        delta = {"content": text} if text else {}
-                        yield self._chunk(job, c.index, delta, out.finish_reason, extra)
-                    elif text:
-                        yield self._chunk(job, c.index, {"content": text}, None)
+            async for c, out in runner:
+                first = c.t_first is None
+                if first:
+                    c.t_first = time.monotonic()
+                self._check_aborted(out)
+                if first and job.kind == "chat":  # with the first block, as vLLM does after prefill: clients
+                    # (vllm bench, guidellm) time TTFT to the first chunk that has choices
+                    yield self._chunk(job, c.index, {"role": "assistant", "content": ""}, None)
+                if include_steps and out.step_log is not None:  # the steps so far, before the block's text
+                    for step in out.step_log.since(c.steps_sent):
+                        c.steps_sent += 1
+                        yield self._chunk(job, c.index, {}, None, {
+                            "diffusion_step": step_event(self.engine, step, out.step_log.gen_len)})
+                text = self._new_text(c, out)
+                if job.tool_calls is not None:  # a forced call: tool_calls deltas instead of content
+                    for chunk in self._tool_chunks(job, c, out):
+                        yield chunk
+                    continue
+                if out.finished:
+                    extra = {"diffusion": _diffusion([out])}
+                    if out.text is None:
+                        extra["token_ids"] = out.token_ids
+                    delta = {"content": text} if text else {}
+                    yield self._chunk(job, c.index, delta, out.finish_reason, extra)
+                elif text:
+                    yield self._chunk(job, c.index, {"content": text}, None)
             if include_usage:
                 yield _sse({"id": job.id, "object": self._chunk_object(job), "created": job.created,
                             "model": self.config.model_name, "choices": [], "usage": self._usage(job),
@@ -337,6 +367,7 @@ class OpenAIServing:
             log.exception("error while streaming %s", job.id)
             yield _sse(APIError(500, f"internal error: {type(e).__name__}").body())
         finally:
+            await runner.aclose()
             self._release(job)
         yield b"data: [DONE]\n\n"
 
@@ -409,6 +440,40 @@ class OpenAIServing:
                 "usage": self._usage(job), "diffusion": _diffusion([c.final for c in job.choices if c.final])}
 
 
+def check_unicode(value: Any, path: str = "") -> None:
+    """400 naming the field when a string of the request holds a lone surrogate (JSON allows escapes such as
+    "\\ud800" that are not Unicode text: no tokenizer or response could carry them). The message shows the offending
+    code point, never the text itself."""
+    if isinstance(value, str):
+        if value.isascii():
+            return
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = ord(value[e.start])
+            param = path or None
+            raise bad_request(f"{path or 'the request'}: contains a lone surrogate (U+{bad:04X}) at character "
+                              f"{e.start}; text must be valid Unicode", param) from None
+    elif isinstance(value, BaseModel):
+        for k in type(value).model_fields:
+            check_unicode(getattr(value, k), f"{path}.{k}" if path else k)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_unicode(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, (list, tuple)):
+        if value and isinstance(value[0], int):
+            return  # token ids
+        for i, v in enumerate(value):
+            check_unicode(v, f"{path}[{i}]")
+
+
+def choice_seed(seed: int, i: int) -> int:
+    """The seed of choice i of a request with `seed`: seed + i modulo 2**64, as a signed 64-bit integer (the range
+    a request's `seed` accepts, so a choice is replayed alone with n=1 and this seed). Seeds equal modulo 2**64 give
+    the same noise (engine/sampling_params.py)."""
+    return (seed + i + (1 << 63)) % (1 << 64) - (1 << 63)
+
+
 def _fields(p: SamplingParams) -> dict[str, Any]:
     return {k: getattr(p, k) for k in p.__dataclass_fields__}
 
@@ -424,45 +489,10 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
-async def _merge(choices: list[Choice]) -> AsyncIterator[tuple[Choice, RequestOutput]]:
-    """Outputs of several choices' streams in arrival order."""
-    if len(choices) == 1:
-        c = choices[0]
-        assert c.stream is not None
-        async for out in c.stream:
-            yield c, out
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(c: Choice) -> None:
-        try:
-            assert c.stream is not None
-            async for out in c.stream:
-                await queue.put((c, out))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            await queue.put((c, e))
-        finally:
-            await queue.put((c, None))
-
-    tasks = [asyncio.create_task(pump(c)) for c in choices]
-    try:
-        left = len(choices)
-        while left:
-            c, item = await queue.get()
-            if item is None:
-                left -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield c, item
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
 async def _until_disconnected(raw: Request, work: Any) -> None:
     """Run `work` (a coroutine) unless the client disconnects first; then cancel it (the caller aborts)."""
     task = asyncio.ensure_future(work)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # an error after the client left: not logged
     watcher = asyncio.ensure_future(_disconnected(raw))
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)

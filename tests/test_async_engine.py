@@ -52,7 +52,12 @@ def test_stream_yields_one_delta_per_block_then_the_generate_output(llm, cache):
         assert all(o.finish_reason is None and exp.token_ids[:len(o.token_ids)] == o.token_ids for o in outs[:-1])
         assert all(o.stats.steps == len(o.token_ids) for o in outs[:-1])  # a snapshot, not the live counters
         same_output(outs[-1], exp)
-    assert not llm.engine.stream_deltas  # restored for LLM.generate
+    eng = llm.engine  # requests added as LLM.generate adds them still get their final output only (no deltas)
+    eng.add_request("after-async", [5, 6, 7], llm.resolve_params(p, 1)[0])
+    outs = []
+    while eng.has_unfinished():
+        outs += eng.step()
+    assert [o.finished for o in outs] == [True]
 
 
 def test_concurrent_requests_with_mixed_params_equal_running_alone(llm):

@@ -1,15 +1,19 @@
 """Cleanup after a failed engine step: whatever a step raises (an error, KeyboardInterrupt, a fault injected at any
 phase), every request of the step ends exactly once (finished or failed), its KV pages return to the pool and the
-engine stays usable: by LLM.generate, and by an AsyncEngine on the same LLM."""
+engine stays usable: by LLM.generate, and by an AsyncEngine on the same LLM. Faults are injected by wrapping the
+engine's parts (tests/fault_injection.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import Iterator
 
 import pytest
 
 from engine import LLM, AsyncEngine, EngineError, SamplingParams
 from engine.errors import EngineStepError
 from engine.llm_engine import LLMEngine
+from tests.fault_injection import failing, installed
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +26,7 @@ P = SamplingParams(max_tokens=8, block_length=4, steps=8, ignore_eos=True)
 
 def clean(llm: LLM) -> None:
     eng = llm.engine
-    assert not eng.has_unfinished() and not eng.requests and not eng.runner.canvases
+    assert not eng.has_unfinished() and not eng.requests and eng.runner.num_canvases == 0
     assert eng.allocator.num_used == 0
 
 
@@ -51,21 +55,27 @@ def test_generate_leaves_nothing_behind_when_a_step_raises(llm, monkeypatch, exc
     AsyncEngine(llm).shutdown()  # the LLM is accepted again
 
 
+@contextlib.contextmanager
+def fault_at(eng, phase: str, n: int, exc) -> Iterator[None]:
+    """The n-th entry into a step phase raises exc(): scheduling, the forward (a wrapped executor), the
+    scheduler's update, or building a finished request's output."""
+    if phase == "forward":
+        with installed(eng) as ex:
+            ex.fail_run(exc(), after=n - 1)
+            yield
+        return
+    obj, name = {"schedule": (eng.scheduler, "schedule"), "update": (eng.scheduler, "update"),
+                 "output": (eng, "_finish")}[phase]
+    with failing(obj, name, exc, on_call=n):
+        yield
+
+
 @pytest.mark.parametrize("phase", ["schedule", "forward", "update", "output"])
 def test_injected_fault_at_each_phase_ends_every_request_of_the_step_once(llm, phase):
-    eng, seen = llm.engine, []
-
-    def hook(where, rid):
-        seen.append(where)
-        if where == phase and seen.count(phase) == 3:
-            raise RuntimeError(f"injected at {phase}")
-
-    eng.fault_hook = hook
-    try:
+    eng = llm.engine
+    with fault_at(eng, phase, 3, lambda: RuntimeError(f"injected at {phase}")):
         with pytest.raises(EngineStepError, match=f"injected at {phase}") as e:
             llm.generate([[1, 2, 3], [4, 5], [6]], P)
-    finally:
-        eng.fault_hook = None
     assert isinstance(e.value.__cause__, RuntimeError)
     clean(llm)
     assert llm.generate([[6]], P)[0].finished
@@ -105,24 +115,15 @@ def test_async_engine_keeps_serving_after_faults_in_every_phase(llm):
 
     async def main():
         async with AsyncEngine(llm) as eng:
-            counts: dict[str, int] = {}
-
-            def hook(where, rid):
-                counts[where] = counts.get(where, 0) + 1
-                if counts[where] == faults[where]:
-                    raise RuntimeError(f"boom at {where}")
-
-            llm.engine.fault_hook = hook
-            results = await asyncio.wait_for(asyncio.gather(
-                *(eng.generate([i + 1, 2], P) for i in range(6)), return_exceptions=True), 60)
-            llm.engine.fault_hook = None
+            with contextlib.ExitStack() as faulty:
+                for where, n in faults.items():
+                    faulty.enter_context(fault_at(llm.engine, where, n, lambda w=where: RuntimeError(f"boom at {w}")))
+                results = await asyncio.wait_for(asyncio.gather(
+                    *(eng.generate([i + 1, 2], P) for i in range(6)), return_exceptions=True), 60)
             after = await eng.generate([9, 9, 9], P)
             return results, after, eng.stats
 
-    try:
-        results, after, stats = asyncio.run(main())
-    finally:
-        llm.engine.fault_hook = None
+    results, after, stats = asyncio.run(main())
     failed = [r for r in results if isinstance(r, BaseException)]
     assert failed and all(isinstance(r, EngineError) for r in failed)
     assert all(r.finished for r in results if not isinstance(r, BaseException))

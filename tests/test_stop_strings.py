@@ -40,15 +40,11 @@ def blockwise_reference(ids, stops, tok, block_length):
 def stream(llm: LLM, prompt, params: SamplingParams):
     """Every output of one request stepped by the engine with streaming on (no delta can be skipped)."""
     eng = llm.engine
-    eng.stream_deltas = True
-    try:
-        eng.add_request("s", prompt, llm.resolve_params(params, 1)[0])
-        outs = []
-        while eng.has_unfinished():
-            outs += eng.step()
-        return outs
-    finally:
-        eng.stream_deltas = False
+    eng.add_request("s", prompt, llm.resolve_params(params, 1)[0], stream=True)
+    outs = []
+    while eng.has_unfinished():
+        outs += eng.step()
+    return outs
 
 
 def test_streamed_text_only_extends_and_the_cut_matches_the_reference(llm):

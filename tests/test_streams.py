@@ -9,6 +9,7 @@ import gc
 import pytest
 
 from engine import LLM, AsyncEngine, EngineError, SamplingParams
+from tests.fault_injection import failing
 
 LONG = SamplingParams(max_tokens=200, block_length=4, steps=200, ignore_eos=True)
 SHORT = SamplingParams(max_tokens=16, block_length=2, steps=16, ignore_eos=True)
@@ -142,25 +143,19 @@ def test_stats_are_right_after_the_engine_loop_dies(llm):
         streams = [eng.add_request([1, 2], LONG), eng.add_request([3, 4], LONG)]
         await streams[0].__anext__()
 
-        def hook(where, rid):
-            raise Fatal("engine loop killed")
-
-        llm.engine.fault_hook = hook
         errors = []
-        for s in streams:
-            with pytest.raises(EngineError, match="died") as e:
-                async for _ in s:
-                    pass
-            errors.append(e.value)
-        await asyncio.to_thread(eng._thread.join, 30)
+        with failing(llm.engine.scheduler, "schedule", lambda: Fatal("engine loop killed"), on_call=lambda n: True):
+            for s in streams:
+                with pytest.raises(EngineError, match="died") as e:
+                    async for _ in s:
+                        pass
+                errors.append(e.value)
+            await asyncio.to_thread(eng._thread.join, 30)
         with pytest.raises(RuntimeError, match="died"):
             eng.add_request([1], SHORT)
         return eng.stats
 
-    try:
-        stats = run(main())
-    finally:
-        llm.engine.fault_hook = None
+    stats = run(main())
     assert stats.running == stats.waiting == stats.kv_pages_used == 0 and stats.failed == 2
     assert not llm.engine.has_unfinished() and llm.engine.allocator.num_used == 0
     assert llm.generate([[5]], SHORT)[0].finished  # the LLM is usable again

@@ -276,3 +276,29 @@ def test_a_vocabulary_that_cannot_spell_the_grammar_is_refused():
     with pytest.raises(StructuredOutputsError) as e:
         llm.generate([[8, 9]], SamplingParams(max_tokens=8, structured_outputs={"json_object": True}))
     assert e.value.param == "structured_outputs.json_object" and "cannot spell" in str(e.value)
+
+
+def test_stop_strings_do_not_cut_a_constrained_answer(llms):
+    llm = llms["llada"]
+    ps = [SamplingParams(max_tokens=16, temperature=1.0, seed=s, stop=["a", "b", "c"],
+                         structured_outputs={"regex": "[a-c]{6}"}) for s in range(3)]
+    for out in llm.generate([[5, 6, 7]] * 3, ps):
+        assert out.finish_reason == "stop" and re.fullmatch("[a-c]{6}", out.text), out.text
+
+
+@pytest.mark.slow
+def test_tensor_parallel_gives_the_same_constrained_answers(make_checkpoint, llms):
+    """Two gloo ranks: constrained rows make rank 0 gather their logits; answers equal one process's."""
+    path = make_checkpoint("llada")
+    rng = random.Random("tp")
+    one = llms["llada"]
+    prompts = [prompt(one, rng) for _ in range(4)]
+    params = [random_params(rng, "llada", temperature=0.0, structured_outputs={"json": SCHEMAS[i % 3]})
+              for i in range(3)] + [random_params(rng, "llada", temperature=0.0, ignore_eos=True)]
+    with LLM(path, tensor_parallel_size=2, parallel_timeout=60, dtype="float32", kv_cache_memory=1 << 24,
+             page_size=4) as tp:
+        a = tp.generate(prompts, params)
+    b = one.generate(prompts, params)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    for out, p in zip(a[:3], params):
+        jsonschema.validate(json.loads(out.text), json.loads(p.structured_outputs.json))

@@ -17,6 +17,7 @@ import pytest
 from engine import LLM, AsyncEngine, SamplingParams
 from engine.async_engine import EngineError
 from engine.errors import ParallelError
+from tests.fault_injection import HANG, FaultyExecutor
 
 pytestmark = pytest.mark.slow
 PARAMS = SamplingParams(max_tokens=8, block_length=4, steps=8, seed=1, ignore_eos=True)
@@ -53,7 +54,9 @@ def test_raising_worker_fails_requests_with_its_error(ckpt):
     try:
         good = llm.generate([[1, 2, 3]], PARAMS)[0]
         assert len(good.token_ids) == 8
-        llm.engine.executor.call("inject_fault", "injected failure 1234")
+        faulty = FaultyExecutor(llm.engine.runner.executor)  # the next step's batch fails on the worker
+        llm.engine.runner.executor = faulty
+        faulty.fail_worker("injected failure 1234")
         t = time.monotonic()
         with pytest.raises(ParallelError, match=r"rank 1 failed: RuntimeError: injected failure 1234"):
             llm.generate([[1, 2, 3]], PARAMS)
@@ -73,7 +76,9 @@ def test_raising_worker_fails_requests_with_its_error(ckpt):
 def test_hung_worker_times_out_and_with_block_cleans_up(ckpt):
     with LLM(ckpt, tensor_parallel_size=2, parallel_timeout=3, kv_cache_memory=1 << 22) as llm:
         pid = workers(llm)[0].pid
-        llm.engine.executor.call("inject_fault", "hang")
+        faulty = FaultyExecutor(llm.engine.runner.executor)  # the worker sleeps through the next step
+        llm.engine.runner.executor = faulty
+        faulty.fail_worker(HANG)
         t = time.monotonic()
         with pytest.raises(ParallelError, match="collective failed"):
             llm.generate([[1, 2, 3]], PARAMS)

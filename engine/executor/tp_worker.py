@@ -105,7 +105,6 @@ class _Worker:
         self.model, self.shard, self.device = model, shard, device
         self.pool: KVPool | None = None
         self.layout: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.fault: str | None = None
 
     def init_pool(self, num_pages: int, page_size: int) -> None:
         assert self.model is not None
@@ -113,10 +112,6 @@ class _Worker:
 
     def run(self, batch: ForwardBatch, reuse: bool) -> None:
         assert self.model is not None
-        if self.fault == "hang":
-            time.sleep(3600)
-        if self.fault is not None:
-            raise RuntimeError(self.fault)
         batch = batch.to(self.device)
         if reuse:
             assert self.layout is not None, "rank 0 reused a batch layout this worker never received"
@@ -128,8 +123,3 @@ class _Worker:
     def memory(self) -> dict[str, int]:
         assert self.model is not None
         return memory_of(self.shard.rank, self.model.net, 0 if self.pool is None else self.pool.nbytes)
-
-    def inject_fault(self, message: str) -> None:
-        """Testing hook: the next run raises RuntimeError(message) in this worker (mid-step for rank 0), or with
-        message "hang", sleeps instead of taking part in the step's collectives."""
-        self.fault = message

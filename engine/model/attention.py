@@ -38,6 +38,9 @@ class AttnContext:
     seq_lens_k: torch.Tensor | None = None
     """[B] int32 keys per row (triton, paged passes)."""
     page_size: int = 0
+    groups: "list[AttnGroup] | None" = None
+    """Paged torch passes: the rows split into groups that each run one SDPA at their own padded lengths (the
+    runner's engine/shape_buckets.py); replaces q_index/q_valid/read_slots/key_valid."""
 
     @staticmethod
     def dense(batch: int, length: int, key_valid: torch.Tensor | None = None) -> "AttnContext":
@@ -56,6 +59,21 @@ class AttnContext:
         q_index = torch.where(q_valid, starts[:, None] + ar[None, :], 0)  # [B, Lq]
         unpad = (torch.arange(batch, device=device)[:, None] * max_q + ar[None, :])[q_valid]  # [T]
         return AttnContext(q_index, q_valid, unpad, batch, max_q, key_valid=q_valid)
+
+
+@dataclass(slots=True)
+class AttnGroup:
+    """Forward rows whose attention runs as one SDPA call at one padded (query, key) length."""
+    q_index: torch.Tensor
+    """[G, Lq] long: packed index of each padded query slot (any value where padded)."""
+    unpad: torch.Tensor
+    """[Tg] long: position of each real query in the flattened [G * Lq] layout."""
+    tokens: torch.Tensor
+    """[Tg] long: packed index of each real query (the output rows this group fills)."""
+    read_slots: torch.Tensor
+    """[G, Lk] long: pool slots each row attends over (the scratch slot where padded)."""
+    key_valid: torch.Tensor
+    """[G, Lk] bool."""
 
 
 @dataclass(slots=True)
@@ -87,6 +105,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContex
         pool_k, pool_v = ctx.kv_pool.k[layer], ctx.kv_pool.v[layer]  # [S, Hkv, D]
         pool_k.index_copy_(0, ctx.write_slots, k.to(pool_k.dtype))
         pool_v.index_copy_(0, ctx.write_slots, v.to(pool_v.dtype))
+        if ctx.groups is not None:
+            return _grouped(q, pool_k, pool_v, ctx.groups, scale)
         keys, vals = pool_k[ctx.read_slots], pool_v[ctx.read_slots]  # [B, Lk, Hkv, D]
     else:
         keys, vals = pad_tokens(k, ctx), pad_tokens(v, ctx)  # [B, Lq, Hkv, D]
@@ -95,6 +115,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContex
     out = F.scaled_dot_product_attention(qp, keys.transpose(1, 2).to(q.dtype), vals.transpose(1, 2).to(q.dtype),
                                          attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return unpad_tokens(out.transpose(1, 2), ctx)  # [T, H, D]
+
+
+def _grouped(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, groups: list[AttnGroup],
+             scale: float) -> torch.Tensor:
+    """q [T, H, D] -> [T, H, D]: one SDPA per group over its own padded layout, scattered back to packed rows."""
+    out = torch.zeros_like(q)
+    gqa = q.shape[1] != pool_k.shape[1]
+    for g in groups:
+        keys = pool_k[g.read_slots].transpose(1, 2).to(q.dtype)  # [G, Hkv, Lk, D]
+        vals = pool_v[g.read_slots].transpose(1, 2).to(q.dtype)  # [G, Hkv, Lk, D]
+        qp = q[g.q_index].transpose(1, 2)  # [G, H, Lq, D]
+        o = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=g.key_valid[:, None, None, :], scale=scale,
+                                           enable_gqa=gqa)  # [G, H, Lq, D]
+        flat = o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])  # [G * Lq, H, D]
+        out.index_copy_(0, g.tokens, flat[g.unpad])
+    return out
 
 
 def _cu_seqlens(ctx: AttnContext, device: torch.device) -> torch.Tensor:

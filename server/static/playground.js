@@ -69,22 +69,25 @@ function applyDefaults() {
   set("seed", d.seed);
 }
 
+// An empty numeric field means "the model's default": nothing is sent for it (null), never an error.
 function readSettings() {
+  const blank = (id) => $(id).value.trim() === "";
   const int = (id, min) => {
+    if (blank(id)) return null;
     const v = Number($(id).value);
-    if (!Number.isInteger(v) || v < min) throw new Error(`${id} must be an integer ≥ ${min}`);
+    if (!Number.isInteger(v) || v < min) throw new Error(`${id} must be an integer ≥ ${min} (or empty: the default)`);
     return v;
   };
   const s = {
     max_tokens: int("max_tokens", 1), steps: int("steps", 1), block_length: int("block_length", 1),
     remasking: $("remasking").value, cache: $("cache").value,
-    temperature: Number($("temperature").value || 0),
-    threshold: $("threshold").value === "" ? null : Number($("threshold").value),
-    seed: $("seed").value === "" ? null : int("seed", -(2 ** 53)),
+    temperature: blank("temperature") ? null : Number($("temperature").value),
+    threshold: blank("threshold") ? null : Number($("threshold").value),
+    seed: int("seed", -(2 ** 53)),
   };
   s.structured_outputs = readConstraint();
   if (s.threshold !== null && !(s.threshold > 0 && s.threshold <= 1)) throw new Error("threshold must be in (0, 1]");
-  if (!(s.temperature >= 0)) throw new Error("temperature must be ≥ 0");
+  if (s.temperature !== null && !(s.temperature >= 0)) throw new Error("temperature must be ≥ 0");
   return s;
 }
 
@@ -101,10 +104,21 @@ function readConstraint() {
 }
 
 function summary(s) {
-  return [`max_tokens ${s.max_tokens}`, `steps ${s.steps}`, `block ${s.block_length}`, s.remasking,
-    `cache ${s.cache}`, `threshold ${s.threshold ?? "off"}`, `T ${s.temperature}`, `seed ${s.seed ?? "random"}`,
-    ...(s.structured_outputs ? [`constrained: ${Object.keys(s.structured_outputs)[0]}`] : [])]
-    .join(" · ");
+  const or = (v, d) => (v === null || v === undefined ? d : v);
+  return [`max_tokens ${or(s.max_tokens, "default")}`, `steps ${or(s.steps, "default")}`,
+    `block ${or(s.block_length, "default")}`, s.remasking, `cache ${s.cache}`, `threshold ${s.threshold ?? "off"}`,
+    `T ${or(s.temperature, "default")}`, `seed ${s.seed ?? "random"}`,
+    ...(s.structured_outputs ? [`constrained: ${Object.keys(s.structured_outputs)[0]}`] : [])].join(" · ");
+}
+
+// The key typed into the key field is the key, whether or not "Use key" was pressed: adopt it, and fetch the model
+// and its defaults with it (once a key works the form hides and the settings fill in).
+async function adoptTypedKey() {
+  const typed = $("api-key").value.trim();
+  if (!typed || typed === app.key) return;
+  app.key = typed;
+  sessionStorage.setItem(KEY_STORE, app.key);
+  await loadModel();
 }
 
 async function errorText(resp) {
@@ -287,6 +301,8 @@ function onChunk(run, obj) {
 
 async function generate(beside) {
   $("form-error").textContent = "";
+  await adoptTypedKey();
+  if (!app.model) await loadModel();  // the defaults were never fetched (no key until now, or the server was down)
   let settings;
   try {
     settings = readSettings();
@@ -373,5 +389,6 @@ document.addEventListener("DOMContentLoaded", () => {
     sessionStorage.setItem(KEY_STORE, app.key);
     loadModel();
   });
+  $("api-key").addEventListener("change", adoptTypedKey);  // typed, then focus moved on: no button needed
   loadModel();
 });

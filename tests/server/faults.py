@@ -1,4 +1,4 @@
-"""Test hooks that inject faults into a running LocalEngineClient's engine thread.
+"""Faults injected into a running LocalEngineClient's engine thread by wrapping its parts (tests/fault_injection.py).
 
     with step_fault(client) as fault:   # the next model step raises
         fault.arm()
@@ -12,6 +12,7 @@ import threading
 from typing import Any, Iterator
 
 from server.engine_client import LocalEngineClient
+from tests.fault_injection import FaultyExecutor, installed
 
 
 class InjectedFault(RuntimeError):
@@ -37,24 +38,28 @@ class Hook:
         return False
 
 
+class StepFault:
+    """step_fault's handle: arm() makes the next model step (the runner's executor, wrapped) raise InjectedFault."""
+
+    def __init__(self, executor: FaultyExecutor, scheduler: Any) -> None:
+        self._executor, self._scheduler = executor, scheduler
+        self.fired = executor.fired
+        self.victims: list[str] = []
+        """Request ids that were running in the step the fault hit."""
+
+    def arm(self) -> None:
+        self._executor.fail_run(InjectedFault("injected fault in a model step"), on_fire=self._record)
+
+    def _record(self) -> None:  # on the engine thread, inside the step
+        self.victims = [s.request_id for s in self._scheduler.running]
+
+
 @contextlib.contextmanager
-def step_fault(client: LocalEngineClient) -> Iterator[Hook]:
-    """When armed, the next batched forward (ModelRunner.step, inside LLMEngine.step) raises InjectedFault once."""
-    runner = client.engine.llm.engine.runner
-    hook = Hook()
-    real = runner.step
-
-    def step(seqs: list[Any], *a: Any, **kw: Any) -> Any:  # list[ScheduledRequest]
-        if hook.take():
-            hook.victims = [r.seq.request_id for r in seqs]
-            raise InjectedFault("injected fault in a model step")
-        return real(seqs, *a, **kw)
-
-    runner.step = step
-    try:
-        yield hook
-    finally:
-        del runner.step
+def step_fault(client: LocalEngineClient) -> Iterator[StepFault]:
+    """When armed, the next batched forward (the executor's run, inside LLMEngine.step) raises InjectedFault once."""
+    engine = client.engine.llm.engine
+    with installed(engine) as executor:
+        yield StepFault(executor, engine.scheduler)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from engine.cli import build_parser
+from server.cli import build_parser
 from server.app import build_app
 from server.config import ServerConfig
 from server.limits import (MAX_N, MAX_STEPS, MAX_STOP_CHARS, MAX_STOP_STRINGS, PROMPT_CHARS_SLACK, RequestLimits,

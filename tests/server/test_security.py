@@ -18,7 +18,7 @@ import jinja2.sandbox
 import pytest
 
 from engine.bundled import DEFAULT_MODEL_DIR, task
-from engine.cli import build_parser
+from server.cli import build_parser
 from server import app as app_module
 from server.app import build_app
 from server.config import ServerConfig

@@ -216,7 +216,7 @@ def test_serve_bad_flags_are_one_clear_line(args, needle):
     import sys
 
     from .serve_process import ROOT
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--port", "0", *args], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--port", "0", *args], capture_output=True,
                        text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert needle in r.stderr and "Traceback" not in r.stderr

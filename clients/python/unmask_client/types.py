@@ -180,6 +180,8 @@ class ModelCard(_Model):
     owned_by: str = ""
     root: str | None = None
     max_model_len: int | None = None
+    vocab_size: int | None = None
+    """Token ids are in [0, vocab_size) (unmask servers only)."""
     family: str | None = None
     """llada, llada_moe, dream or rnd1 (unmask servers only)."""
     diffusion_defaults: dict[str, Any] | None = None

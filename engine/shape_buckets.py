@@ -1,0 +1,150 @@
+"""Bounded step shapes on CPU: the row counts every Linear runs at and the (query, key) lengths attention runs at.
+
+Why: in bfloat16 on CPUs with native bf16, oneDNN compiles and caches one matmul kernel per distinct (M, K, N)
+(~0.7 MiB each). The packed token count M of a step changes with the batch mix, so an unbounded set of M grows
+resident memory (~0.9 GiB under load) and slows steps once the cache evicts. And a kernel's rounding can depend on
+its shape, so a request's result could depend on what it is batched with.
+
+What lives here:
+- `row_bucket(m)`: the padded row count of a matmul over m rows: MIN_ROWS, then STEPS_PER_OCTAVE sizes per
+  doubling (16, 24, 32, 48, 64, ...), so padding adds less than 1/STEPS_PER_OCTAVE of the rows.
+- `BucketedLinear` / `bucket_linears(net)`: every nn.Linear of a loaded CPU network pads its input rows with zeros to
+  row_bucket(M), runs the GEMM at that M and drops the padded rows' outputs. This covers the packed token count of
+  every forward (q/k/v/o, MLP, router) and the logits chunk rows (lm_head) with one rule, and nothing else in the
+  network sees the padding (attention, norms and K/V writes run on the real rows only).
+- `attention_groups(...)`: the torch (SDPA) attention of a step's rows, grouped by (query bucket, key bucket): each
+  row's queries and keys are padded to buckets of its own lengths (padded keys read the pool's scratch slot and are
+  masked out; padded queries' outputs are dropped), one SDPA call per group. A row's attention then runs at shapes
+  fixed by its own lengths, so its result does not depend on the other rows of the batch (with one padded layout
+  for the whole batch, SDPA's rounding moves with the batch's longest key length).
+
+Distinct matmul shapes a dense model sees: at most len(sizes up to the largest forward) per weight shape, e.g. 33
+row counts for up to 16384 packed tokens (engine/scheduler.py's default max_num_batched_tokens) per distinct
+Linear weight shape; tests/test_shape_buckets.py counts them over a random mixed workload. MoE expert GEMMs
+(kernels/moe.py) run at per-expert token counts and are not bounded here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model.attention import AttnGroup
+
+MIN_ROWS = 16
+"""Smallest row bucket: a single decoded position runs its lm_head row at M = 16 like everything else (MKL's fp32
+GEMM rounds 1-3 rows differently from 4+, so tiny M would also break batch invariance)."""
+STEPS_PER_OCTAVE = 2
+"""Bucket sizes per doubling: padding adds less than 1/STEPS_PER_OCTAVE of the rows."""
+MIN_ATTN = 8
+"""Smallest query / key length bucket of attention."""
+
+
+def bucket(n: int, lo: int, steps: int = STEPS_PER_OCTAVE) -> int:
+    """The smallest size >= n among lo and, above lo, `steps` evenly spaced sizes per doubling (2^k + j 2^k/steps):
+    with lo=16, steps=2: 16, 24, 32, 48, 64, 96, ... (n <= 0 stays 0)."""
+    if n <= lo:
+        return lo if n > 0 else 0
+    p = 1 << ((n - 1).bit_length() - 1)  # the largest power of two below n
+    step = max(p // steps, 1)
+    return -(-n // step) * step
+
+
+def row_bucket(m: int) -> int:
+    """The padded row count of a matmul over m rows."""
+    return bucket(m, MIN_ROWS)
+
+
+def length_bucket(n: int) -> int:
+    """The padded query or key length attention runs a row at."""
+    return bucket(n, MIN_ATTN)
+
+
+def row_buckets_up_to(m: int) -> list[int]:
+    """Every row count row_bucket can return for 1..m rows."""
+    out, n = [], 1
+    while n <= m:
+        out.append(row_bucket(n))
+        n = out[-1] + 1
+    return out
+
+
+class BucketedLinear(nn.Linear):
+    """An nn.Linear (same parameters and state dict) whose GEMM always runs at row_bucket(rows) rows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        padded = row_bucket(rows)
+        if padded == rows:
+            return F.linear(x, self.weight, self.bias)
+        flat = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, padded - rows))  # [Mb, K], zero rows appended
+        return F.linear(flat, self.weight, self.bias)[:rows].view(*x.shape[:-1], -1)
+
+
+def bucket_linears(net: nn.Module) -> nn.Module:
+    """In place: every plain nn.Linear of net becomes a BucketedLinear (parameters untouched). Returns net."""
+    for mod in net.modules():
+        if type(mod) is nn.Linear:
+            mod.__class__ = BucketedLinear
+    return net
+
+
+@dataclass(slots=True)
+class GroupPlan:
+    """The host-side layout of one attention group (uploaded with the step's metadata)."""
+    rows: torch.Tensor  # [G] long: forward rows in this group
+    q_index: torch.Tensor  # [G, Lq] long: packed index of each padded query (0 where invalid)
+    unpad: torch.Tensor  # [Tg] long: position of each real query in the flattened [G * Lq] layout
+    tokens: torch.Tensor  # [Tg] long: packed index of each real query (the output rows it fills)
+    key_len: int  # Lk: the key bucket
+
+
+def attention_groups(q_lens: list[int], k_lens: list[int]) -> list[GroupPlan]:
+    """Group forward rows (packed back to back with q_lens queries, attending over k_lens keys) by their
+    (length_bucket(q), length_bucket(k)); host tensors."""
+    starts, acc = [], 0
+    for n in q_lens:
+        starts.append(acc)
+        acc += n
+    groups: dict[tuple[int, int], list[int]] = {}
+    for r, (q, k) in enumerate(zip(q_lens, k_lens)):
+        groups.setdefault((length_bucket(q), length_bucket(k)), []).append(r)
+    out = []
+    for (lq, lk), rows in sorted(groups.items()):
+        lens = torch.tensor([q_lens[r] for r in rows])  # [G]
+        first = torch.tensor([starts[r] for r in rows])  # [G]
+        ar = torch.arange(lq)
+        valid = ar[None, :] < lens[:, None]  # [G, Lq]
+        q_index = torch.where(valid, first[:, None] + ar[None, :], 0)  # [G, Lq]
+        flat = torch.arange(len(rows) * lq).view(len(rows), lq)
+        out.append(GroupPlan(torch.tensor(rows), q_index, flat[valid], q_index[valid], lk))
+    return out
+
+
+def group_upload(plans: list[GroupPlan]) -> dict[str, torch.Tensor]:
+    """The groups' host tensors, named for one StepUpload.send."""
+    host = {}
+    for i, g in enumerate(plans):
+        host.update({f"attn{i}_rows": g.rows, f"attn{i}_q_index": g.q_index, f"attn{i}_unpad": g.unpad,
+                     f"attn{i}_tokens": g.tokens})
+    return host
+
+
+def build_groups(plans: list[GroupPlan], dev: dict[str, torch.Tensor], read_slots: torch.Tensor,
+                 key_valid: torch.Tensor, scratch_slot: int) -> list[AttnGroup]:
+    """The device-side AttnGroups: each group's key slots [G, Lk] taken from the batch's read_slots [R, Lk_max]
+    (cut to the bucket, or extended with masked scratch-slot reads)."""
+    out = []
+    width = read_slots.shape[1]
+    for i, g in enumerate(plans):
+        rows = dev[f"attn{i}_rows"]
+        slots, valid = read_slots[rows], key_valid[rows]  # [G, Lk_max]
+        if g.key_len <= width:
+            slots, valid = slots[:, :g.key_len], valid[:, :g.key_len]
+        else:
+            slots = F.pad(slots, (0, g.key_len - width), value=scratch_slot)
+            valid = F.pad(valid, (0, g.key_len - width), value=False)
+        out.append(AttnGroup(dev[f"attn{i}_q_index"], dev[f"attn{i}_unpad"], dev[f"attn{i}_tokens"], slots,
+                             valid))
+    return out
