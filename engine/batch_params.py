@@ -7,6 +7,7 @@ one host-to-device copy per storage dtype, and the decoders read columns by name
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
@@ -21,6 +22,10 @@ ParamRow = tuple[Any, ...]
 
 def column(dtype: torch.dtype, get: Callable[[ResolvedParams], Any]) -> Any:
     return field(metadata={"dtype": dtype, "get": get})
+
+
+def _or_nan(v: float | None) -> float:
+    return math.nan if v is None else v
 
 
 def _seed(p: ResolvedParams) -> int:
@@ -38,6 +43,8 @@ class ParamTable:
     top_p: torch.Tensor = column(torch.float32, lambda p: p.top_p)  # [B] 1 = off
     cfg_w: torch.Tensor = column(torch.float32, lambda p: p.cfg_scale)  # [B] 0 = no guidance
     alg_temp: torch.Tensor = column(torch.float64, lambda p: p.alg_temp)  # [B] 0 = deterministic top-k
+    threshold: torch.Tensor = column(torch.float64, lambda p: _or_nan(p.threshold))  # [B] nan = none
+    edit_threshold: torch.Tensor = column(torch.float64, lambda p: _or_nan(p.editing_threshold))  # [B] nan = off
     # host-side facts about the batch (branch without a device sync)
     remasking_ids: frozenset[int] = frozenset()
     any_sampling: bool = False

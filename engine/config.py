@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 @dataclass(slots=True)
 class ModelConfig:
     family: str
-    """One of: llada, llada_moe, dream, rnd1."""
+    """One of: llada, llada_moe, dream, rnd1, llada2_moe."""
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -38,6 +38,21 @@ class ModelConfig:
     """Position i is predicted from the output at i-1 (Dream, RND1). The sampler applies the shift."""
     tie_embeddings: bool = False
     max_position_embeddings: int = 4096
+    router: str = "softmax"
+    """MoE router: "softmax" (top-k of softmax) or "sigmoid_group" (LLaDA2: sigmoid scores, expert_bias for
+    selection only, group-limited top-k, renormalised unbiased weights times routed_scaling_factor)."""
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    shared_expert_size: int = 0
+    """Width of the shared-expert SwiGLU added unweighted to every MoE output (0: none)."""
+    rotary_dim: int = 0
+    """RoPE on the first rotary_dim dims of each head only (partial rotary); 0 = head_dim."""
+    fused_qkv: bool = False
+    """The checkpoint stores q/k/v as one fused projection (H q heads, then KV k heads, then KV v heads)."""
+    block_causal: bool = False
+    """Block-diffusion model (LLaDA2): attention is full inside a block and causal across blocks; generation
+    uses block-aligned canvases (engine/block_diffusion.py)."""
     stop_ids: tuple[int, ...] = field(default=())
     """Token ids that end a completion (EOS plus the chat template's end-of-turn token when known)."""
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from .config import ModelConfig
 from .errors import CheckpointError
 
-FAMILIES = ("llada", "llada_moe", "dream", "rnd1")
+FAMILIES = ("llada", "llada_moe", "dream", "rnd1", "llada2_moe")
 
 # Special ids used when a real config.json lacks them (notes/models.md).
 DEFAULT_SPECIAL_IDS: dict[str, dict[str, int | None]] = {
@@ -20,6 +20,7 @@ DEFAULT_SPECIAL_IDS: dict[str, dict[str, int | None]] = {
     "llada_moe": {"mask": 156895, "eos": 156892, "pad": 156892, "bos": None},
     "dream": {"mask": 151666, "eos": 151643, "pad": 151643, "bos": 151643},
     "rnd1": {"mask": 151669, "eos": 151645, "pad": 151643, "bos": None},
+    "llada2_moe": {"mask": 156895, "eos": 156892, "pad": 156892, "bos": None},
 }
 
 
@@ -30,9 +31,7 @@ def detect_family(cfg: dict[str, Any], path: str) -> str:
     model_type = str(cfg.get("model_type", ""))
     mt = model_type.lower()
     if mt == "llada2_moe" or any(a.startswith("LLaDA2") for a in archs):
-        raise CheckpointError(
-            f"{path}: architectures={archs} model_type={model_type!r} is LLaDA2 (block-causal), which unmask does "
-            f"not support; supported families: {', '.join(FAMILIES)}")
+        return "llada2_moe"
     if any(a.startswith("LLaDAMoE") for a in archs) or (mt in ("llada", "lladamoe", "llada_moe") and "num_experts" in cfg):
         return "llada_moe"
     if "LLaDAModelLM" in archs or (mt == "llada" and "d_model" in cfg):
@@ -43,7 +42,7 @@ def detect_family(cfg: dict[str, Any], path: str) -> str:
         return "rnd1"
     raise CheckpointError(
         f"{path}: unknown architecture (architectures={archs}, model_type={model_type!r}); "
-        f"supported: LLaDAModelLM, LLaDAMoEModelLM, DreamModel, RND1LM")
+        f"supported: LLaDAModelLM, LLaDAMoEModelLM, DreamModel, RND1LM, LLaDA2MoeModelLM")
 
 
 class _Keys:
@@ -113,7 +112,7 @@ def parse_config(cfg: dict[str, Any], path: str) -> ModelConfig:
                    rms_norm_eps=k.opt("rms_norm_eps", 1e-6, float),
                    tie_embeddings=k.opt("tie_word_embeddings", False, bool),
                    max_position_embeddings=k.opt("max_position_embeddings", 4096))
-        n_moe = k.req("num_experts") if family in ("llada_moe", "rnd1") else 0
+        n_moe = k.req("num_experts") if family in ("llada_moe", "rnd1", "llada2_moe") else 0
     n_layers = out["num_layers"]
     if family == "llada_moe":
         out.update(qk_norm=k.opt("qk_layernorm", True, bool), num_experts=n_moe,
@@ -130,6 +129,8 @@ def parse_config(cfg: dict[str, Any], path: str) -> ModelConfig:
                    intermediate_size=k.opt("intermediate_size", 0),
                    norm_topk_prob=k.opt("norm_topk_prob", True, bool), shift_logits=True,
                    moe_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(n_layers)))
+    elif family == "llada2_moe":
+        out.update(_llada2_config(k, out, n_layers))
     elif family == "dream":
         out.update(intermediate_size=k.req("intermediate_size"), qkv_bias=True, shift_logits=True,
                    moe_layers=(False,) * n_layers)
@@ -147,6 +148,37 @@ def parse_config(cfg: dict[str, Any], path: str) -> ModelConfig:
                                   f"(size {out['vocab_size']})")
     return ModelConfig(family=family, mask_id=ids["mask"], eos_id=ids["eos"], pad_id=ids["pad"], bos_id=ids["bos"],
                        stop_ids=tuple(dict.fromkeys([ids["eos"], *eos_ids])), **out)
+
+
+def _llada2_config(k: _Keys, out: dict[str, Any], n_layers: int) -> dict[str, Any]:
+    """Bailing-MoE-V2 / LLaDA2 keys: dense first layers, sigmoid group-limited router, shared experts, partial
+    rotary, fused QKV, block-causal attention. The router is always sigmoid with renormalised weights (the
+    reference hard-codes it; score_function / norm_topk_prob are not consulted)."""
+    path = k.path
+    if k.opt("use_qkv_bias", False, bool) or k.opt("use_bias", False, bool):
+        raise CheckpointError(f"{path}: key 'use_qkv_bias' / 'use_bias' = true is not supported for llada2_moe")
+    experts, n_group = k.req("num_experts"), k.opt("n_group", 1)
+    topk_group, top_k = k.opt("topk_group", 1), k.req("num_experts_per_tok")
+    if n_group < 1 or experts % n_group or experts // n_group < 2:
+        raise CheckpointError(f"{path}: key 'n_group' = {n_group} must divide num_experts {experts} into groups "
+                              f"of at least 2 experts")
+    if not 1 <= topk_group <= n_group or top_k > topk_group * (experts // n_group):
+        raise CheckpointError(f"{path}: key 'topk_group' = {topk_group} must be in [1, n_group] and keep at least "
+                              f"num_experts_per_tok = {top_k} experts")
+    factor = k.opt("partial_rotary_factor", 1.0, float)
+    rotary = k.opt("rotary_dim", None) or int(out["head_dim"] * factor)
+    if not 0 < rotary <= out["head_dim"] or rotary % 2:
+        raise CheckpointError(f"{path}: key 'partial_rotary_factor' = {factor} gives rotary_dim {rotary}; it must "
+                              f"be even and in (0, head_dim={out['head_dim']}]")
+    dense = k.opt("first_k_dense_replace", 0)
+    shared = k.opt("num_shared_experts", 0)
+    moe_inter = k.req("moe_intermediate_size")
+    return dict(qk_norm=k.opt("use_qk_norm", True, bool), num_experts=experts, num_experts_per_tok=top_k,
+                moe_intermediate_size=moe_inter, intermediate_size=k.opt("intermediate_size", 0),
+                norm_topk_prob=True, moe_layers=tuple(i >= dense for i in range(n_layers)),
+                router="sigmoid_group", n_group=n_group, topk_group=topk_group,
+                routed_scaling_factor=k.opt("routed_scaling_factor", 1.0, float),
+                shared_expert_size=moe_inter * shared, rotary_dim=rotary, fused_qkv=True, block_causal=True)
 
 
 def stop_token_ids(value: Any, path: str, key: str, vocab_size: int) -> list[int]:
@@ -185,6 +217,16 @@ _HF_LAYER = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layer
              **{f"mlp.{p}_proj.weight": f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
              "mlp.gate.weight": "moe.router.weight"}
 _HF_EXPERT = {f"{p}_proj.weight": f"moe.w_{p}" for p in ("gate", "up", "down")}
+_LLADA2_GLOBAL = {"model.word_embeddings.weight": "embed.weight", "model.norm.weight": "norm.weight",
+                  "lm_head.weight": "lm_head.weight"}
+_LLADA2_LAYER = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "mlp_norm.weight",
+                 "attention.query_key_value.weight": "attn.qkv_proj.weight",
+                 "attention.query_layernorm.weight": "attn.q_norm.weight",
+                 "attention.key_layernorm.weight": "attn.k_norm.weight",
+                 "attention.dense.weight": "attn.o_proj.weight",
+                 **{f"mlp.{p}_proj.weight": f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
+                 **{f"mlp.shared_experts.{p}_proj.weight": f"moe.shared.{p}_proj.weight" for p in ("gate", "up", "down")},
+                 "mlp.gate.weight": "moe.router.weight", "mlp.gate.expert_bias": "moe.expert_bias"}
 
 _LLADA_LAYER_RE = re.compile(r"model\.transformer\.blocks\.(\d+)\.(.+)")
 _HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -195,6 +237,8 @@ def tensor_mapper(family: str) -> Callable[[str], Target | None]:
     """Returns f(checkpoint_name) -> Target, or None for a name this family does not know."""
     llada = family == "llada"
     glob, layer, layer_re = (LLADA_GLOBAL_NAMES, LLADA_LAYER_NAMES, _LLADA_LAYER_RE) if llada else (_HF_GLOBAL, _HF_LAYER, _HF_LAYER_RE)
+    if family == "llada2_moe":
+        glob, layer = _LLADA2_GLOBAL, _LLADA2_LAYER
 
     def mapper(name: str) -> Target | None:
         if name in glob:

@@ -60,6 +60,8 @@ class ForwardBatch:
     """Logit rows computed (and handed to run_batch's consume) at once; 0: all of them."""
     cfg_splits: list[int] | None = None
     """Host-known index into cfg_sel at each chunk boundary (len = chunks + 1); None: one chunk."""
+    block_len: torch.Tensor | None = None
+    """[R] long: block-causal attention with this block length per forward row (LLaDA2); None: bidirectional."""
     shard_decode: ShardDecode | None = None
     """Set (batches without top-k/top-p over a sharded vocabulary): return each vocabulary shard's decoding
     statistics [R, N, 8] (decoding/candidates.shard_stats) instead of gathering the full logits."""
@@ -149,4 +151,9 @@ def _attn_context(batch: ForwardBatch, kv: KVPoolTensors | None) -> AttnContext:
         ctx.key_valid, ctx.read_slots, ctx.groups = batch.key_valid, batch.read_slots, batch.attn_groups
     if paged:
         ctx.write_slots, ctx.kv_pool = batch.write_slots, kv
+    if batch.block_len is not None and batch.backend == "triton":  # the kernel masks by positions
+        ctx.block_len, ctx.positions = batch.block_len, batch.positions
+    elif batch.block_len is not None:
+        from .model.attention import block_causal_mask
+        ctx.attn_mask = block_causal_mask(ctx, batch.positions, batch.block_len, paged)
     return ctx

@@ -33,7 +33,8 @@ def build_sequence(model: "DiffusionModel", scheduler: "Scheduler", request_id: 
                    params: ResolvedParams) -> Sequence:
     """A request's host state: checked to fit the KV pool, its parameter row and constraint built. Reads no
     mutable engine state, so any thread may call it."""
-    seq = Sequence(request_id, list(prompt_ids), params, shift=1 if model.config.shift_logits else 0)
+    seq = Sequence(request_id, list(prompt_ids), params, shift=1 if model.config.shift_logits else 0,
+                   block_causal=model.config.block_causal)
     scheduler.check_fits(seq)
     seq.row = param_row(params)
     seq.constraint = make_constraint(params.structured_outputs, model)

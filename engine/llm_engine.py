@@ -206,8 +206,10 @@ class LLMEngine:
             bs, be = r.block
             end = start + be - bs
             lo, hi = bisect.bisect_left(flat, start), bisect.bisect_left(flat, end)
-            off = bs - r.seq.prompt_len
-            r.seq.step_log.record((off, off + be - bs), [f - start + off for f in flat[lo:hi]], toks[lo:hi])
+            off, g = bs - r.seq.prompt_len, r.seq.gen_len
+            pos = [f - start + off for f in flat[lo:hi]]
+            n = bisect.bisect_left(pos, g)  # block-causal canvases run past max_tokens to whole blocks: not output
+            r.seq.step_log.record((max(off, 0), min(off + be - bs, g)), pos[:n], toks[lo:lo + n])
             start = end
 
     def _text_state(self, seq: Sequence) -> "_TextState":

@@ -35,24 +35,32 @@ class DiffusionModel:
         return out
 
     @torch.inference_mode()
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               block_length: int | None = None) -> torch.Tensor:
         """input_ids [B, L] long -> [B, L, V] float32 logits of a full bidirectional forward, unshifted.
 
         attention_mask [B, L] (1 = token, 0 = padding) packs each row's tokens at positions 0..n-1; padded
         positions get zero logits. A row's logits do not depend on the rows batched with it.
+        block_length B: block-causal attention instead (position i attends j iff j // B <= i // B: full inside a
+        block, causal across blocks), as block-diffusion models (LLaDA2) are trained and decoded.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, L], got shape {list(input_ids.shape)}")
+        if block_length is not None and not (isinstance(block_length, int) and block_length >= 1):
+            raise ValueError(f"block_length must be a positive integer, got {block_length!r}")
         input_ids = input_ids.to(self.device)
         B, L = input_ids.shape
+        blocks = None if block_length is None else torch.full((B,), block_length, device=self.device)  # [B]
         if attention_mask is None:
             pos = torch.arange(L, device=self.device).repeat(B)  # [B*L]
-            batch = ForwardBatch(input_ids.reshape(-1), pos, [L] * B, max_pos=L - 1, backend=self.kernels)
+            batch = ForwardBatch(input_ids.reshape(-1), pos, [L] * B, max_pos=L - 1, backend=self.kernels,
+                                 block_len=blocks)
             return self._executor.run(batch, None).view(B, L, -1)
         mask = attention_mask.to(self.device).bool()  # [B, L]
         lengths = mask.sum(1).tolist()
         pos = (torch.cumsum(mask, 1) - 1)[mask]  # [T]
-        batch = ForwardBatch(input_ids[mask], pos, lengths, max_pos=max(lengths) - 1, backend=self.kernels)
+        batch = ForwardBatch(input_ids[mask], pos, lengths, max_pos=max(lengths) - 1, backend=self.kernels,
+                             block_len=blocks)
         out = torch.zeros(B, L, self.config.vocab_size, device=self.device)
         out[mask] = self._executor.run(batch, None)
         return out

@@ -105,6 +105,21 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
+def shard_pieces(name: str, cfg: ModelConfig, shard: Shard) -> list[tuple[int, int, int]] | None:
+    """The (dim, start, end) ranges of the checkpoint tensor behind internal parameter `name` that this rank holds,
+    concatenated in order along dim; None: the whole tensor (replicated). One range except the fused q/k/v
+    projection (LLaDA2's query_key_value: rows of all H query heads, then the KV key heads, then the KV value heads),
+    of which a rank holds its query heads, its KV heads' keys and their values."""
+    if shard.active and cfg.fused_qkv and name.endswith("attn.qkv_proj.weight"):
+        hd = cfg.head_dim
+        (h0, h1), (k0, k1) = shard.heads(cfg.num_heads), shard.kv_heads(cfg.num_kv_heads)
+        q_rows, kv_rows = cfg.num_heads * hd, cfg.num_kv_heads * hd
+        return [(0, h0 * hd, h1 * hd), (0, q_rows + k0 * hd, q_rows + k1 * hd),
+                (0, q_rows + kv_rows + k0 * hd, q_rows + kv_rows + k1 * hd)]
+    cut = shard_slice(name, cfg, shard)
+    return None if cut is None else [cut]
+
+
 def shard_slice(name: str, cfg: ModelConfig, shard: Shard) -> tuple[int, int, int] | None:
     """(dim, start, end) of the checkpoint tensor behind internal parameter `name` that this rank holds (for a
     stacked expert parameter: of one expert's tensor); None: the whole tensor (replicated)."""
@@ -114,6 +129,9 @@ def shard_slice(name: str, cfg: ModelConfig, shard: Shard) -> tuple[int, int, in
     part = ".".join(leaf[-2:])
     if name in ("embed.weight", "lm_head.weight"):
         return (0, *shard.vocab(cfg.vocab_size))
+    if ".moe.shared." in name:  # shared experts (LLaDA2): sliced by their own width, as dense MLPs are
+        cut = shard_range(cfg.shared_expert_size, shard.rank, shard.size)
+        return (1 if part == "down_proj.weight" else 0, *cut)
     if part in ("q_proj.weight", "q_proj.bias"):
         h0, h1 = shard.heads(cfg.num_heads)
         return 0, h0 * hd, h1 * hd
@@ -175,15 +193,17 @@ def load_weights(net: Transformer, cfg: ModelConfig, files: list[Path], model_di
                 if tuple(view.get_shape()) != tuple(full_shape):
                     raise CheckpointError(f"{file}: tensor '{key}' has shape {list(view.get_shape())} but "
                                           f"config.json implies {list(full_shape)}")
-                cut = shard_slice(target.name, cfg, shard)
-                if cut is None:
+                pieces = shard_pieces(target.name, cfg, shard)
+                if pieces is None:
                     dest.copy_(view[:])
                 else:
-                    dim, a, b = cut
-                    part = view[a:b] if dim == 0 else view[:, a:b]
-                    dest.narrow(dim, 0, b - a).copy_(part)
-                    if dest.shape[dim] > b - a:  # vocabulary padding of the last rank's chunk
-                        dest.narrow(dim, b - a, dest.shape[dim] - (b - a)).zero_()
+                    at = 0
+                    for dim, a, b in pieces:
+                        part = view[a:b] if dim == 0 else view[:, a:b]
+                        dest.narrow(dim, at, b - a).copy_(part)
+                        at += b - a
+                    if dest.shape[dim] > at:  # vocabulary padding of the last rank's chunk
+                        dest.narrow(dim, at, dest.shape[dim] - at).zero_()
                 seen[slot] = file.name
     missing = sorted(expected - seen.keys(), key=str)
     if missing:
@@ -216,8 +236,8 @@ def _checkpoint_name(cfg: ModelConfig, internal: str, expert: int | None) -> str
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                dtype: str | torch.dtype = "float32", shard: Shard = SINGLE, kernels: str | None = None) -> DiffusionModel:
-    """Load a LLaDA / LLaDA-MoE / Dream / RND1 checkpoint directory (config.json, safetensors, tokenizer files), or
-    a Hugging Face repo id such as "GSAI-ML/LLaDA-8B-Instruct" (the local cache first; see engine/hub.py).
+    """Load a LLaDA / LLaDA-MoE / Dream / RND1 / LLaDA2 checkpoint directory (config.json, safetensors, tokenizer
+    files), or a Hugging Face repo id such as "GSAI-ML/LLaDA-8B-Instruct" (the local cache first; see engine/hub.py).
     dtype: float32, bfloat16, float16 or "auto" (see resolve_dtype). With a Shard, only this rank's slices are read
     (torch.distributed must already be initialised).
     kernels: "auto" | "triton" | "torch" (None: $UNMASK_KERNELS, else auto); see kernels/dispatch.py."""
@@ -248,6 +268,6 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     net = net.to(dev).eval().requires_grad_(False)
     if dev.type == "cuda":  # one GEMM for q/k/v and one for gate/up (engine/model/fuse.py)
         fuse_projections(net)
-    else:  # a bounded set of GEMM row counts (engine/shape_buckets.py)
-        bucket_linears(net)
+    else:  # a bounded set of GEMM row counts (engine/shape_buckets.py); 16-bit GEMMs in float32 slices where the
+        bucket_linears(net)  # CPU has no native ones (engine/model/upcast.py's linear, which BucketedLinear calls)
     return DiffusionModel(net, cfg, tokenizer, dev, torch_dtype, model_dir, kernels=backend)

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import save_file
 
-FAMILIES = ("llada", "llada_moe", "dream", "rnd1")
+FAMILIES = ("llada", "llada_moe", "dream", "rnd1", "llada2_moe")
 
 # Special tokens of each family, ascending by real id: (string, real id, roles). Roles name the config keys
 # `<role>_token_id` that point at the token. The LLaDA-MoE role-token ids are placeholders (not confirmed).
@@ -36,12 +36,16 @@ _SPECIALS: dict[str, list[tuple[str, int, tuple[str, ...]]]] = {
               ("<|im_end|>", 151645, ()), ("<|beginoftext|>", 151665, ()), ("<|mask|>", 151666, ("mask",))],
     "rnd1": [("<|endoftext|>", 151643, ("pad",)), ("<|im_start|>", 151644, ()), ("<|im_end|>", 151645, ("eos",)),
              ("<|mask|>", 151669, ("mask",))],
+    # LLaDA2.x (Ling tokenizer): eos/pad 156892, mask 156895; role-token ids are placeholders as for LLaDA-MoE.
+    "llada2_moe": [("<|endoftext|>", 156892, ("eos", "pad")), ("<|mask|>", 156895, ("mask",)),
+                   ("<role>", 156900, ()), ("</role>", 156901, ()), ("<|role_end|>", 156902, ())],
 }
 # Real vocabulary sizes (sanity reference; benchmarks may want them).
-REAL_VOCAB_SIZE = {"llada": 126464, "llada_moe": 157184, "dream": 152064, "rnd1": 151936}
+REAL_VOCAB_SIZE = {"llada": 126464, "llada_moe": 157184, "dream": 152064, "rnd1": 151936, "llada2_moe": 157184}
 # Which `<role>_token_id` keys the real config.json carries.
 _REAL_CONFIG_ID_KEYS = {"llada": ("mask", "eos", "pad"), "llada_moe": ("eos", "pad"),
-                        "dream": ("mask", "eos", "pad", "bos"), "rnd1": ("mask", "eos", "pad")}
+                        "dream": ("mask", "eos", "pad", "bos"), "rnd1": ("mask", "eos", "pad"),
+                        "llada2_moe": ("pad",)}  # LLaDA2's config.json has only pad_token_id
 # Tokenizer-side special-token strings (tokenizer_config.json / special_tokens_map.json).
 _TOKENIZER_ROLES = {
     "llada": {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
@@ -50,6 +54,7 @@ _TOKENIZER_ROLES = {
     "dream": {"bos_token": "<|beginoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
               "mask_token": "<|mask|>"},
     "rnd1": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>"},
+    "llada2_moe": {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>"},
 }
 
 # Chat templates (Jinja) in each family's real format; RND1 ships none.
@@ -83,6 +88,7 @@ CHAT_TEMPLATES: dict[str, str | None] = {
         "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"),
     "rnd1": None,
 }
+CHAT_TEMPLATES["llada2_moe"] = CHAT_TEMPLATES["llada_moe"]  # the same Ling format (<role>HUMAN</role>...)
 
 _CORPUS = """The quick brown fox jumps over the lazy dog. A masked diffusion language model predicts every
 masked token at once and commits the most confident ones, step after step, until no mask is left.
@@ -159,6 +165,13 @@ def write_random_checkpoint(
     init_std: float | None = None,
     special_ids: str | Mapping[str, int] = "auto",
     write_special_ids: bool = True,
+    first_k_dense_replace: int = 1,
+    n_group: int = 1,
+    topk_group: int = 1,
+    num_shared_experts: int = 1,
+    partial_rotary_factor: float = 0.5,
+    routed_scaling_factor: float = 2.5,
+    byte_level: bool = False,
 ) -> Path:
     """Write a random checkpoint of `family` ("llada", "llada_moe", "dream", "rnd1") to out_dir; returns the path.
 
@@ -172,6 +185,12 @@ def write_random_checkpoint(
     write_special_ids=False: config.json gets no *_token_id keys (loaders must fall back to family defaults).
     tokenizer: also write tokenizer.json / tokenizer_config.json / special_tokens_map.json (needs
         vocab_size >= ~105: the printable-ASCII alphabet plus the special tokens).
+    llada2_moe only: first_k_dense_replace dense layers first, then MoE layers with a sigmoid router over
+        n_group groups (topk_group kept), num_shared_experts shared experts (width moe_intermediate_size each),
+        routed_scaling_factor, partial_rotary_factor (rotary_dim = head_dim * factor); fused query_key_value.
+    byte_level: write the tokenizer as GPT-2 style byte-level BPE (pieces spelled through the byte-to-unicode
+        table, e.g. " the" as "Ġthe"): same pieces and merges, so the same ids for the same text, in the form
+        llama.cpp's converter and its "gpt2" tokenizer expect (benchmarks/vs_llamacpp.py).
     Deterministic in `seed`; weights are drawn in fp32, so a bf16 checkpoint is the rounded fp32 one.
     """
     family = _check_family(family)
@@ -180,7 +199,7 @@ def write_random_checkpoint(
     torch_dtype = _resolve_dtype(dtype)
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
-    moe = family in ("llada_moe", "rnd1")
+    moe = family in ("llada_moe", "rnd1", "llada2_moe")
     if num_kv_heads is None:
         num_kv_heads = num_heads // 2 if family in ("dream", "rnd1") and num_heads % 2 == 0 else num_heads
     if num_heads % num_kv_heads:
@@ -203,17 +222,29 @@ def write_random_checkpoint(
     if tokenizer and vocab_size - len(ids) < _MIN_TOKENIZER_PIECES:
         raise ValueError(f"a tokenizer needs vocab_size >= {_MIN_TOKENIZER_PIECES + len(ids)} for {family} "
                          f"(got {vocab_size}); pass tokenizer=False for smaller vocabularies")
+    if family == "llada2_moe":
+        if num_experts % n_group or not 1 <= topk_group <= n_group or top_k > topk_group * num_experts // n_group:
+            raise ValueError(f"n_group {n_group} must divide num_experts {num_experts}, topk_group in [1, n_group] "
+                             f"and top_k {top_k} at most the experts of topk_group groups")
+        if num_experts // n_group < 2:
+            raise ValueError("each expert group needs >= 2 experts (group score = sum of its top 2)")
+        if int(head_dim * partial_rotary_factor) % 2:
+            raise ValueError(f"rotary_dim = int(head_dim * partial_rotary_factor) must be even")
     dims = dict(hidden=hidden_size, layers=num_layers, heads=num_heads, kv_heads=num_kv_heads, head_dim=head_dim,
                 inter=intermediate_size, vocab=vocab_size, experts=num_experts, top_k=top_k,
-                moe_inter=moe_intermediate_size)
+                moe_inter=moe_intermediate_size, dense=first_k_dense_replace, n_group=n_group,
+                topk_group=topk_group, shared=num_shared_experts)
+    dims_f = dict(partial_rotary_factor=partial_rotary_factor, routed_scaling_factor=routed_scaling_factor)
     config = _config(family, dims, ids, special_ids, write_special_ids, torch_dtype, norm_topk_prob,
                      rope_theta, rms_norm_eps, max_position_embeddings)
+    if family == "llada2_moe":
+        config.update(dims_f)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(_generation_config(family, ids), indent=2) + "\n")
     tensors = _random_tensors(family, dims, seed, init_std, torch_dtype)
     _save(out, tensors, shards, torch_dtype)
     if tokenizer:
-        write_tokenizer(out, family, vocab_size, ids)
+        write_tokenizer(out, family, vocab_size, ids, byte_level=byte_level)
     return out
 
 
@@ -276,6 +307,26 @@ def _config(family: str, d: dict[str, int], ids: dict[str, int], special_ids: An
             "tie_word_embeddings": False, "torch_dtype": dtype_name, "transformers_version": "4.46.2",
             "use_cache": True, "use_sliding_window": False, "vocab_size": d["vocab"],
         }
+    elif family == "llada2_moe":  # LLaDA2.0/2.1-mini's config.json keys (notes/models.md section 5)
+        cfg = {
+            "architectures": ["LLaDA2MoeModelLM"], "attention_dropout": 0.0,
+            "auto_map": {"AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
+                         "AutoModel": "modeling_llada2_moe.LLaDA2MoeModel",
+                         "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM"},
+            "embedding_dropout": 0.0, "first_k_dense_replace": d["dense"], "head_dim": d["head_dim"],
+            "hidden_act": "silu", "hidden_size": d["hidden"], "initializer_range": 0.02,
+            "intermediate_size": d["inter"], "max_position_embeddings": max_pos, "max_window_layers": d["layers"],
+            "model_type": "llada2_moe", "moe_intermediate_size": d["moe_inter"], "moe_router_enable_expert_bias": True,
+            "n_group": d["n_group"], "norm_topk_prob": True, "num_attention_heads": d["heads"],
+            "num_experts": d["experts"], "num_experts_per_tok": d["top_k"], "num_hidden_layers": d["layers"],
+            "num_key_value_heads": d["kv_heads"], "num_shared_experts": d["shared"], "output_dropout": 0.0,
+            "output_router_logits": False, "rms_norm_eps": 1e-6 if eps is None else eps, "rope_scaling": None,
+            "rope_theta": 600000.0 if rope_theta is None else rope_theta, "rotary_dim": None,
+            "router_dtype": "fp32", "score_function": "sigmoid", "tie_word_embeddings": False,
+            "topk_group": d["topk_group"], "torch_dtype": dtype_name, "transformers_version": "4.52.3",
+            "use_bias": False, "use_cache": False, "use_qk_norm": True, "use_qkv_bias": False,
+            "use_rmsnorm": True, "vocab_size": d["vocab"],
+        }
     else:  # rnd1
         cfg = {
             "architectures": ["RND1LM"], "attention_bias": False, "attention_dropout": 0.0,
@@ -332,6 +383,8 @@ def _tensor_specs(family: str, d: dict[str, int]) -> list[tuple[str, tuple[int, 
                       (p + "ff_out.weight", (D, inter), "linear")]  # down
         specs += [("model.transformer.ln_f.weight", (D,), "norm"), ("model.transformer.ff_out.weight", (V, D), "head")]
         return specs
+    if family == "llada2_moe":
+        return _llada2_specs(d)
     specs.append(("model.embed_tokens.weight", (V, D), "embed"))
     for i in range(d["layers"]):
         p = f"model.layers.{i}."
@@ -359,6 +412,35 @@ def _tensor_specs(family: str, d: dict[str, int]) -> list[tuple[str, tuple[int, 
     return specs
 
 
+def _llada2_specs(d: dict[str, int]) -> list[tuple[str, tuple[int, ...], str]]:
+    """Bailing-MoE-V2 names: fused query_key_value, query/key_layernorm, dense first layers, then MoE with a
+    router, its expert_bias buffer, routed experts and shared_experts."""
+    D, V, H, Hkv, hd = d["hidden"], d["vocab"], d["heads"], d["kv_heads"], d["head_dim"]
+    specs: list[tuple[str, tuple[int, ...], str]] = [("model.word_embeddings.weight", (V, D), "embed")]
+    for i in range(d["layers"]):
+        p = f"model.layers.{i}."
+        specs += [(p + "input_layernorm.weight", (D,), "norm"),
+                  (p + "attention.query_key_value.weight", ((H + 2 * Hkv) * hd, D), "linear"),
+                  (p + "attention.query_layernorm.weight", (hd,), "norm"),
+                  (p + "attention.key_layernorm.weight", (hd,), "norm"),
+                  (p + "attention.dense.weight", (D, H * hd), "linear"),
+                  (p + "post_attention_layernorm.weight", (D,), "norm")]
+        mlps: list[tuple[str, int]] = []
+        if i < d["dense"]:
+            mlps.append((p + "mlp.", d["inter"]))
+        else:
+            specs += [(p + "mlp.gate.weight", (d["experts"], D), "router"),
+                      (p + "mlp.gate.expert_bias", (d["experts"],), "expert_bias")]
+            mlps += [(f"{p}mlp.experts.{j}.", d["moe_inter"]) for j in range(d["experts"])]
+            if d["shared"]:
+                mlps.append((p + "mlp.shared_experts.", d["moe_inter"] * d["shared"]))
+        for pre, width in mlps:
+            specs += [(pre + "gate_proj.weight", (width, D), "linear"), (pre + "up_proj.weight", (width, D), "linear"),
+                      (pre + "down_proj.weight", (D, width), "linear")]
+    specs += [("model.norm.weight", (D,), "norm"), ("lm_head.weight", (V, D), "head")]
+    return specs
+
+
 def _random_tensors(family: str, d: dict[str, int], seed: int, init_std: float | None,
                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -380,6 +462,8 @@ def _random_tensor(shape: tuple[int, ...], kind: str, g: torch.Generator, init_s
         t.mul_(0.1).add_(1.0)
     elif kind == "bias":
         t.mul_(0.5)
+    elif kind == "expert_bias":
+        t.mul_(0.1)  # comparable to sigmoid score gaps: it changes some selections
     elif kind == "router":
         t.mul_(3.0 / math.sqrt(shape[1]))  # sharp-ish routing: clear top-k gaps, still input dependent
     elif kind == "head":
@@ -424,9 +508,11 @@ def _save(out: Path, tensors: dict[str, torch.Tensor], shards: int, dtype: torch
 # ---------------------------------------------------------------------------------------------- tokenizer
 
 
-def write_tokenizer(out_dir: str | Path, family: str, vocab_size: int, ids: dict[str, int]) -> None:
+def write_tokenizer(out_dir: str | Path, family: str, vocab_size: int, ids: dict[str, int],
+                    byte_level: bool = False) -> None:
     """tokenizer.json (BPE over printable ASCII, trained on a small built-in corpus; every id below vocab_size is
-    a token), tokenizer_config.json (special tokens, chat template) and special_tokens_map.json."""
+    a token), tokenizer_config.json (special tokens, chat template) and special_tokens_map.json.
+    byte_level: the same vocabulary spelled as GPT-2 byte-level BPE (see write_random_checkpoint)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     out = Path(out_dir)
@@ -459,11 +545,21 @@ def write_tokenizer(out_dir: str | Path, family: str, vocab_size: int, ids: dict
             taken.add(" " + word)
     special = set(ids.values())
     free = (i for i in range(vocab_size) if i not in special)
+    if byte_level:
+        table = _byte_to_unicode()
+        spell = lambda piece: "".join(table[b] for b in piece.encode())  # noqa: E731
+        pieces = [p if p == _UNK else spell(p) for p in pieces]
+        merges = [(spell(a), spell(b)) for a, b in merges]
     vocab = {tok: next(free) for tok in pieces}
     vocab.update(ids)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=_UNK))
-    tok.pre_tokenizer = pre
-    tok.decoder = decoders.Fuse()
+    if byte_level:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+    else:
+        tok.pre_tokenizer = pre
+        tok.decoder = decoders.Fuse()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in sorted(ids, key=ids.get)])
     tok.save(str(out / "tokenizer.json"))
 
@@ -487,6 +583,19 @@ def write_tokenizer(out_dir: str | Path, family: str, vocab_size: int, ids: dict
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table: bytes that print as themselves keep their character, the others
+    (space, control bytes, ...) take the characters from U+0100 on, in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(0x100 + extra)
+            extra += 1
+    return table
 
 
 def _check_family(family: str) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .batch_params import ParamTable
-from .decoding import registry
+from .decoding import editing, registry
 from .decoding.candidates import CandidateInputs, ShardDecode, candidates, candidates_from_stats
 from .decoding.noise import STREAM_GUMBEL, row_keys
 from .decoding.select import SelectInputs, select
@@ -84,6 +84,11 @@ class _Members:
         self.params = ParamTable.build([s.row for s in seqs], dev)
         self.transfer = [registry.transfer(s.params.transfer) for s in seqs]  # each request's transfer rule
         self.host_rule = [t.id for t in self.transfer]
+        self.block_causal = any(s.block_causal for s in seqs)
+        self.block_len = (torch.tensor([seqs[i].params.block_length for i in self.row_seq], device=dev)
+                          if self.block_causal else None)  # [R] block-causal attention per forward row
+        self.any_editing = any(s.params.editing for s in seqs)
+        self.edit_from = torch.tensor([s.prompt_len if s.params.editing else 1 << 62 for s in seqs])  # [B] host
 
 
 LOGIT_ENTRY_BYTES = 64
@@ -109,7 +114,7 @@ class ModelRunner:
         self.kernels = model.kernels
         self.upload = StepUpload(self.device)
         use_graphs = (self.device.type == "cuda" and self.kernels == "triton" and executor.world_size == 1
-                      and os.environ.get(GRAPHS_ENV, "1") != "0")
+                      and not self.cfg.block_causal and os.environ.get(GRAPHS_ENV, "1") != "0")
         self.graphs = BlockGraphs(self.net, pool, self.device) if use_graphs else None
         """Captured block passes (CUDA + Triton kernels, one process; UNMASK_CUDA_GRAPHS=0 turns them off)."""
         self.shift = 1 if self.cfg.shift_logits else 0
@@ -118,9 +123,10 @@ class ModelRunner:
 
     # canvases: the runner owns every running request's canvas; the engine goes through these methods --------
     def add(self, seq: Sequence) -> None:
-        """Give an admitted request its canvas (prompt, then masks), unless it has one (a resumed request)."""
+        """Give an admitted request its canvas (prompt, then masks; block-causal: up to whole blocks), unless it has
+        one (a resumed request)."""
         if id(seq) not in self._canvases:
-            ids = seq.prompt_ids + [self.cfg.mask_id] * seq.gen_len
+            ids = seq.prompt_ids + [self.cfg.mask_id] * (seq.canvas_len - seq.prompt_len)
             self._canvases[id(seq)] = torch.tensor(ids, dtype=torch.long, device=self.device)
 
     def has(self, seq: Sequence) -> bool:
@@ -134,7 +140,7 @@ class ModelRunner:
         """Drop a request's canvas; returns its generated region (host list)."""
         canvas = self._canvases.pop(id(seq))
         self.members = None if self.members and id(seq) in self.members.key else self.members
-        return canvas[seq.prompt_len:].tolist()
+        return canvas[seq.prompt_len:seq.prompt_len + seq.gen_len].tolist()
 
     def discard(self, seq: Sequence) -> None:
         """Drop a request's canvas if it has one."""
@@ -147,7 +153,7 @@ class ModelRunner:
 
     def generated(self, seq: Sequence) -> list[int]:
         """The request's generated region as it stands (masks included), host list."""
-        return self._canvases[id(seq)][seq.prompt_len:].tolist()
+        return self._canvases[id(seq)][seq.prompt_len:seq.prompt_len + seq.gen_len].tolist()
 
     def block_tokens(self, seq: Sequence, block: tuple[int, int]) -> torch.Tensor:
         """[block length] long, a view of canvas positions [a, b) on the device (changes with later steps)."""
@@ -177,10 +183,11 @@ class ModelRunner:
             batch.shard_decode = ShardDecode(self.cfg.mask_id, t.temperature[dec.seq], t.tempered[dec.seq], keys,
                                              t.any_sampling, t.any_tempered)
         x0, score, conf = self._candidates(reqs, m, batch, dec, keys, plan, constrained)  # [N] each
-        commit = self._commit(reqs, m, dec, x0, score, conf, keys, plan, constrained)  # [B, M]
+        commit, edit = self._commit(reqs, m, dec, x0, score, conf, keys, plan, constrained)  # [B, M] each
         eos = self._eos(m)  # [B]
-        out = torch.stack([commit.sum(1), eos.long()]).tolist()
-        return RunnerOutput(committed=out[0], eos=[bool(x) for x in out[1]])
+        out = torch.stack([commit.sum(1), eos.long(), edit.sum(1)]).tolist()
+        return RunnerOutput(committed=out[0], eos=[bool(x) for x in out[1]],
+                            edited=out[2] if m.any_editing else None)
 
     def _plan(self, reqs: list[ScheduledRequest], m: _Members) -> "_Plan":
         """Everything the host knows about this step, built as host tensors and sent in one StepUpload copy."""
@@ -198,16 +205,24 @@ class ModelRunner:
             keep = torch.zeros(T, dtype=torch.bool)
             keep[[row_base[r] for r, i in enumerate(m.row_seq) if not reqs[i].refresh]] = True
             host["keep_cached"] = keep
+        if m.block_causal:  # keys past a row's query end are later blocks: never read (never written either)
+            host["row_end"] = torch.tensor([b for _, b in rows_q])  # [R]
         if self.kernels == "triton":
             host["cu_seqlens_q"] = torch.tensor(row_base, dtype=torch.int32)  # [R + 1]
-        else:  # SDPA's padded layouts, one per (query, key) length bucket, riding in the same copy
+        elif not m.block_causal:  # SDPA's padded layouts, one per (query, key) length bucket, riding in the same copy
             groups = attention_groups(row_len, m.row_keys)
             host.update(group_upload(groups))
+        else:  # block-causal (torch): one padded layout with the block mask (forward_batch._attn_context)
+            groups = []
         # the positions decoded this step: each request's still-masked block positions (counts known here)
         blocks = [r.block for r in reqs]
         blen = [e - b for b, e in blocks]
-        counts = [r.seq.masked_in_block for r in reqs]
+        counts = [editing.decoded_count(r.seq) for r in reqs]
         host["block_buf"] = ranges([o + b for o, (b, _) in zip(m.offsets, blocks)], blen)  # [Nb]
+        if m.any_editing:  # editing rows also score their block's committed generated positions
+            block_seq = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(blen))  # [Nb]
+            host["block_edit"] = editing.editable_positions(ranges([b for b, _ in blocks], blen), block_seq,
+                                                            m.edit_from)  # [Nb]
         host["dec_seq"] = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(counts))  # [N]
         host["block_start"] = torch.tensor([b for b, _ in blocks])  # [B]
         host["flat_block_start"] = torch.tensor([0, *accumulate(blen)][:-1])  # [B]
@@ -226,7 +241,8 @@ class ModelRunner:
             host["step_no"] = torch.tensor([s.stats.steps for s in seqs])  # [B]
             values = [t.step_value(s) for t, s in zip(m.transfer, seqs)]  # each row's transfer rule, this step
             host["rule_value"] = torch.tensor(values, dtype=torch.float64)  # [B]
-            host["commit_all"] = torch.tensor([s.is_last_allowed_step and t.adaptive for t, s in zip(m.transfer, seqs)])
+            host["commit_all"] = torch.tensor([s.is_last_allowed_step and t.adaptive and not s.block_causal
+                                               for t, s in zip(m.transfer, seqs)])
         else:
             values = []
         for r in reqs:
@@ -249,16 +265,23 @@ class ModelRunner:
             write = torch.where(d["keep_cached"], self.pool.scratch_slot, write)
         block_buf, seq = d["block_buf"], d["dec_seq"]
         n = sum(counts)
-        keep = torch.nonzero_static(self.buf[block_buf] == mask_id, size=n)[:, 0]  # [N] into the blocks
+        decoded = self.buf[block_buf] == mask_id  # [Nb]
+        if m.any_editing:
+            decoded = decoded | d["block_edit"]
+        keep = torch.nonzero_static(decoded, size=n)[:, 0]  # [N] into the blocks
         dpos = d["block_start"][seq] + keep - d["flat_block_start"][seq]  # [N] canvas positions
         dec = _Decode(pos=dpos, buf=block_buf[keep], seq=seq, lengths=counts)
+        read_slots, key_valid = m.read_slots, m.key_valid
+        if m.block_causal:  # point unwritten later-block keys at the zeroed scratch slot (no garbage, even masked)
+            live = torch.arange(read_slots.shape[1], device=self.device)[None, :] < d["row_end"][:, None]  # [R, Lk]
+            read_slots, key_valid = torch.where(live, read_slots, self.pool.scratch_slot), key_valid & live
         batch = ForwardBatch(tokens, pos, plan.row_len, max_pos=max(m.lens) - 1, logit_rows=d["first"][seq] + dpos,
-                             write_slots=write, read_slots=m.read_slots, key_valid=m.key_valid,
-                             backend=self.kernels, logit_chunk=self.max_logit_rows)
+                             write_slots=write, read_slots=read_slots, key_valid=key_valid,
+                             backend=self.kernels, logit_chunk=self.max_logit_rows, block_len=m.block_len)
         if self.kernels == "triton":  # packed layout: no padded query index, keys through the block table
             batch.cu_seqlens_q, batch.block_table, batch.seq_lens_k = d["cu_seqlens_q"], m.block_table, m.seq_lens_k
             batch.page_size = self.pool.page_size
-        else:  # SDPA per length-bucket group, so a row's attention does not depend on the batch
+        elif not m.block_causal:  # SDPA per length-bucket group, so a row's attention does not depend on the batch
             batch.attn_groups = build_groups(plan.groups, d, m.read_slots, m.key_valid, self.pool.scratch_slot)
         if m.cfg_seqs:
             sel = torch.nonzero_static(m.params.cfg_w[seq] > 0, size=sum(counts[i] for i in m.cfg_seqs))[:, 0]  # [Nc]
@@ -309,12 +332,13 @@ class ModelRunner:
 
     def _commit(self, reqs: list[ScheduledRequest], m: _Members, dec: "_Decode", x0: torch.Tensor,
                 score: torch.Tensor, conf: torch.Tensor, keys: torch.Tensor, plan: "_Plan",
-                constrained: StepConstraints | None = None) -> torch.Tensor:
-        """Each row's selection rule over the scored positions; writes the commits into the canvases.
-        Returns the commit mask [B, M] (padded layout)."""
+                constrained: StepConstraints | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's selection rule over the scored positions; writes the commits (and token edits) into the
+        canvases. Returns the commit and edit masks [B, M] (padded layout)."""
         dev, mask_id, d = self.device, self.cfg.mask_id, plan.dev
         if plan.mmax == 0:  # nothing masked in any block (a fixed schedule's trailing zero-commit steps)
-            return torch.zeros(len(reqs), 0, dtype=torch.bool, device=dev)
+            none = torch.zeros(len(reqs), 0, dtype=torch.bool, device=dev)
+            return none, none
         pad_valid, pad_idx = d["pad_valid"], d["pad_idx"]  # [B, M]
         current = self.buf[dec.buf]  # [N]
         selectable = (current == mask_id)[pad_idx] & pad_valid
@@ -322,11 +346,14 @@ class ModelRunner:
         commit = select(score[pad_idx], conf[pad_idx], selectable, SelectInputs(
             rule=t.transfer, value=d["rule_value"], host_value=plan.rule_values, host_rule=m.host_rule,
             alg_temp=t.alg_temp, commit_all=d["commit_all"], noise_keys=keys[pad_idx],
-            any_alg_temp=t.any_alg_temp))  # [B, M]
+            any_alg_temp=t.any_alg_temp, threshold=t.threshold))  # [B, M]
         if constrained is not None:  # structured-output rows: their left-to-right grammar-checked commits
             commit = constrained.apply(x0, commit)
-        self.buf[dec.buf] = torch.where(commit[pad_valid], x0, current)
-        return commit
+        edit = torch.zeros_like(commit)
+        if m.any_editing:
+            edit = editing.edits(current[pad_idx], x0[pad_idx], conf[pad_idx], pad_valid, t.edit_threshold, mask_id)
+        self.buf[dec.buf] = torch.where((commit | edit)[pad_valid], x0, current)
+        return commit, edit
 
     def _eos(self, m: _Members) -> torch.Tensor:
         """[B] bool: a stop token is committed with every generated position before it committed."""

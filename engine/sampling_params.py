@@ -21,7 +21,7 @@ from .decoding import registry
 from .errors import RequestTooLargeError
 from .param_schema import SamplingParamsError, check_value, param, specs
 
-CACHE_MODES = ("none", "prefix", "dual")
+CACHE_MODES = ("none", "prefix", "dual", "block")
 
 
 # Limits (README "Limits"): every field is bounded so that any accepted value is one the engine can honour.
@@ -50,6 +50,7 @@ class SamplingParams:
     """Per-request decoding options. Each field's `param(...)` is its schema (engine/param_schema.py): type,
     range or choices, where an unset value comes from, one-line help; the HTTP fields, CLI flags, server
     defaults and SDK options are derived from it."""
+    __slots__ = ("__dict__", "_valid")  # the fields live in __dict__ (vars(params) is just them); _valid apart
     max_tokens: int | None = param(
         None, "int", "Generation length: the number of masked positions appended to the prompt.",
         lo=1, hi=MAX_TOKENS_LIMIT, source="model")
@@ -73,7 +74,7 @@ class SamplingParams:
         aliases=registry.remasking_aliases, source="model")
     threshold: float | None = param(
         None, "float", "Parallel decoding: commit every masked position of the block with confidence >= "
-        "threshold (at least one per step). In (0, 1].", lo=0, hi=1, lo_open=True)
+        "threshold (at least one per step). In (0, 1].", lo=0, hi=1, lo_open=True, source="model")
     factor: float | None = param(
         None, "float", "Parallel decoding, factor rule: commit the largest n with (n + 1)(1 - c_n) < factor over "
         "sorted confidences. Alternative to threshold.", lo=0, hi=float("inf"), lo_open=True)
@@ -89,18 +90,27 @@ class SamplingParams:
         None, "stop", "Stop string or list of stop strings; the text is cut before the first one found.")
     ignore_eos: bool = param(False, "bool", "Do not stop at EOS: return the whole generated canvas.",
                              nullable=False)
-    cache: str = param(
-        "none", "choice", "KV cache mode: none (exact reference semantics), prefix or dual (Fast-dLLM block-wise "
-        "caches).", choices=CACHE_MODES, nullable=False)
+    cache: str | None = param(
+        None, "choice", "KV cache mode: none (exact reference semantics), prefix or dual (Fast-dLLM block-wise "
+        "caches), block (block-causal models such as LLaDA2: the exact cache of finished blocks, their default; "
+        "prefix / dual map to it there).", choices=CACHE_MODES, source="model")
     algorithm: str | None = param(
         None, "choice", "Transfer schedule (engine/decoding/transfer/): llada (even split per block), dream "
-        "(1 - s/t), rnd1 (entropy-ordered). Unset: the model family's.", choices=registry.algorithm_names,
+        "(1 - s/t), rnd1 (entropy-ordered), llada2 (block diffusion: block-aligned canvas, quota + strict "
+        "threshold; block-causal models only). Unset: the model family's.", choices=registry.algorithm_names,
         source="model")
     alg_temp: float = param(
         0.0, "float", "Dream: > 0 samples the positions to commit from softmax(confidence / alg_temp).", lo=0,
         hi=MAX_TEMPERATURE, nullable=False)
     eps: float = param(1e-3, "float", "Dream: final timestep of linspace(1, eps, steps + 1).", lo=0, hi=1,
                        lo_open=True, hi_open=True, nullable=False, api=False)
+    editing_threshold: float | None = param(
+        None, "float", "LLaDA2.1 token editing (block diffusion only, engine/decoding/editing.py): replace a "
+        "committed token of the current block when another is predicted with confidence > this. Unset: off.",
+        lo=0, hi=1, lo_open=True)
+    max_post_steps: int | None = param(
+        None, "int", "Token editing: extra steps per block after its last mask is filled, while they still edit "
+        "(unset: 16).", lo=0, hi=MAX_STEPS)
     structured_outputs: StructuredOutputs | dict | None = param(
         None, "object", "Constrain the output: StructuredOutputs(json=schema | regex=... | choice=[...] | "
         "grammar=lark | json_object=True), or the same as a dict (vLLM's `structured_outputs` object). See "
@@ -136,24 +146,47 @@ class SamplingParams:
         max_tokens, steps = values["max_tokens"], values["steps"]
         if limits is not None:
             limits.check(self, max_tokens, values["top_k"])
-        block_length = min(values["block_length"], max_tokens)
         algorithm = values["algorithm"]
+        block_diffusion = algorithm == "llada2"
+        if block_diffusion != (defaults.algorithm == "llada2"):
+            raise SamplingParamsError("algorithm", f"{algorithm!r} does not apply to this model: block-causal "
+                                                   f"models (LLaDA2) decode with 'llada2' only, others never")
+        # block diffusion: the reference does not clamp block_length to max_tokens (the canvas is block-aligned)
+        block_length = values["block_length"] if block_diffusion else min(values["block_length"], max_tokens)
+        cache = values["cache"]
+        if block_diffusion:
+            _check_block_diffusion(self)
+            cache = "none" if cache == "none" else "block"  # prefix / dual are exact here: the block cache
+        elif self.editing_threshold is not None or self.max_post_steps is not None:
+            field = "editing_threshold" if self.editing_threshold is not None else "max_post_steps"
+            raise SamplingParamsError(field, "token editing is LLaDA2.1's: it needs a block-diffusion model")
+        elif cache == "block":
+            raise SamplingParamsError("cache", "'block' is the exact cache of block-causal models (LLaDA2); use "
+                                               "none, prefix or dual")
         remasking = self.remasking or (defaults.remasking if algorithm == defaults.algorithm else "low_confidence")
         active = {p: getattr(self, p) for p in registry.param_transfers()}
         check_rules(remasking, algorithm, active)
         num_blocks = -(-max_tokens // block_length)
         base, extra = divmod(max(steps, num_blocks), num_blocks)
         block_steps = tuple(base + (1 if b < extra else 0) for b in range(num_blocks))
-        transfer = (next((p for p, v in active.items() if v is not None), None)
-                    or registry.remasking(remasking).transfer or algorithm)
+        steps_per_block = 0
+        if block_diffusion:  # the plan needs the prompt length: Sequence builds it (engine/block_diffusion.py)
+            block_steps, total_steps = (), self.steps or 0
+            steps_per_block = defaults.steps_per_block if self.steps is None else 0
+            transfer = "llada2"  # quota + strict threshold (engine/decoding/transfer/llada2.py)
+        else:
+            total_steps = sum(block_steps)
+            transfer = (next((p for p, v in active.items() if v is not None), None)
+                        or registry.remasking(remasking).transfer or algorithm)
         values.update(
-            max_tokens=max_tokens, steps=sum(block_steps), block_length=block_length, remasking=remasking,
+            max_tokens=max_tokens, steps=total_steps, block_length=block_length, remasking=remasking,
             temperature=float(values["temperature"]), top_p=float(values["top_p"] or 1.0),
             top_k=int(values["top_k"] or 0), cfg_scale=float(self.cfg_scale),
             seed=self.seed if self.seed is not None else random.getrandbits(62), stop=tuple(self.stop or ()),
-            alg_temp=float(self.alg_temp), eps=float(self.eps))
+            alg_temp=float(self.alg_temp), eps=float(self.eps), cache=cache,
+            max_post_steps=16 if self.max_post_steps is None else self.max_post_steps)
         return ResolvedParams(**values, block_steps=block_steps, transfer=transfer,
-                              adaptive=registry.transfer(transfer).adaptive)
+                              adaptive=registry.transfer(transfer).adaptive, steps_per_block=steps_per_block)
 
 
 def check_rules(remasking: str | None, algorithm: str | None, active: dict[str, Any]) -> None:
@@ -176,13 +209,14 @@ def check_rules(remasking: str | None, algorithm: str | None, active: dict[str, 
 ResolvedParams = make_dataclass(
     "ResolvedParams",
     [(f.name, f.type) for f in fields(SamplingParams)] + [
-        ("block_steps", "tuple[int, ...]"), ("transfer", "str"), ("adaptive", "bool")],
+        ("block_steps", "tuple[int, ...]"), ("transfer", "str"), ("adaptive", "bool"), ("steps_per_block", "int")],
     frozen=True, slots=True,
     namespace={"num_blocks": property(lambda self: len(self.block_steps)), "__module__": __name__,
+               "editing": property(lambda self: self.editing_threshold is not None),
                "__doc__": "A request's parameters resolved against its model: every SamplingParams field set "
                           "(seed drawn, stop a tuple, model defaults filled in), plus the block plan "
-                          "(block_steps), the transfer rule that decides its commits and whether that rule is "
-                          "adaptive. Generated from SamplingParams, so a new field needs no edit here."})
+                          "(block_steps; block diffusion: built per request from steps_per_block, Sequence.plan), "
+                          "the transfer rule that decides its commits and whether that rule is adaptive. Generated from SamplingParams, so a new field needs no edit here."})
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +267,14 @@ class GenerationDefaults:
     top_k: int | None = None
     remasking: str = "low_confidence"
     algorithm: str = "llada"
+    threshold: float | None = None
+    cache: str = "none"
+
+    @property
+    def steps_per_block(self) -> int:
+        """Block diffusion (llada2): steps of each block when the request sets no `steps` (the family's `steps`
+        counts per block, as LLaDA2's generate does); 0 for the other algorithms."""
+        return self.steps if self.algorithm == "llada2" else 0
 
 
 FAMILY_DEFAULTS: dict[str, GenerationDefaults] = {
@@ -245,7 +287,26 @@ FAMILY_DEFAULTS: dict[str, GenerationDefaults] = {
     # RND1GenerationConfig: 256 new tokens, 256 steps, temperature 0.1, entropy-ordered unmasking.
     "rnd1": GenerationDefaults(max_tokens=256, steps=256, block_length=256, temperature=0.1, remasking="entropy",
                                algorithm="rnd1"),
+    # LLaDA2MoeModelLM.generate: gen_length 2048, block_length 32, 32 steps per block, temperature 0,
+    # threshold 0.95; the exact block cache by default (block-causal: finished blocks never change).
+    "llada2_moe": GenerationDefaults(max_tokens=2048, steps=32, block_length=32, algorithm="llada2",
+                                     threshold=0.95, cache="block"),
 }
+
+
+def _check_block_diffusion(p: SamplingParams) -> None:
+    """Options the llada2 decoder does not have: refused, naming the field."""
+    if p.factor is not None:
+        raise SamplingParamsError("factor", "block diffusion (LLaDA2) decodes with threshold, not factor")
+    if p.remasking not in (None, "low_confidence"):
+        raise SamplingParamsError("remasking", "block diffusion (LLaDA2) commits by confidence (low_confidence) only")
+    if p.cfg_scale:
+        raise SamplingParamsError("cfg_scale", "classifier-free guidance is not available for block diffusion (LLaDA2)")
+    if p.alg_temp:
+        raise SamplingParamsError("alg_temp", "alg_temp is Dream's; block diffusion (LLaDA2) does not use it")
+    if p.structured_outputs is not None:
+        raise SamplingParamsError("structured_outputs", "constrained decoding is not available for block "
+                                                        "diffusion (LLaDA2) yet")
 
 _GEN_CONFIG_KEYS = {"max_new_tokens": "max_tokens", "steps": "steps", "num_diffusion_steps": "steps",
                     "block_length": "block_length", "temperature": "temperature", "top_p": "top_p",

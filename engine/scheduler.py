@@ -81,6 +81,8 @@ class RunnerOutput:
     """Per scheduled request: positions committed this step."""
     eos: list[bool]
     """Per scheduled request: a stop token is committed with every position before it committed."""
+    edited: list[int] | None = None
+    """Per scheduled request: committed tokens replaced this step (token editing); None: no editing row."""
 
 
 @dataclass(slots=True)
@@ -190,6 +192,7 @@ class Scheduler:
         """Free a running request's pages and requeue it (by arrival); its canvas is kept."""
         self.running.remove(seq)
         self._free(seq)
+        seq.drop_cache()
         seq.status = Status.WAITING
         seq.stats.preemptions += 1
         self.num_preemptions += 1
@@ -198,10 +201,11 @@ class Scheduler:
     # update -------------------------------------------------------------------------------------------
     def update(self, sched: ScheduleOutput, result: RunnerOutput) -> UpdateResult:
         upd = UpdateResult()
-        for req, committed, eos in zip(sched.scheduled, result.committed, result.eos):
+        edited = result.edited or [0] * len(result.committed)
+        for req, committed, eos, edits in zip(sched.scheduled, result.committed, result.eos, edited):
             seq = req.seq
             self._register_prefix(req)
-            block_done = seq.advance(committed)
+            block_done = seq.advance(committed, edits)
             if eos and not seq.params.ignore_eos:
                 upd.finished.append(seq)
             elif block_done:
@@ -225,10 +229,11 @@ class Scheduler:
 
     # pages ------------------------------------------------------------------------------------------------
     def _prefix_hit(self, seq: Sequence) -> list[int]:
-        """The cached pages seq's prompt starts with ([] without prefix caching, or for a CFG request: its
-        unconditional twin sees another prompt). Computes seq's page keys on first use."""
+        """The cached pages seq's prompt starts with ([] without prefix caching; for a CFG request, whose
+        unconditional twin sees another prompt; for cache "none", which recomputes every position each step).
+        Computes seq's page keys on first use."""
         cache = self.prefix_cache
-        if cache is None or seq.num_rows > 1:
+        if cache is None or seq.num_rows > 1 or seq.params.cache == "none":
             return []
         if seq.prefix_keys is None:
             seq.prefix_keys = page_keys(seq.prompt_ids, seq.params.block_length, cache.page_size)
@@ -246,6 +251,7 @@ class Scheduler:
             return
         seq.pages = cache.allocate(need, hit)
         seq.cached_prefix_len = len(hit) * cache.page_size
+        seq.cached_upto = max(seq.cached_upto, seq.cached_prefix_len)  # its passes start after the hits
         seq.prefix_registered = len(hit) == len(seq.prefix_keys or ())
         if seq.stats.preemptions == 0 and seq.prefix_keys is not None:  # a readmission is not a new query
             cache.count_query(seq.prompt_len, seq.cached_prefix_len)

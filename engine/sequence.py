@@ -5,6 +5,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .block_diffusion import block_plan, canvas_length, first_block
 from .step_log import StepLog
 
 if TYPE_CHECKING:
@@ -65,6 +66,14 @@ class Sequence:
     """The request's structured-output state (engine/constraints Constraint), None when unconstrained."""
     text: Any = None
     """The engine's text state of the request (stop-string search position, streamed text)."""
+    block_causal: bool = False
+    """Block-diffusion model (LLaDA2): block-aligned canvas and absolute blocks (engine/block_diffusion.py)."""
+    plan: tuple[int, ...] = ()
+    """Steps of each block (block_causal: per request, it depends on the prompt length; else params.block_steps)."""
+    post_steps: int = 0
+    """Token editing: steps of the current block taken after its last mask was filled."""
+    cached_upto: int = 0
+    """Block-causal exact cache: canvas positions [0, cached_upto) hold final K/V in this request's pages."""
     stream: bool = False
     """Its consumer streams: each completed block also yields an unfinished output (LLMEngine.add_request)."""
     keep_canvas: bool = False
@@ -72,7 +81,16 @@ class Sequence:
     """With keep_canvas, the whole generated canvas once finished (past EOS; `unmask generate --show-steps`)."""
 
     def __post_init__(self) -> None:
+        p = self.params
+        if self.block_causal:
+            self.plan = block_plan(self.prompt_len, p.max_tokens, p.block_length, p.steps or None,
+                                   p.steps_per_block)
+        else:
+            self.plan = p.block_steps
         self.masked_in_block = self.block_masks = self.block_len(0)
+        if self.block_causal:
+            self.masked_in_block = self.block_bounds(0)[1] - self.prompt_len
+            self.block_masks = p.block_length  # the quota splits the full block
 
     @property
     def prompt_len(self) -> int:
@@ -84,7 +102,13 @@ class Sequence:
 
     @property
     def canvas_len(self) -> int:
+        if self.block_causal:
+            return canvas_length(self.prompt_len, self.gen_len, self.params.block_length)
         return self.prompt_len + self.gen_len
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.plan)
 
     @property
     def num_rows(self) -> int:
@@ -98,6 +122,9 @@ class Sequence:
     def block_bounds(self, b: int | None = None) -> tuple[int, int]:
         """Absolute canvas positions [start, end) of block b (default: the current one)."""
         b = self.block_idx if b is None else b
+        if self.block_causal:
+            b += first_block(self.prompt_len, self.params.block_length)
+            return b * self.params.block_length, (b + 1) * self.params.block_length
         start = self.prompt_len + b * self.params.block_length
         return start, min(start + self.params.block_length, self.canvas_len)
 
@@ -107,7 +134,7 @@ class Sequence:
 
     @property
     def block_steps(self) -> int:
-        return self.params.block_steps[self.block_idx]
+        return self.plan[self.block_idx]
 
     @property
     def is_last_allowed_step(self) -> bool:
@@ -115,8 +142,9 @@ class Sequence:
 
     @property
     def at_safe_point(self) -> bool:
-        """Preemptible without losing work: no K/V is kept across this point."""
-        return self.params.cache == "none" or self.step_in_block == 0
+        """Preemptible without losing work: no K/V is kept across this point (block-causal: any step, the cache
+        is recomputed from cached_upto = 0)."""
+        return self.block_causal or self.params.cache == "none" or self.step_in_block == 0
 
     @property
     def needs_refresh(self) -> bool:
@@ -129,6 +157,9 @@ class Sequence:
         Refresh passes: the whole canvas. Dual: the block (plus, shifted families, the position before it).
         Prefix: the block and the whole suffix (plus the shift position).
         """
+        if self.block_causal:  # the prefix up to the current block's end; cached: only what is not cached yet
+            start = 0 if self.params.cache == "none" else self.cached_upto
+            return max(start, self.cached_prefix_len), self.block_bounds()[1]  # shared prompt pages: read-only
         if self.needs_refresh:
             return 0, self.canvas_len
         bs, be = self.block_bounds()
@@ -138,11 +169,16 @@ class Sequence:
         qa, qb = self.query_range()
         return (qb - qa) * self.num_rows
 
-    def advance(self, committed: int) -> bool:
-        """Record one step; returns True when the current block just completed."""
+    def advance(self, committed: int, edited: int = 0) -> bool:
+        """Record one step (`committed` masks filled, `edited` tokens replaced); returns True when the current
+        block just completed."""
         self.stats.steps += 1
         self.stats.forward_passes += self.num_rows
+        if self.block_causal:  # every block before the current one is final and its K/V written
+            self.cached_upto = self.block_bounds()[0]
         self.stats.tokens_committed += committed
+        if self.params.editing:
+            return self._advance_editing(committed, edited)
         self.masked_in_block -= committed
         self.step_in_block += 1
         if self.params.adaptive:
@@ -151,11 +187,27 @@ class Sequence:
             done = self.step_in_block >= self.block_steps
         return done
 
+    def _advance_editing(self, committed: int, edited: int) -> bool:
+        """Token editing (engine/decoding/editing.py): fill steps while masks remain (each may also edit), then
+        post steps while they edit, at most max_post_steps + 1 of them; a block whose last mask is filled by its
+        last scheduled step ends there."""
+        filling = self.masked_in_block > 0
+        self.masked_in_block -= committed
+        if filling:
+            self.step_in_block += 1
+            return self.step_in_block >= self.block_steps
+        self.post_steps += 1
+        return edited == 0 or self.post_steps > self.params.max_post_steps
+
     def next_block(self) -> bool:
         """Move to the next block; returns False when there is none."""
         self.block_idx += 1
-        self.step_in_block = 0
-        if self.block_idx >= self.params.num_blocks:
+        self.step_in_block = self.post_steps = 0
+        if self.block_idx >= self.num_blocks:
             return False
         self.masked_in_block = self.block_masks = self.block_len(self.block_idx)
         return True
+
+    def drop_cache(self) -> None:
+        """Its pages were freed (preemption): the next step recomputes the K/V of the whole prefix."""
+        self.cached_upto = 0

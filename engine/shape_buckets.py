@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model.attention import AttnGroup
+from .model.upcast import linear
 
 MIN_ROWS = 16
 """Smallest row bucket: a single decoded position runs its lm_head row at M = 16 like everything else (MKL's fp32
@@ -77,9 +78,9 @@ class BucketedLinear(nn.Linear):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         padded = row_bucket(rows)
         if padded == rows:
-            return F.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
         flat = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, padded - rows))  # [Mb, K], zero rows appended
-        return F.linear(flat, self.weight, self.bias)[:rows].view(*x.shape[:-1], -1)
+        return linear(flat, self.weight, self.bias)[:rows].view(*x.shape[:-1], -1)
 
 
 def bucket_linears(net: nn.Module) -> nn.Module:

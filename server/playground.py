@@ -34,7 +34,7 @@ REQUEST_DEFAULTS = fixed_defaults()
 
 def effective_defaults(info: ModelInfo, config: ServerConfig) -> dict[str, Any]:
     """The value each unset request field takes: server-wide defaults over the model's."""
-    values = {**dataclasses.asdict(info.defaults), **REQUEST_DEFAULTS}
+    values = {**REQUEST_DEFAULTS, **dataclasses.asdict(info.defaults)}  # the family's threshold / cache win
     values.update({k: v for k, v in config.sampling_defaults.items() if v is not None})
     return values
 

@@ -9,7 +9,7 @@ import pytest
 
 from engine.cache_manager import PageAllocator
 from engine.prefix_cache import PrefixCache, page_keys
-from engine.sampling_params import GenerationDefaults, SamplingParams
+from engine.sampling_params import SamplingParams, model_defaults
 from engine.scheduler import RunnerOutput, Scheduler, SchedulerConfig
 from engine.sequence import Sequence, Status
 
@@ -181,14 +181,14 @@ def test_fuzz_every_page_is_free_cached_or_held_exactly_once():
 
 
 # the scheduler ----------------------------------------------------------------------------------------------
-DEFAULTS = GenerationDefaults()
+DEFAULTS = model_defaults("llada2_moe", None)
 
 
 def make_seq(rid: str, prompt: list[int], **params) -> Sequence:
+    """A block-diffusion (LLaDA2) request: block-aligned canvas, the exact block cache unless cache='none'."""
     params.setdefault("block_length", 8)
     params.setdefault("max_tokens", 8)
-    params.setdefault("steps", params["max_tokens"])
-    return Sequence(rid, list(prompt), SamplingParams(**params).resolve(DEFAULTS), 0)
+    return Sequence(rid, list(prompt), SamplingParams(**params).resolve(DEFAULTS), 0, block_causal=True)
 
 
 class Harness:
@@ -229,34 +229,38 @@ class Harness:
 
 def test_second_request_with_the_system_prompt_skips_it():
     h = Harness(64)
-    a = make_seq("a", SYSTEM + [1, 2, 3])  # 43 tokens: 5 full blocks of 8 = 10 pages of 4
+    a = make_seq("a", SYSTEM + [1, 2, 3], max_tokens=24)  # 43 tokens: 5 full blocks of 8 = 10 pages of 4
     h.sched.add(a)
     out = h.step()
     assert a.cached_prefix_len == 40 and a.prefix_registered  # registered after its first step
-    assert out.scheduled[0].query[0] == 0
+    assert out.scheduled[0].query == (0, 48)  # the prefix up to the end of the first denoised block
+    a_prompt_pages = a.pages[:10]
     b = make_seq("b", SYSTEM + [9] * 5)
     h.sched.add(b)
     used = h.cache.num_used
-    h.step()
-    assert b.cached_prefix_len == 40 and b.pages[:10] == a.pages[:10]
+    out = h.step()
+    assert out.scheduled[1].seq is b and out.scheduled[1].query == (40, 48)  # b skips the 40 cached positions
+    assert b.cached_prefix_len == 40 and b.cached_upto >= 40 and b.pages[:10] == a_prompt_pages
     assert h.cache.num_used == used + h.sched.pages_needed(b) - 10  # b took only its own pages
     assert (h.cache.queries, h.cache.hits) == (43 + 45, 40)
 
 
-def test_cfg_requests_and_short_prompts_do_not_share():
+def test_cache_none_requests_and_short_prompts_do_not_share():
     h = Harness(64)
     for rid in "ab":
-        h.sched.add(make_seq(rid, SYSTEM, cfg_scale=1.0))
+        h.sched.add(make_seq(rid, SYSTEM, cache="none"))
     h.sched.add(make_seq("c", SYSTEM[:5]))
+    h.sched.add(make_seq("d", SYSTEM[:5]))
     h.step()
     h.step()
     assert all(s.cached_prefix_len == 0 for s in h.sched.running) and h.cache.hits == 0
+    assert h.cache.queries == 10  # c and d were looked up (nothing to share), a and b were not
 
 
 def test_eviction_under_a_small_pool_lets_every_request_finish():
-    """Pool of 16 pages: each request needs 13 (41-42 prompt tokens + 8); finished requests leave their prompt
-    pages cached, and new prompts evict them (least recently used, a request's tail pages first) to get pages.
-    (The same block length everywhere: keys are per block length.)"""
+    """Pool of 16 pages: each request needs 14 (41-42 prompt tokens + 8, rounded up to blocks of 8); finished
+    requests leave their 10 prompt pages cached, and new prompts evict them (least recently used, a request's tail
+    pages first) to get pages."""
     h = Harness(16, max_num_seqs=4)
     seqs = [make_seq(f"r{i}", [i] * 40 + [1, 2]) for i in range(5)]
     later = [make_seq("again", [0] * 40 + [5]),  # r0's prompt: evicted by then
@@ -270,24 +274,26 @@ def test_eviction_under_a_small_pool_lets_every_request_finish():
             h.step()
     assert all(s.finished for s in seqs + later)
     assert h.cache.evictions > 0
-    # r4's first 3 pages survived "again"'s evictions (it evicted r4's tail first): again4 hits them
-    assert h.cache.hits == 12
+    # r0's pages were evicted long before "again"; r4's first 2 pages survived "again"'s evictions (it took 4 free
+    # pages and evicted 10: r3's 2 survivors, then r4's tail first): again4 hits them
+    assert h.cache.hits == 8
     assert h.cache.num_used == 0 and h.cache.num_free == 16
 
 
 def test_preemption_releases_shared_pages_and_readmission_hits_again():
     h = Harness(24, preempt_after_steps=1, max_num_seqs=8)
-    a = make_seq("a", SYSTEM + [1], max_tokens=16, steps=16, block_length=8)  # 10 + 5 pages... 57 tokens: 15
+    a = make_seq("a", SYSTEM + [1], max_tokens=16)  # canvas 64: 16 pages
     h.sched.add(a)
     h.step()
-    b = make_seq("b", SYSTEM + [2], max_tokens=8, steps=8)  # shares 10 pages: needs 3 new
+    b = make_seq("b", SYSTEM + [2], max_tokens=24)  # canvas 72: 18 pages, 10 shared
     h.sched.add(b)
     h.step()
-    assert b.cached_prefix_len == 40 and h.cache.num_free == 24 - 15 - 3
+    na = h.sched.pages_needed(a)
+    assert b.cached_prefix_len == 40 and h.cache.num_free == 24 - na - (h.sched.pages_needed(b) - 10)
     q = h.cache.queries
     h.sched.preempt(b)
     h.check()
-    assert h.cache.num_free == 24 - 15 and h.cache.queries == q
+    assert h.cache.num_free == 24 - na and h.cache.queries == q and b.cached_upto == 0
     h.step()  # b comes back, finds its prefix cached (held by a)
     assert b.status is Status.RUNNING and b.cached_prefix_len == 40 and h.cache.queries == q
 
@@ -301,8 +307,7 @@ def test_fuzz_scheduler_with_shared_prompts():
         if rng.random() < 0.3:
             prompt = rng.choice(systems)[:rng.randint(0, 16)] + [rng.randrange(50) for _ in range(rng.randint(1, 9))]
             g = rng.choice([4, 8, 16, 24])
-            h.sched.add(make_seq(f"r{n}", prompt, max_tokens=g, steps=g, block_length=4,
-                                 cache=rng.choice(["none", "prefix"])))
+            h.sched.add(make_seq(f"r{n}", prompt, max_tokens=g, block_length=4, cache=rng.choice(["none", "block"])))
             n += 1
         if rng.random() < 0.05 and h.sched.running:
             h.sched.finish(rng.choice(h.sched.running), "abort")

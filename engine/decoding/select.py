@@ -3,9 +3,9 @@
 Per row exactly one transfer rule applies (engine/decoding/transfer/, the registry): the algorithm's fixed schedule
 (top-k by score, k from the host; Dream alg_temp > 0 samples the k positions without replacement from
 softmax(score / alg_temp) via Gumbel-top-k), or a rule turned on by a request field (threshold, factor), or one
-implied by the remasking rule (Dream's origin). `select` runs each distinct rule function present once over the
-whole batch and keeps its rows (no per-row Python loop). Rows whose step bound is reached under an adaptive rule
-commit everything selectable.
+implied by the remasking rule (Dream's origin), or LLaDA2's quota + strict threshold (transfer/llada2.py).
+`select` runs each distinct rule function present once over the whole batch and keeps its rows (no per-row Python
+loop). Rows whose step bound is reached under an adaptive rule commit everything selectable.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ class SelectInputs:
     commit_all: torch.Tensor  # [B] bool: last allowed step of an adaptive rule, commit every selectable position
     noise_keys: torch.Tensor  # [B, M] int64
     any_alg_temp: bool
+    threshold: torch.Tensor | None = None  # [B] float64 each row's threshold (nan = none), for the rules reading it
 
 
 @dataclass
@@ -41,6 +42,7 @@ class SelectContext:
     alg_temp: torch.Tensor  # [B] float64
     noise_keys: torch.Tensor  # [B, M] int64
     any_alg_temp: bool
+    threshold: torch.Tensor | None = None  # [B] float64 each row's threshold column (nan = none)
     ranked: torch.Tensor = field(init=False)  # [B, M] score, -inf where not selectable
 
     def __post_init__(self) -> None:
@@ -78,7 +80,7 @@ def top_count(ctx: SelectContext, count: torch.Tensor, max_count: float) -> torc
 
 def select(score: torch.Tensor, conf: torch.Tensor, selectable: torch.Tensor, inp: SelectInputs) -> torch.Tensor:
     """score/conf [B, M] float64, selectable [B, M] bool -> commit [B, M] bool."""
-    ctx = SelectContext(score, conf, selectable, inp.alg_temp, inp.noise_keys, inp.any_alg_temp)
+    ctx = SelectContext(score, conf, selectable, inp.alg_temp, inp.noise_keys, inp.any_alg_temp, inp.threshold)
     groups: dict[object, list[int]] = {}  # rule function -> the rule ids using it (fixed schedules share one)
     widths: dict[object, float] = {}
     for rid, v in zip(inp.host_rule, inp.host_value):

@@ -1,4 +1,5 @@
-"""Bidirectional attention over packed variable-length sequences, optionally through a paged KV pool.
+"""Attention over packed variable-length sequences, optionally through a paged KV pool: bidirectional, or
+block-causal (LLaDA2) with an explicit mask (block_causal_mask).
 
 A forward pass carries B sequences whose query tokens are packed into one [T] axis. `AttnContext` says how to
 lay them out as [B, Lq] for attention and, for cached passes, where each new K/V row is written in the pool
@@ -38,9 +39,15 @@ class AttnContext:
     seq_lens_k: torch.Tensor | None = None
     """[B] int32 keys per row (triton, paged passes)."""
     page_size: int = 0
+    attn_mask: torch.Tensor | None = None
+    """[B, 1, Lq, Lk] bool (True = attend): replaces key_valid when set (block-causal models, block_causal_mask)."""
+    block_len: torch.Tensor | None = None
+    """[B] block length of each row's block-causal attention (triton backend; torch uses attn_mask)."""
+    positions: torch.Tensor | None = None
+    """[T] canvas positions of the packed queries (triton, block-causal)."""
     groups: "list[AttnGroup] | None" = None
     """Paged torch passes: the rows split into groups that each run one SDPA at their own padded lengths (the
-    runner's engine/shape_buckets.py); replaces q_index/q_valid/read_slots/key_valid."""
+    runner's engine/shape_buckets.py); replaces q_index/q_valid/read_slots/key_valid. Not used with attn_mask."""
 
     @staticmethod
     def dense(batch: int, length: int, key_valid: torch.Tensor | None = None) -> "AttnContext":
@@ -112,9 +119,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContex
         keys, vals = pad_tokens(k, ctx), pad_tokens(v, ctx)  # [B, Lq, Hkv, D]
     qp = pad_tokens(q, ctx).transpose(1, 2)  # [B, H, Lq, D]
     mask = None if ctx.key_valid is None else ctx.key_valid[:, None, None, :]  # [B, 1, 1, Lk]
+    if ctx.attn_mask is not None:
+        mask = ctx.attn_mask  # [B, 1, Lq, Lk]
     out = F.scaled_dot_product_attention(qp, keys.transpose(1, 2).to(q.dtype), vals.transpose(1, 2).to(q.dtype),
                                          attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return unpad_tokens(out.transpose(1, 2), ctx)  # [T, H, D]
+
+
+def block_causal_mask(ctx: AttnContext, positions: torch.Tensor, block_len: torch.Tensor, paged: bool
+                      ) -> torch.Tensor:
+    """[B, 1, Lq, Lk] bool: query at canvas position i may attend key position j iff j // b <= i // b (b = its
+    row's block length: full attention inside a block, causal across blocks), and the key is valid.
+    positions [T] (packed queries); block_len [B] long. Keys are canvas positions 0..Lk-1 (paged passes) or the
+    row's own queries (self-attention)."""
+    bl = block_len[:, None]  # [B, 1]
+    q_blk = pad_tokens(positions, ctx) // bl  # [B, Lq]
+    if paged:
+        k_blk = torch.arange(ctx.read_slots.shape[1], device=positions.device)[None, :] // bl  # [B, Lk]
+    else:
+        k_blk = q_blk  # [B, Lq]
+    allowed = k_blk[:, None, :] <= q_blk[:, :, None]  # [B, Lq, Lk]
+    if ctx.key_valid is not None:
+        allowed = allowed & ctx.key_valid[:, None, :]
+    return allowed[:, None]
 
 
 def _grouped(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, groups: list[AttnGroup],
@@ -148,8 +175,10 @@ def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: At
                       scale: float) -> torch.Tensor:
     from kernels.attention import paged_attention, store_kv, varlen_attention
     cu = _cu_seqlens(ctx, q.device)
+    causal = {} if ctx.block_len is None else dict(block_len=ctx.block_len, q_positions=ctx.positions)
     if ctx.kv_pool is None:
-        return varlen_attention(q, k, v, cu, ctx.max_q, scale)
+        return varlen_attention(q, k, v, cu, ctx.max_q, scale, **causal)
     pool_k, pool_v = ctx.kv_pool.k[layer], ctx.kv_pool.v[layer]  # [S, Hkv, D]
     store_kv(k, v, pool_k, pool_v, ctx.write_slots)
-    return paged_attention(q, pool_k, pool_v, cu, ctx.block_table, ctx.seq_lens_k, ctx.page_size, ctx.max_q, scale)
+    return paged_attention(q, pool_k, pool_v, cu, ctx.block_table, ctx.seq_lens_k, ctx.page_size, ctx.max_q, scale,
+                           **causal)

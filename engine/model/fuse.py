@@ -2,14 +2,15 @@
 
 One wider GEMM instead of three (two) narrow ones: fewer launches and reads of the activations on a GPU. The
 separate modules are dropped so their weights are not held twice. MoE experts need nothing here: the Triton
-grouped GEMM (kernels/moe.py) already computes gate and up of a tile in one pass over its tokens.
+grouped GEMM (kernels/moe.py) already computes gate and up of a tile in one pass over its tokens. LLaDA2's shared
+experts (one process) join that grouped GEMM as extra experts of weight 1 (`fuse_shared_experts`).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .layers import MLP, Attention
+from .layers import MLP, Attention, MoE
 
 
 def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
@@ -22,8 +23,26 @@ def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
     return out
 
 
+def fuse_shared_experts(net: nn.Module) -> nn.Module:
+    """In place, unsharded MoE layers only: the shared SwiGLU (width n * I) becomes n experts of width I stacked
+    after the routed ones (kernels/moe.split_shared), routed to by every token with weight 1. Returns net."""
+    from kernels.moe import split_shared
+    for mod in list(net.modules()):
+        if not isinstance(mod, MoE) or mod.shared is None or mod.shard.active or mod.shared.gate_up_proj is not None:
+            continue
+        sh = mod.shared
+        g, u, d = split_shared(sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight, mod.w_gate.shape[1])
+        for name, extra in (("w_gate", g), ("w_up", u), ("w_down", d)):
+            setattr(mod, name, nn.Parameter(torch.cat([getattr(mod, name), extra.to(getattr(mod, name))]),
+                                            requires_grad=False))
+        mod.num_fused_shared, mod.shared = g.shape[0], None
+    return net
+
+
 def fuse_projections(net: nn.Module) -> nn.Module:
-    """In place: every Attention gets qkv_proj, every dense MLP gate_up_proj. Returns net."""
+    """In place: every Attention gets qkv_proj, every dense MLP gate_up_proj, LLaDA2's shared experts join the
+    routed ones. Returns net."""
+    fuse_shared_experts(net)
     for mod in net.modules():
         if isinstance(mod, Attention) and mod.qkv_proj is None:
             mod.qkv_proj = _fused_linear([mod.q_proj, mod.k_proj, mod.v_proj])

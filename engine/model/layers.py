@@ -1,4 +1,5 @@
-"""Building blocks of the bidirectional transformer: RMSNorm, RoPE, attention block, SwiGLU MLP, MoE."""
+"""Building blocks of the transformer: RMSNorm, (partial) RoPE, attention block, SwiGLU MLP, MoE (softmax router,
+or LLaDA2's sigmoid group-limited router with shared experts)."""
 from __future__ import annotations
 
 import torch
@@ -61,7 +62,11 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D]; rotate-half pairing (i, i + D/2)."""
+    """x [T, H, D]; rotate-half pairing (i, i + R/2) over the first R = cos.shape[-1] dims (partial rotary: the
+    remaining D - R dims pass through)."""
+    rd = cos.shape[-1]
+    if rd < x.shape[-1]:
+        return torch.cat([apply_rotary(x[..., :rd], cos, sin), x[..., rd:]], dim=-1)
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
@@ -86,6 +91,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.qkv_proj: nn.Linear | None = None
         """q/k/v as one GEMM (engine/model/fuse.py, at load time on CUDA); q/k/v_proj are then None."""
+        if cfg.fused_qkv:  # the checkpoint's own fused layout (LLaDA2 query_key_value)
+            self.qkv_proj = nn.Linear(d, (self.num_heads + 2 * self.num_kv_heads) * hd, bias=cfg.qkv_bias)
+            self.q_proj = self.k_proj = self.v_proj = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttnContext) -> torch.Tensor:
         cfg = self.cfg
@@ -119,11 +127,15 @@ class MLP(nn.Module):
         """gate and up as one GEMM (engine/model/fuse.py); gate/up_proj are then None."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shard.all_reduce(self.partial(x))
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the output (summed over ranks by forward's all-reduce)."""
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.shard.all_reduce(self.down_proj(F.silu(gate) * up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MoE(nn.Module):
@@ -131,7 +143,9 @@ class MoE(nn.Module):
 
     Sharded: the router is replicated (every rank routes every token); each rank holds either every expert's slice
     of the intermediate size (tensor parallel) or whole experts [e0, e1) (expert parallel), and its partial output
-    is combined by one all-reduce."""
+    is combined by one all-reduce. Shared experts (LLaDA2) are sliced by their intermediate size on every rank
+    and their partial output joins the same all-reduce. In one process they can instead run inside the grouped
+    GEMM as extra experts every token is routed to with weight 1 (engine/model/fuse.py: num_fused_shared)."""
 
     def __init__(self, cfg: ModelConfig, shard: Shard = SINGLE) -> None:
         super().__init__()
@@ -140,24 +154,51 @@ class MoE(nn.Module):
         self.e0, e1 = shard.experts(cfg.num_experts)
         i0, i1 = shard.moe_inter(cfg.moe_intermediate_size)
         e, i = e1 - self.e0, i1 - i0
+        self.cfg = cfg
         self.top_k, self.norm_topk = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.router = nn.Linear(d, cfg.num_experts, bias=False)
         self.w_gate = nn.Parameter(torch.empty(e, i, d))
         self.w_up = nn.Parameter(torch.empty(e, i, d))
         self.w_down = nn.Parameter(torch.empty(e, d, i))
+        grouped = cfg.router == "sigmoid_group"
+        self.expert_bias = nn.Parameter(torch.zeros(cfg.num_experts)) if grouped else None
+        """[E] added to the sigmoid scores for expert selection only (LLaDA2)."""
+        self.shared = MLP(d, cfg.shared_expert_size, shard) if cfg.shared_expert_size else None
+        """Shared experts: one SwiGLU added unweighted to the routed output (LLaDA2)."""
+        self.num_fused_shared = 0
+        """Shared-expert chunks stacked after the routed experts in w_gate/w_up/w_down (fuse.py); shared is then
+        None."""
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> weights [T, k] (x.dtype), expert ids [T, k]."""
-        from kernels.moe import route
-        weights, ids = route(self.router(x), self.top_k, self.norm_topk)
+        from kernels.moe import route, route_grouped, route_grouped_triton
+        if self.expert_bias is not None:  # router GEMM in fp32, as the reference
+            c = self.cfg
+            logits = F.linear(x.float(), self.router.weight.float())  # [T, E]
+            grouped = route_grouped_triton if backend == "triton" else route_grouped
+            weights, ids = grouped(logits, self.expert_bias, self.top_k, c.n_group, c.topk_group,
+                                   c.routed_scaling_factor)
+        else:
+            weights, ids = route(self.router(x), self.top_k, self.norm_topk)
         return weights.to(x.dtype), ids
 
     def forward(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
-        from kernels.moe import fused_moe, fused_moe_triton
-        weights, ids = self.route(x)
-        run = fused_moe_triton if backend == "triton" else fused_moe
+        out = self._routed(x, backend)  # this rank's partial sum
+        if self.shared is not None:
+            out = out + self.shared.partial(x)
+        return self.shard.all_reduce(out)
+
+    def _routed(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        """The routed experts' output on this rank (not yet summed over ranks)."""
+        from kernels.moe import append_shared, fused_moe, fused_moe_triton
+        from .moe_cpu import moe_cpu
+        weights, ids = self.route(x, backend)
+        run = fused_moe_triton if backend == "triton" else (moe_cpu if x.device.type == "cpu" else fused_moe)
         if not self.shard.expert_parallel or not self.shard.active:
-            return self.shard.all_reduce(run(x, self.w_gate, self.w_up, self.w_down, weights, ids))
+            if self.num_fused_shared:
+                n = self.num_fused_shared
+                weights, ids = append_shared(weights, ids, self.w_gate.shape[0] - n, n)
+            return run(x, self.w_gate, self.w_up, self.w_down, weights, ids)
         # expert parallel: only the (token, slot) pairs routed to this rank's experts, one slot each
         local = ids - self.e0  # [T, k]
         pair = torch.nonzero((local >= 0) & (local < self.w_gate.shape[0]))  # [P, 2] (token, slot)
@@ -167,4 +208,4 @@ class MoE(nn.Module):
             y = run(x[tok], self.w_gate, self.w_up, self.w_down, weights[tok, slot, None],
                     local[tok, slot, None])  # [P, D]
             out.index_add_(0, tok, y)
-        return self.shard.all_reduce(out)
+        return out

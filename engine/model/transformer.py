@@ -1,4 +1,5 @@
-"""The one bidirectional transformer that covers every supported family."""
+"""The one transformer that covers every supported family (bidirectional, or block-causal for LLaDA2: the mask
+comes with the attention context, see attention.py)."""
 from __future__ import annotations
 
 import torch
@@ -44,7 +45,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, rows, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.rotary = Rotary(cfg.rotary_dim or cfg.head_dim, cfg.rope_theta)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttnContext,
                 max_pos: int | None = None) -> torch.Tensor:

@@ -268,7 +268,8 @@ def test_models_health_version_metrics_and_openapi(app, engine):
                  "unmask:prompt_tokens_total", "unmask:generation_tokens_total", "unmask:request_success_total",
                  "unmask:time_to_first_token_seconds_bucket", "unmask:e2e_request_latency_seconds_count",
                  "unmask:time_per_output_token_seconds_count", "unmask:tokens_per_forward_bucket",
-                 "unmask:denoising_steps_total", "unmask:positions_computed_total", "unmask:tokens_committed_total"):
+                 "unmask:denoising_steps_total", "unmask:positions_computed_total", "unmask:tokens_committed_total",
+                 "unmask:prefix_cache_queries_total", "unmask:prefix_cache_hits_total"):
         assert f'{name}{{' in text, name
     assert 'model_name="tiny"' in text and 'finished_reason="stop"' in text
     steps = float(next(line.split()[-1] for line in text.splitlines()

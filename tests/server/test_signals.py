@@ -29,7 +29,7 @@ def _catches(pid: int, sig: int) -> bool:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_during_model_load_exits_cleanly(sig):
     env = {k: v for k, v in os.environ.items() if k != "UNMASK_API_KEY"}
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", "0"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", "0"], cwd=ROOT,
                             env={**env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

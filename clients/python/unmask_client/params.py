@@ -9,8 +9,8 @@ from typing import Literal, Union
 from typing_extensions import TypedDict
 
 Remasking = Literal['low_confidence', 'random', 'margin', 'entropy', 'origin', 'maskgit_plus', 'topk_margin']
-CacheMode = Literal['none', 'prefix', 'dual']
-Algorithm = Literal['llada', 'dream', 'rnd1']
+CacheMode = Literal['none', 'prefix', 'dual', 'block']
+Algorithm = Literal['llada', 'dream', 'rnd1', 'llada2']
 
 
 class SamplingOptions(TypedDict, total=False):
@@ -47,14 +47,23 @@ class SamplingOptions(TypedDict, total=False):
     ignore_eos: bool | None
     """Do not stop at EOS: return the whole generated canvas."""
     cache: CacheMode | None
-    """KV cache mode: none (exact reference semantics), prefix or dual (Fast-dLLM block-wise caches)."""
+    """KV cache mode: none (exact reference semantics), prefix or dual (Fast-dLLM block-wise caches), block (block-
+    causal models such as LLaDA2: the exact cache of finished blocks, their default; prefix / dual map to it
+    there)."""
     algorithm: Algorithm | None
     """Transfer schedule (engine/decoding/transfer/): llada (even split per block), dream (1 - s/t), rnd1 (entropy-
-    ordered). Unset: the model family's."""
+    ordered), llada2 (block diffusion: block-aligned canvas, quota + strict threshold; block-causal models only).
+    Unset: the model family's."""
     alg_temp: float | None
     """Dream: > 0 samples the positions to commit from softmax(confidence / alg_temp)."""
+    editing_threshold: float | None
+    """LLaDA2.1 token editing (block diffusion only, engine/decoding/editing.py): replace a committed token of the
+    current block when another is predicted with confidence > this. Unset: off."""
+    max_post_steps: int | None
+    """Token editing: extra steps per block after its last mask is filled, while they still edit (unset: 16)."""
 
 
 SAMPLING_OPTIONS = (
     'max_tokens', 'steps', 'block_length', 'temperature', 'top_p', 'top_k', 'remasking', 'threshold', 'factor',
-    'cfg_scale', 'seed', 'stop', 'ignore_eos', 'cache', 'algorithm', 'alg_temp')
+    'cfg_scale', 'seed', 'stop', 'ignore_eos', 'cache', 'algorithm', 'alg_temp', 'editing_threshold',
+    'max_post_steps')

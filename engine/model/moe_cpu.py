@@ -1,0 +1,61 @@
+"""Mixture-of-experts SwiGLU on the CPU: (token, slot) assignments sorted by expert, one GEMM pair per expert.
+
+Same contract as kernels/moe.py's moe_ref: x [T, D]; w_gate/w_up [E, I, D]; w_down [E, D, I]; weights/ids [T, k].
+
+The assignments are sorted by expert once, each expert multiplies its contiguous run of the sorted batch, and the
+down projections land in one preallocated [T*k, D] buffer (no concatenation), which is weighted and summed per
+token. 16-bit weights on CPUs without native 16-bit GEMMs (engine/model/upcast.py) are converted to float32 one
+expert at a time (a slice that stays in cache) and multiplied in float32; gate and up are rounded to the
+activation dtype before SiLU, as the model's own dtype would. The per-expert counts are read on the host, which
+on the CPU is no device sync.
+
+Measured alternative, not used: scattering the assignments into a zero-padded [E, C, D] batch for one batched
+GEMM per projection (C = the busiest expert's count) was 1.5-2x slower than the loop at 32-128 query tokens with
+64 experts (the padding triples the work at C ~ 3x the mean, and bmm gains nothing on thin matrices).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .upcast import uses_upcast
+
+
+def moe_cpu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+            weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """moe_ref's contract, one GEMM pair per expert over its sorted run (see the module docstring)."""
+    T, k = ids.shape
+    E = w_gate.shape[0]
+    if T == 0:
+        return torch.zeros_like(x)
+    flat = ids.reshape(-1)  # [T*k]
+    order = torch.argsort(flat, stable=True)  # [T*k] assignments grouped by expert
+    token_of = order // k  # [T*k]
+    counts = torch.bincount(flat, minlength=E)  # [E]
+    xs = x[token_of]  # [T*k, D]
+    ys = _looped(xs, counts.tolist(), w_gate, w_up, w_down)  # [T*k, D]
+    ys = ys * weights.reshape(-1)[order, None]  # [T*k, D]
+    return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    gate, up = gate.to(dtype), up.to(dtype)
+    return F.silu(gate) * up
+
+
+def _looped(xs: torch.Tensor, counts: list[int], w_gate: torch.Tensor, w_up: torch.Tensor,
+            w_down: torch.Tensor) -> torch.Tensor:
+    """xs [N, D] sorted by expert -> [N, D], one GEMM pair per expert that has assignments."""
+    upcast = uses_upcast(w_gate)
+    cdt = torch.float32 if upcast else xs.dtype
+    out = torch.empty(xs.shape[0], xs.shape[1], dtype=cdt, device=xs.device)  # [N, D]
+    xc = xs.to(cdt)  # [N, D]
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        xe = xc[start:start + n]  # [n, D]
+        h = _swiglu(xe @ w_gate[e].to(cdt).T, xe @ w_up[e].to(cdt).T, xs.dtype)  # [n, I]
+        torch.mm(h.to(cdt), w_down[e].to(cdt).T, out=out[start:start + n])
+        start += n
+    return out.to(xs.dtype)

@@ -1,0 +1,63 @@
+"""bfloat16 / float16 GEMMs on CPUs without native 16-bit matrix instructions: weights stay 16-bit in memory, each
+GEMM runs in float32 on weight slices converted as they are used.
+
+On a CPU without AVX512-BF16 / AVX-NE-CONVERT / AMX (oneDNN's `_is_mkldnn_bf16_supported()` is False; e.g. AVX2-only
+machines), torch's bf16 matmul falls back to slow kernels: ~6x slower than the float32 GEMM of the same shape.
+Here the weight is converted `CHUNK` output rows at a time (a slice that stays in cache) and multiplied in float32
+into a column slice of the output, which is rounded back to the activation dtype once. Inputs are exact in
+float32, products accumulate in float32 (what a native bf16 GEMM does too), so the result is that of a 16-bit
+GEMM with float32 accumulation; memory holds the 16-bit weights only.
+
+`linear(x, w, b)` is F.linear with that rule (engine/shape_buckets.py's BucketedLinear, which every Linear of a
+CPU model is, calls it); `upcast_mm` is the 16-bit product on its own. Measured and not kept: float32 weights
+stored column-major made MKL's GEMMs 5-15% faster, but its products are not bitwise those of the row-major layout
+for every shape (small M), and float32 tokens must not change.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+CHUNK = 256
+"""Weight rows converted per slice: 256 x 1024 float32 = 1 MiB, inside a core's L2 on current server CPUs."""
+_HALF = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def native_half_gemm(dtype: torch.dtype) -> bool:
+    """Whether this CPU has native 16-bit GEMM kernels for dtype (oneDNN's own test)."""
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True
+
+
+def upcast_mm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+              out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [M, K] (any float dtype), w [N, K] 16-bit (bias [N]) -> x @ w.T + bias [M, N] in out_dtype (default
+    x.dtype), computed in float32 over CHUNK-row slices of w and rounded once."""
+    xf = x.float()  # [M, K]
+    N = w.shape[0]
+    out = torch.empty(x.shape[0], N, dtype=torch.float32, device=x.device)  # [M, N]
+    with torch.no_grad():  # inference only: mm(out=...) has no autograd
+        for n0 in range(0, N, CHUNK):
+            torch.mm(xf, w[n0:n0 + CHUNK].float().t(), out=out[:, n0:n0 + CHUNK])
+    if bias is not None:
+        out += bias.float()
+    return out.to(out_dtype or x.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with 16-bit weights on CPUs without native 16-bit GEMMs multiplied by upcast_mm. x [..., K]."""
+    if not uses_upcast(weight):
+        return F.linear(x, weight, bias)
+    y = upcast_mm(x.reshape(-1, x.shape[-1]), weight, bias)  # [M, N]
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def uses_upcast(w: torch.Tensor) -> bool:
+    """Whether GEMMs against weight w should go through upcast_mm."""
+    return w.device.type == "cpu" and w.dtype in _HALF and not native_half_gemm(w.dtype)

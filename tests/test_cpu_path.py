@@ -1,0 +1,81 @@
+"""The CPU step path (engine/model/upcast.py, engine/model/moe_cpu.py) against plain references, and the pure
+parts of benchmarks/vs_llamacpp.py (argument checks, llama.cpp output parsing, byte-level tokenizer)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from engine.model.moe_cpu import moe_cpu
+from engine.model.upcast import linear, native_half_gemm, upcast_mm
+from kernels.moe import moe_ref
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_upcast_mm_is_a_16bit_gemm_with_fp32_accumulation(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 70, generator=g).to(dtype)
+    w = torch.randn(301, 70, generator=g).to(dtype)  # more rows than one 256-row slice
+    b = torch.randn(301, generator=g).to(dtype)
+    ref = (x.double() @ w.double().T + b.double()).to(dtype)
+    got = upcast_mm(x, w, b)
+    assert got.dtype == dtype and got.shape == (37, 301)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_linear_is_f_linear_for_float32_and_upcast_for_16bit_without_native_gemm():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(5, 48), torch.randn(33, 48), torch.randn(33)
+    assert torch.equal(linear(x, w, b), torch.nn.functional.linear(x, w, b))  # float32: bitwise F.linear
+    xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    got = linear(xb[None], wb, bb)  # [1, 5, 33]
+    assert got.shape == (1, 5, 33) and got.dtype == torch.bfloat16
+    if not native_half_gemm(torch.bfloat16):
+        assert torch.equal(got[0], upcast_mm(xb, wb, bb))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [0, 1, 9, 70])
+def test_moe_cpu_matches_reference(dtype, T):
+    g = torch.Generator().manual_seed(T)
+    E, I, D, k = 6, 24, 40, 2
+    x = torch.randn(T, D, generator=g)
+    wg, wu = torch.randn(E, I, D, generator=g) / 6, torch.randn(E, I, D, generator=g) / 6
+    wd = torch.randn(E, D, I, generator=g) / 5
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else torch.zeros(0, k).long()
+    w = torch.rand(T, k, generator=g)
+    ref = moe_ref(x, wg, wu, wd, w, ids)
+    got = moe_cpu(*(t.to(dtype) for t in (x, wg, wu, wd, w)), ids)
+    assert got.dtype == dtype and got.shape == (T, D)
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(got.float(), ref, **tol)
+
+
+def test_vs_llamacpp_parsing_and_arguments():
+    from benchmarks.vs_llamacpp import parse_args, parse_llamacpp
+    out = "load ...\ndiffusion step: 32/32\ntotal time: 1234.50ms, time per step: 38.6ms\n\n hello world\n\n"
+    seconds, text = parse_llamacpp(out)
+    assert seconds == pytest.approx(1.2345) and text == " hello world\n"
+    with pytest.raises(RuntimeError, match="total time"):
+        parse_llamacpp("no timing here")
+    args = parse_args(["--families", "llada,rnd1", "--threads", "1,2"])
+    assert args.families == ["llada", "rnd1"] and args.threads == [1, 2]
+    for bad in (["--families", "gpt2"], ["--threads", "0"], ["--gen-len", "48", "--block-length", "32"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_byte_level_tokenizer_has_the_same_ids(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    from engine.random_checkpoint import write_random_checkpoint
+    text = "The quick brown fox, 12 + 30?\n\tsea  sky"
+    ids = []
+    for byte_level in (False, True):
+        path = write_random_checkpoint(tmp_path / str(byte_level), "dream", vocab_size=400, num_layers=1,
+                                       hidden_size=16, num_heads=2, byte_level=byte_level)
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+        ids.append(tok.encode(text))
+        assert tok.decode(ids[-1]) == text
+        if byte_level:
+            assert "Ġthe" in tok.get_vocab() and " the" not in tok.get_vocab()
+    assert ids[0] == ids[1]
