@@ -294,7 +294,7 @@ def llamacpp_greedy(model: Any, prompt: list[int], gen: int, block: int, steps: 
     """llama.cpp's `--top-k 1` diffusion loop on unmask's forward: argmax at every masked position of the block,
     commit the leftmost n of them, n from its even per-step split; logits shifted for Dream/RND1."""
     import torch
-    mask = model.config.mask_token_id
+    mask = model.config.mask_id
     x = torch.tensor([prompt + [mask] * gen])  # [1, L]
     n_blocks = gen // block
     per_block = steps // n_blocks
@@ -345,7 +345,7 @@ def bench_family(family: str, args: argparse.Namespace, src: Path, cli: Path, wo
         gguf = convert(src, family, ckpt, {"float32": "f32", "bfloat16": "bf16"}[dtype])
         llm = LLM(str(ckpt), dtype=dtype)
         tok = llm.model.tokenizer
-        bos = llm.model.config.bos_token_id if family == "llada" else None
+        bos = tok.bos_token_id if family == "llada" else None
         text, ids = prompt_ids(tok, args.prompt_len, bos)
         ref = llamacpp_greedy(llm.model, ids, args.gen_len, args.block_length, args.steps)
         for threads in args.threads:

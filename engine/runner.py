@@ -28,6 +28,7 @@ from .kv_pool import KVPool
 from .loaded_model import DiffusionModel
 from .scheduler import RunnerOutput, ScheduledRequest
 from .sequence import Sequence
+from .model.attention import AttnContext
 from .shape_buckets import GroupPlan, attention_groups, build_groups, group_upload
 from .step_upload import StepUpload
 
