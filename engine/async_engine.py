@@ -8,9 +8,10 @@ How it works:
 - One background thread owns the LLMEngine (scheduler, runner, KV pool) and runs its step loop
   (schedule -> one batched forward -> update), so forward passes never run on the event loop and an asyncio
   server stays responsive. Requests join and leave the running batch between steps.
-- `add_request` validates on the caller's thread with the same code as `LLM.generate` (`LLM.prompt_ids`,
-  `LLM.resolve_params`, the KV-pool size check): a bad request raises there and then and never reaches the engine. The
-  request is handed to the thread through a lock-protected inbox; `abort` goes the same way. The thread drains
+- `add_request` runs the input processor shared with `LLM.generate` (engine/input_processor.py: resolve, tokenise
+  and check, build the Sequence with its KV-pool fit check and parameter row) on the caller's thread: a bad request
+  raises there and then and never reaches the engine. The finished Sequence is handed to the thread through a
+  lock-protected inbox, which only queues it; `abort` goes the same way. The thread drains
   the inbox before every step, so an aborted request's pages are free before the next step is scheduled.
 - The thread hands outputs to each request's one-item slot on the caller's loop with `loop.call_soon_threadsafe`.
 - With nothing queued or unfinished the thread sleeps on a Condition (no spinning); add/abort/shutdown wake it.
@@ -174,16 +175,15 @@ class AsyncEngine:
         if params is not None and not isinstance(params, SamplingParams):
             raise RequestTypeError(f"params: expected a SamplingParams, got {type(params).__name__}", "params")
         self._engine.executor.check()  # a lost tensor-parallel worker fails new requests at once
-        resolved = self.llm.resolve_params(params, 1)[0]
-        ids = self.llm.prompt_ids(prompt, max_tokens=resolved.max_tokens)
         rid = request_id if request_id is not None else f"async-{next(self._ids)}"
+        seq = self.llm.processor.process(rid, prompt, params)  # validated, tokenised, built once, here
         if not isinstance(rid, str):
             raise RequestTypeError(f"request_id: expected a string, got {type(rid).__name__}", "request_id")
-        self._engine.new_sequence(rid, ids, resolved)  # pool-size check
         loop = asyncio.get_running_loop()
-        req = StreamState(rid, ids, resolved, prompt if isinstance(prompt, str) else None, loop, asyncio.Event())
+        req = StreamState(rid, seq.prompt_ids, seq.params, prompt if isinstance(prompt, str) else None, loop,
+                          asyncio.Event(), seq=seq)
         if record_steps:
-            req.step_log = StepLog(resolved.max_tokens)
+            req.step_log = seq.step_log = StepLog(seq.params.max_tokens)
         with self._cond:
             if self._dead is not None:
                 raise RuntimeError("the engine thread has died") from self._dead
@@ -302,11 +302,10 @@ class AsyncEngine:
         if req.done:
             return
         try:
-            req.seq = self._engine.add_request(req.request_id, req.prompt_ids, req.params, stream=True)
-            req.seq.step_log = req.step_log
+            self._engine.add(req.seq, stream=True)
             if req.step_log is not None:
                 self._recording[req.request_id] = req
-        except Exception as exc:  # validated on the caller's side already; only an engine invariant breaks here
+        except Exception as exc:  # built on the caller's side already; only an engine invariant breaks here
             self._retire(req)
             self._totals.failed += 1
             deliveries.append((req, _error(req, exc)))

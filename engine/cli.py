@@ -16,26 +16,9 @@ STOP_SYMBOL = "⏹"
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling (unset: the model's defaults)")
-    g.add_argument("--max-tokens", type=int, help="generation length (masked positions appended to the prompt)")
-    g.add_argument("--steps", type=int, help="denoising steps over the whole generation")
-    g.add_argument("--block-length", type=int, help="semi-autoregressive block size")
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--remasking", help="low_confidence | random | margin | entropy | origin (Dream)")
-    g.add_argument("--threshold", type=float, help="parallel decoding: commit all positions with confidence >= this")
-    g.add_argument("--factor", type=float, help="parallel decoding: factor rule (n+1)(1-c_n) < f")
-    g.add_argument("--cfg-scale", type=float, default=0.0)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true", help="return the whole canvas, past EOS")
-    g.add_argument("--cache", default=None, help="none | prefix | dual | block (default: the family's)")
-    g.add_argument("--algorithm", help="llada | dream | rnd1 | llada2 (transfer schedule; default: the family's)")
-    g.add_argument("--alg-temp", type=float, default=0.0)
-    g.add_argument("--editing-threshold", type=float,
-                   help="LLaDA2.1 token editing: replace a committed token when another is predicted above this")
-    g.add_argument("--max-post-steps", type=int, help="token editing: extra steps per block once it is filled")
+    """One flag per request field of SamplingParams' schema (engine/param_schema.py)."""
+    from .param_schema import add_cli_flags
+    add_cli_flags(p.add_argument_group("sampling (unset: the model's defaults)"))
 
 
 def add_parallel_flags(p: argparse.ArgumentParser) -> None:
@@ -68,14 +51,15 @@ def add_kernel_flag(p: argparse.ArgumentParser) -> None:
                         "models such as LLaDA2; other families never share)")
 
 
-SAMPLING_FIELDS = ("max_tokens", "steps", "block_length", "temperature", "top_p", "top_k", "remasking", "threshold",
-                   "factor", "cfg_scale", "seed", "stop", "ignore_eos", "cache", "algorithm", "alg_temp",
-                   "editing_threshold", "max_post_steps")
+def sampling_fields() -> tuple[str, ...]:
+    """The request fields that are flags (SamplingParams' schema)."""
+    from .param_schema import api_names
+    return api_names()
 
 
 def sampling_params(args: argparse.Namespace) -> Any:
     from .sampling_params import SamplingParams
-    return SamplingParams(**{f: getattr(args, f) for f in SAMPLING_FIELDS})
+    return SamplingParams(**{f: getattr(args, f) for f in sampling_fields()})
 
 
 def render_canvas(tokenizer: Any, ids: list[int], mask_id: int, eos_id: int, stop_ids: tuple[int, ...]) -> str:

@@ -7,15 +7,15 @@ from typing import Any, Iterator, Sequence as Seq
 
 import torch
 
-from .errors import RequestError, RequestTypeError
+from .input_processor import InputProcessor, Prompt, PromptIds
 from .llm_engine import CacheConfig, EngineConfig, LLMEngine
 from .hub import resolve_model_path
 from .loader import load_model, read_generation_config, resolve_device, resolve_dtype
 from .outputs import RequestOutput
 from .sampling_params import GenerationDefaults, ModelLimits, ResolvedParams, SamplingParams, model_defaults
 from .scheduler import SchedulerConfig
+from .sequence import Sequence
 
-Prompt = str | list[int]
 Messages = list[dict[str, str]]
 
 
@@ -61,6 +61,8 @@ class LLM:
                                   enable_prefix_caching=enable_prefix_caching),
                 scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
                 **extra), executor)
+            self.processor = InputProcessor(self.model, self.engine.scheduler, self.defaults, self.limits)
+            """Requests -> Sequences (resolve, tokenise and check, build), shared with AsyncEngine."""
         except BaseException:
             executor.shutdown()
             raise
@@ -84,41 +86,13 @@ class LLM:
     def tokenizer(self) -> Any:
         return self.model.tokenizer
 
-    def prompt_ids(self, prompt: Prompt, where: str = "prompt", max_tokens: int = 0) -> list[int]:
-        """Text (tokenised with the checkpoint's tokenizer) or token ids, validated; with max_tokens, also checked
-        to fit the model's context (before the ids are scanned)."""
-        cfg = self.model.config
-        if isinstance(prompt, str):
-            ids = list(self.model.tokenizer_encode(prompt))
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = list(prompt)
-        else:
-            raise RequestTypeError(f"{where}: must be a string or a list of token ids, got {type(prompt).__name__}",
-                               where)
-        self.limits.check_length(len(ids), max_tokens, where)
-        if ids and not (0 <= min(ids) and max(ids) < cfg.vocab_size):
-            t = next(t for t in ids if not 0 <= t < cfg.vocab_size)
-            raise RequestError(f"{where}: token id {t} is outside the vocabulary (size {cfg.vocab_size})", where)
-        if cfg.mask_id in ids:
-            raise RequestError(f"{where}: contains the mask token id {cfg.mask_id}; infilling is not supported",
-                               where)
-        if not ids and cfg.shift_logits:
-            raise RequestError(f"{where}: is empty; {cfg.family} predicts each position from the one before it, "
-                               f"so it needs at least one prompt token", where)
-        return ids
+    def prompt_ids(self, prompt: Prompt, where: str = "prompt", max_tokens: int = 0) -> PromptIds:
+        """Text or token ids, checked against this model (InputProcessor.prompt_ids)."""
+        return self.processor.prompt_ids(prompt, where, max_tokens)
 
     def resolve_params(self, params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[ResolvedParams]:
         """One SamplingParams, or one per prompt (n of them), resolved against this model's defaults."""
-        if params is None:
-            params = SamplingParams()
-        if isinstance(params, SamplingParams):
-            plist = [params] * n
-        else:
-            plist = list(params)
-            if len(plist) != n or not all(isinstance(p, SamplingParams) for p in plist):
-                raise RequestError(f"params: expected one SamplingParams or a list of {n}, got {len(plist)} items",
-                                   "params")
-        return [p.resolve(self.defaults, self.limits) for p in plist]
+        return self.processor.resolve(params, n)
 
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
                  ) -> list[RequestOutput]:
@@ -126,32 +100,34 @@ class LLM:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
-        resolved = self.resolve_params(params, len(prompts))
-        ids = [self.prompt_ids(p, f"prompts[{i}]", r.max_tokens) for i, (p, r) in enumerate(zip(prompts, resolved))]
-        return self._run(ids, resolved, prompts)
+        resolved = self.processor.resolve(params, len(prompts))
+        seqs = [self.processor.sequence(f"gen-{next(self._ids)}", self.processor.prompt_ids(p, f"prompts[{i}]",
+                                                                                         r.max_tokens), r)
+                for i, (p, r) in enumerate(zip(prompts, resolved))]
+        return self._run(seqs, prompts)
 
     def chat(self, messages: Messages | Seq[Messages],
              params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
         """Apply the checkpoint's chat template (with the generation prompt) and generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        resolved = self.resolve_params(params, len(convs))
-        ids = [self.prompt_ids(self.model.apply_chat_template(list(c)), f"messages[{i}]", r.max_tokens)
-               for i, (c, r) in enumerate(zip(convs, resolved))]
-        return self._run(ids, resolved, [None] * len(convs))
+        resolved = self.processor.resolve(params, len(convs))
+        seqs = [self.processor.sequence(f"gen-{next(self._ids)}",
+                                        self.processor.chat_ids(c, f"messages[{i}]", r.max_tokens), r)
+                for i, (c, r) in enumerate(zip(convs, resolved))]
+        return self._run(seqs, [None] * len(convs))
 
     def iter_steps(self, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool = False,
                    ) -> Iterator[tuple[list[int], RequestOutput | None]]:
         """Generate one prompt step by step: yields (generated canvas with masks, None) after each step, then
         (final canvas, output) once it finishes. Used by `unmask generate --show-steps`."""
-        resolved = self.resolve_params(params, 1)[0]
+        resolved = self.processor.resolve(params, 1)[0]
         if chat:
-            ids = self.prompt_ids(self.model.apply_chat_template([{"role": "user", "content": prompt}]),
-                                  max_tokens=resolved.max_tokens)
+            ids = self.processor.chat_ids([{"role": "user", "content": prompt}], "prompt", resolved.max_tokens)
         else:
-            ids = self.prompt_ids(prompt, max_tokens=resolved.max_tokens)
+            ids = self.processor.prompt_ids(prompt, max_tokens=resolved.max_tokens)
         self._check_not_served()
         rid = f"gen-{next(self._ids)}"
-        seq = self.engine.add_request(rid, ids, resolved, keep_canvas=True)
+        seq = self.engine.add(self.processor.sequence(rid, ids, resolved), keep_canvas=True)
         try:
             while True:
                 finished = [o for o in self.engine.step() if o.request_id == rid and o.finished]
@@ -168,17 +144,16 @@ class LLM:
             raise RuntimeError("this LLM is being served by an AsyncEngine, whose thread owns its engine; submit "
                                "requests through the AsyncEngine, or shut it down first")
 
-    def _run(self, ids: list[list[int]], params: list[ResolvedParams], prompts: list[Any]) -> list[RequestOutput]:
+    def _run(self, seqs: list[Sequence], prompts: list[Any]) -> list[RequestOutput]:
         """Add the requests, step until all finish. Whatever is raised (a step fault, KeyboardInterrupt), none of
         these requests is left in the engine: their pages are free and the engine is usable by the next call."""
         self._check_not_served()
         order: dict[str, int] = {}
-        results: list[RequestOutput | None] = [None] * len(ids)
+        results: list[RequestOutput | None] = [None] * len(seqs)
         try:
-            for i, (p_ids, p) in enumerate(zip(ids, params)):
-                rid = f"gen-{next(self._ids)}"
-                self.engine.add_request(rid, p_ids, p)
-                order[rid] = i
+            for i, seq in enumerate(seqs):
+                self.engine.add(seq)
+                order[seq.request_id] = i
             while any(r is None for r in results):
                 for out in self.engine.step():
                     if out.request_id in order and out.finished:

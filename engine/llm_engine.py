@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache_manager import PageAllocator
-from .constraints.build import make_constraint
 from .errors import EngineStepError, ParallelError, RequestError
+from .input_processor import build_sequence
 from .executor import Executor, LocalExecutor
 from .kv_pool import KVPool, kv_bytes_per_token
 from .loaded_model import DiffusionModel
 from .outputs import RequestOutput, cut_at_stop_token
 from .prefix_cache import PrefixCache
-from .runner import DEFAULT_LOGITS_MEMORY, ModelRunner, param_row
+from .runner import DEFAULT_LOGITS_MEMORY, ModelRunner
 from .sampling_params import ResolvedParams
 from .scheduler import ScheduleOutput, ScheduledRequest, Scheduler, SchedulerConfig
 from .sequence import Sequence
@@ -107,27 +107,24 @@ class LLMEngine:
         """The runner's executor (health checks, memory reports, shutdown of tensor-parallel workers)."""
         return self.runner.executor
 
-    def new_sequence(self, request_id: str, prompt_ids: list[int], params: ResolvedParams) -> Sequence:
-        """A request's host state, checked to fit the KV pool, not queued. Reads no mutable engine state, so any
-        thread may call it (AsyncEngine does, to raise errors on the caller's thread)."""
-        seq = Sequence(request_id, list(prompt_ids), params, shift=1 if self.model.config.shift_logits else 0,
-                       block_causal=self.model.config.block_causal)
-        self.scheduler.check_fits(seq)
-        seq.row = param_row(params)
-        seq.constraint = make_constraint(params.structured_outputs, self.model)
-        return seq
-
     def add_request(self, request_id: str, prompt_ids: list[int], params: ResolvedParams, *, stream: bool = False,
                     keep_canvas: bool = False) -> Sequence:
-        """Queue a request. stream: step() also returns an unfinished output each time it completes a block (what
-        AsyncEngine streams). keep_canvas: once finished, seq.final_canvas holds its whole generated canvas (past
-        EOS; `unmask generate --show-steps`)."""
+        """Queue a request from checked ids and resolved params (its Sequence built by the input processor's
+        build_sequence). stream / keep_canvas: see add()."""
         if request_id in self.requests:
             raise RequestError(f"request_id {request_id!r} is already in use", "request_id")
-        seq = self.new_sequence(request_id, prompt_ids, params)
+        return self.add(build_sequence(self.model, self.scheduler, request_id, prompt_ids, params), stream=stream,
+                        keep_canvas=keep_canvas)
+
+    def add(self, seq: Sequence, *, stream: bool = False, keep_canvas: bool = False) -> Sequence:
+        """Queue a Sequence built by the input processor (engine/input_processor.py). stream: step() also returns
+        an unfinished output each time it completes a block (what AsyncEngine streams). keep_canvas: once
+        finished, seq.final_canvas holds its whole generated canvas (past EOS; `unmask generate --show-steps`)."""
+        if seq.request_id in self.requests:
+            raise RequestError(f"request_id {seq.request_id!r} is already in use", "request_id")
         seq.stream, seq.keep_canvas = stream, keep_canvas
         self.scheduler.add(seq)
-        self.requests[request_id] = seq
+        self.requests[seq.request_id] = seq
         return seq
 
     def has_unfinished(self) -> bool:

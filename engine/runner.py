@@ -3,19 +3,21 @@
 Data flow of a step: the host lists each request's query range (a refresh pass over the whole canvas, or a
 block pass) -> one packed forward (variable lengths, K/V written to and read from the paged pool) -> logits only at
 the current block's positions -> candidates and scores -> per-row commit selection -> canvas update. The host gets
-back one small tensor per step (tokens committed and EOS flags per request).
+back one small tensor per step (tokens committed and EOS flags per request). The requests' sampling parameters
+come from the batched-parameters table (engine/batch_params.py), rebuilt when the batch membership changes; the
+scoring and commit rules are the decoding plug-ins (engine/decoding/).
 """
 from __future__ import annotations
 
-import math
 import os
 from itertools import accumulate
 from dataclasses import dataclass
 
 import torch
 
-from .decoding import editing, schedule
-from .decoding.candidates import SCORE_CODES, CandidateInputs, ShardDecode, candidates, candidates_from_stats
+from .batch_params import ParamTable
+from .decoding import editing, registry
+from .decoding.candidates import CandidateInputs, ShardDecode, candidates, candidates_from_stats
 from .decoding.noise import STREAM_GUMBEL, row_keys
 from .decoding.select import SelectInputs, select
 from .block_graphs import BlockGraphs
@@ -24,7 +26,6 @@ from .executor.base import Executor
 from .forward_batch import ForwardBatch
 from .kv_pool import KVPool
 from .loaded_model import DiffusionModel
-from .sampling_params import ResolvedParams
 from .scheduler import RunnerOutput, ScheduledRequest
 from .sequence import Sequence
 from .model.attention import AttnContext
@@ -32,22 +33,6 @@ from .shape_buckets import GroupPlan, attention_groups, build_groups, group_uplo
 from .step_upload import StepUpload
 
 GRAPHS_ENV = "UNMASK_CUDA_GRAPHS"
-
-
-@dataclass(frozen=True, slots=True)
-class ParamRow:
-    """One request's numeric sampling parameters, batched by stacking rows (no per-request conversion per step)."""
-    ints: torch.Tensor  # [4] int64: seed (two's complement), top_k, score code, tempered (Dream/RND1 scoring)
-    floats: torch.Tensor  # [6] float64: temperature, top_p, cfg_scale, threshold (nan = off), factor, alg_temp
-
-
-def param_row(p: ResolvedParams) -> ParamRow:
-    """Build the request's parameter row on the host; raises for a value the engine cannot represent."""
-    seed = p.seed - (1 << 64) if p.seed >= 1 << 63 else p.seed  # 64-bit seeds, stored as int64
-    ints = torch.tensor([seed, p.top_k, SCORE_CODES[p.remasking], p.algorithm != "llada"], dtype=torch.long)
-    floats = torch.tensor([p.temperature, p.top_p, p.cfg_scale, math.nan if p.threshold is None else p.threshold,
-                           math.nan if p.factor is None else p.factor, p.alg_temp], dtype=torch.float64)
-    return ParamRow(ints, floats)
 
 
 def ranges(starts: list[int], lengths: list[int]) -> torch.Tensor:
@@ -97,28 +82,14 @@ class _Members:
         self.gen_valid = (gar[None, :] < torch.tensor(gen)[:, None]).to(dev)  # [B, G]
         gen_index = torch.tensor([o + s.prompt_len for o, s in zip(self.offsets, seqs)])[:, None] + gar[None, :]
         self.gen_index = torch.where(self.gen_valid.cpu(), gen_index, 0).to(dev)  # [B, G]
-        p = [s.params for s in seqs]
-        ints = torch.stack([s.row.ints for s in seqs]).to(dev)  # [B, 4]
-        floats = torch.stack([s.row.floats for s in seqs]).to(dev)  # [B, 6]
-        self.seed, self.top_k, self.score, self.tempered = ints[:, 0], ints[:, 1], ints[:, 2], ints[:, 3].bool()
-        self.temperature, self.top_p = floats[:, 0].float(), floats[:, 1].float()
-        self.cfg_w = floats[:, 2].float()
-        self.threshold, self.factor, self.alg_temp = floats[:, 3], floats[:, 4], floats[:, 5]
-        self.score_codes = frozenset(SCORE_CODES[x.remasking] for x in p)
-        self.any_tempered = any(x.algorithm != "llada" for x in p)
-        self.any_sampling = any(x.temperature > 0 for x in p)
-        self.any_filter = any(x.top_k > 0 or x.top_p < 1 for x in p)
-        self.any_threshold = any(x.threshold is not None for x in p)
-        self.any_factor = any(x.factor is not None for x in p)
-        self.any_alg_temp = any(x.alg_temp > 0 for x in p)
+        self.params = ParamTable.build([s.row for s in seqs], dev)
+        self.transfer = [registry.transfer(s.params.transfer) for s in seqs]  # each request's transfer rule
+        self.host_rule = [t.id for t in self.transfer]
         self.block_causal = any(s.block_causal for s in seqs)
         self.block_len = (torch.tensor([seqs[i].params.block_length for i in self.row_seq], device=dev)
                           if self.block_causal else None)  # [R] block-causal attention per forward row
-        self.any_quota_threshold = any(x.algorithm == "llada2" for x in p)
-        self.any_editing = any(x.editing for x in p)
+        self.any_editing = any(s.params.editing for s in seqs)
         self.edit_from = torch.tensor([s.prompt_len if s.params.editing else 1 << 62 for s in seqs])  # [B] host
-        self.edit_threshold = torch.tensor([math.nan if x.editing_threshold is None else x.editing_threshold
-                                            for x in p], dtype=torch.float64, device=dev)  # [B]
 
 
 LOGIT_ENTRY_BYTES = 64
@@ -202,15 +173,16 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, reqs: list[ScheduledRequest]) -> RunnerOutput:
         m = self._sync_members([r.seq for r in reqs])
+        t = m.params
         plan = self._plan(reqs, m)  # host metadata -> device, one copy
         batch, dec = self._inputs(reqs, m, plan)
-        keys = (row_keys(m.seed[dec.seq], plan.dev["step_no"][dec.seq], dec.pos, STREAM_GUMBEL) if plan.mmax
+        keys = (row_keys(t.seed[dec.seq], plan.dev["step_no"][dec.seq], dec.pos, STREAM_GUMBEL) if plan.mmax
                 else torch.zeros(0, dtype=torch.long, device=self.device))  # [N] counter-based noise keys
         constrained = StepConstraints.of(reqs, plan.counts)  # structured-output rows (None: none in this step)
-        if self.executor.world_size > 1 and not m.any_filter and constrained is None:  # reduce each
+        if self.executor.world_size > 1 and not t.any_filter and constrained is None:  # reduce each
             # vocabulary shard on its rank (constrained rows need their full logits)
-            batch.shard_decode = ShardDecode(self.cfg.mask_id, m.temperature[dec.seq], m.tempered[dec.seq], keys,
-                                             m.any_sampling, m.any_tempered)
+            batch.shard_decode = ShardDecode(self.cfg.mask_id, t.temperature[dec.seq], t.tempered[dec.seq], keys,
+                                             t.any_sampling, t.any_tempered)
         x0, score, conf = self._candidates(reqs, m, batch, dec, keys, plan, constrained)  # [N] each
         commit, edit = self._commit(reqs, m, dec, x0, score, conf, keys, plan, constrained)  # [B, M] each
         eos = self._eos(m)  # [B]
@@ -268,20 +240,15 @@ class ModelRunner:
             host["pad_valid"] = pad_valid
             host["pad_idx"] = torch.where(pad_valid, flat_start[:, None] + torch.arange(mmax)[None, :], 0)  # [B, M]
             host["step_no"] = torch.tensor([s.stats.steps for s in seqs])  # [B]
-            fixed = [schedule.fixed_count(s) for s in seqs]
-            host["quota_rule"] = torch.tensor([s.params.algorithm == "llada2" for s in seqs])
-            origin = [schedule.origin_prob(s) for s in seqs]
-            host["count"] = torch.tensor(fixed)
-            host["origin"] = torch.tensor([math.nan if o is None else o for o in origin], dtype=torch.float64)
-            host["commit_all"] = torch.tensor([s.is_last_allowed_step and s.params.adaptive and not s.block_causal
-                                               for s in seqs])
-            any_origin, max_count = any(o is not None for o in origin), max(fixed)
+            values = [t.step_value(s) for t, s in zip(m.transfer, seqs)]  # each row's transfer rule, this step
+            host["rule_value"] = torch.tensor(values, dtype=torch.float64)  # [B]
+            host["commit_all"] = torch.tensor([s.is_last_allowed_step and t.adaptive and not s.block_causal
+                                               for t, s in zip(m.transfer, seqs)])
         else:
-            any_origin, max_count = False, 0
+            values = []
         for r in reqs:
             r.seq.stats.positions_computed += (r.query[1] - r.query[0]) * r.seq.num_rows
-        return _Plan(self.upload.send(host), row_len, counts, mmax, max_count, any_origin,
-                     groups if self.kernels != "triton" else [])
+        return _Plan(self.upload.send(host), row_len, counts, mmax, values, groups if self.kernels != "triton" else [])
 
     def _inputs(self, reqs: list[ScheduledRequest], m: _Members, plan: "_Plan") -> tuple[ForwardBatch, "_Decode"]:
         """The step's forward inputs: one packed forward over every row's query range (K/V written to and read
@@ -318,9 +285,9 @@ class ModelRunner:
         elif not m.block_causal:  # SDPA per length-bucket group, so a row's attention does not depend on the batch
             batch.attn_groups = build_groups(plan.groups, d, m.read_slots, m.key_valid, self.pool.scratch_slot)
         if m.cfg_seqs:
-            sel = torch.nonzero_static(m.cfg_w[seq] > 0, size=sum(counts[i] for i in m.cfg_seqs))[:, 0]  # [Nc]
+            sel = torch.nonzero_static(m.params.cfg_w[seq] > 0, size=sum(counts[i] for i in m.cfg_seqs))[:, 0]  # [Nc]
             batch.twin_rows, batch.cfg_sel = (d["first_twin"][seq] + dpos)[sel], sel
-            batch.cfg_w = m.cfg_w[seq[sel]][:, None]
+            batch.cfg_w = m.params.cfg_w[seq[sel]][:, None]
             # host-known: the guided positions before each chunk boundary, indexing batch.cfg_sel
             starts, chunk = [0, *accumulate(counts)], self.max_logit_rows
             bounds = [*range(0, n, chunk), n]
@@ -340,11 +307,13 @@ class ModelRunner:
         conf = torch.empty(n, dtype=torch.float64, device=dev)
         score_chunk = candidates if batch.shard_decode is None else candidates_from_stats
 
+        t = m.params
+
         def consume(a: int, b: int, logits: torch.Tensor) -> None:
             seq = dec.seq[a:b]
-            inputs = CandidateInputs(m.temperature[seq], m.top_k[seq], m.top_p[seq], m.score[seq], m.tempered[seq],
-                                     keys[a:b], self.cfg.mask_id, m.any_sampling, m.any_filter, m.score_codes,
-                                     m.any_tempered, self.kernels)
+            inputs = CandidateInputs(t.temperature[seq], t.top_k[seq], t.top_p[seq], t.remasking[seq],
+                                     t.tempered[seq], keys[a:b], self.cfg.mask_id, t.any_sampling, t.any_filter,
+                                     t.remasking_ids, t.any_tempered, self.kernels)
             x0[a:b], score[a:b], conf[a:b] = score_chunk(logits, inputs)
             if constrained is not None:
                 constrained.consume(a, b, logits, inputs)
@@ -374,17 +343,16 @@ class ModelRunner:
         pad_valid, pad_idx = d["pad_valid"], d["pad_idx"]  # [B, M]
         current = self.buf[dec.buf]  # [N]
         selectable = (current == mask_id)[pad_idx] & pad_valid
+        t = m.params
         commit = select(score[pad_idx], conf[pad_idx], selectable, SelectInputs(
-            count=d["count"], max_count=plan.max_count, threshold=m.threshold, factor=m.factor,
-            origin_prob=d["origin"], alg_temp=m.alg_temp, commit_all=d["commit_all"],
-            noise_keys=keys[pad_idx], any_threshold=m.any_threshold, any_factor=m.any_factor,
-            any_origin=plan.any_origin, any_alg_temp=m.any_alg_temp,
-            quota_rule=d["quota_rule"] if m.any_quota_threshold else None))  # [B, M]
+            rule=t.transfer, value=d["rule_value"], host_value=plan.rule_values, host_rule=m.host_rule,
+            alg_temp=t.alg_temp, commit_all=d["commit_all"], noise_keys=keys[pad_idx],
+            any_alg_temp=t.any_alg_temp, threshold=t.threshold))  # [B, M]
         if constrained is not None:  # structured-output rows: their left-to-right grammar-checked commits
             commit = constrained.apply(x0, commit)
         edit = torch.zeros_like(commit)
         if m.any_editing:
-            edit = editing.edits(current[pad_idx], x0[pad_idx], conf[pad_idx], pad_valid, m.edit_threshold, mask_id)
+            edit = editing.edits(current[pad_idx], x0[pad_idx], conf[pad_idx], pad_valid, t.edit_threshold, mask_id)
         self.buf[dec.buf] = torch.where((commit | edit)[pad_valid], x0, current)
         return commit, edit
 
@@ -405,8 +373,7 @@ class _Plan:
     row_len: list[int]  # query tokens per forward row
     counts: list[int]  # positions decoded per request
     mmax: int  # max(counts)
-    max_count: int  # the largest fixed-schedule commit count
-    any_origin: bool
+    rule_values: list[float]  # each request's transfer-rule value this step (host copy of dev["rule_value"])
     groups: list[GroupPlan]  # attention groups (torch kernels)
 
 

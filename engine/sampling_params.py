@@ -12,18 +12,16 @@ Everything the reference accepts (e.g. more steps than tokens in a block: some s
 """
 from __future__ import annotations
 
-import math
 import random
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, make_dataclass
 from typing import Any
 
 from .constraints.spec import StructuredOutputs
-from .errors import RequestError, RequestTooLargeError
+from .decoding import registry
+from .errors import RequestTooLargeError
+from .param_schema import SamplingParamsError, check_value, param, specs
 
-REMASKING = ("low_confidence", "random", "margin", "entropy", "origin")
-REMASKING_ALIASES = {"maskgit_plus": "low_confidence", "topk_margin": "margin"}
 CACHE_MODES = ("none", "prefix", "dual", "block")
-ALGORITHMS = ("llada", "dream", "rnd1", "llada2")
 
 
 # Limits (README "Limits"): every field is bounded so that any accepted value is one the engine can honour.
@@ -40,157 +38,122 @@ MAX_CFG_SCALE = 100.0
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 """Stop strings: at most MAX_STOP_STRINGS of at most MAX_STOP_LENGTH characters each."""
-
-
-class SamplingParamsError(RequestError):
-    """A SamplingParams field is invalid; `.field` (also `.param`) names it."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"SamplingParams.{field}: {message}", field)
-        self.field = field
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 class SamplingParamsTooLargeError(SamplingParamsError, RequestTooLargeError):
     """A SamplingParams field asks for more than the model can do (e.g. max_tokens beyond its context length)."""
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 @dataclass
 class SamplingParams:
-    max_tokens: int | None = None
-    """Generation length: the number of masked positions appended to the prompt."""
-    steps: int | None = None
-    """Denoising steps over the whole generation (split over blocks). With threshold/factor: an upper bound."""
-    block_length: int | None = None
-    """Semi-autoregressive block size; blocks are decoded left to right."""
-    temperature: float | None = None
-    """0 = greedy. >0 samples candidates (Gumbel-max with float64 noise)."""
-    top_p: float | None = None
-    top_k: int | None = None
-    remasking: str | None = None
-    """Score that orders commits: low_confidence, random, margin, entropy; origin (Dream algorithm only).
-    Dream's names maskgit_plus and topk_margin are accepted as aliases."""
-    threshold: float | None = None
-    """Parallel decoding: commit every masked position of the block with confidence >= threshold (at least one)."""
-    factor: float | None = None
-    """Parallel decoding: commit the largest n with (n+1)(1-c_n) < factor over sorted confidences (at least one)."""
-    cfg_scale: float = 0.0
-    """Classifier-free guidance weight w: un + (w+1)(cond - un), un = the prompt fully masked."""
-    seed: int | None = None
-    """Seed for sampling noise; None draws a fresh one per request."""
-    stop: str | list[str] | None = None
-    ignore_eos: bool = False
-    """Do not stop at EOS: return the whole generated canvas."""
-    cache: str | None = None
-    """none (reference semantics), prefix or dual (Fast-dLLM block-wise KV caches), block (block-causal models:
-    the exact cache of finished blocks; prefix/dual map to it there). Default: the family's (block for LLaDA2,
-    else none)."""
-    algorithm: str | None = None
-    """Transfer schedule: llada (even split per block), dream (1 - s/t), rnd1 (entropy-ordered), llada2 (block
-    diffusion: block-aligned canvas, quota + strict threshold; block-causal models only). Default: family's."""
-    alg_temp: float = 0.0
-    """Dream: >0 samples the positions to commit from softmax(confidence / alg_temp)."""
-    eps: float = 1e-3
-    """Dream: final timestep of linspace(1, eps, steps + 1)."""
-    editing_threshold: float | None = None
-    """LLaDA2.1 token editing (strategy "llada2.1-edit", engine/decoding/editing.py; block diffusion only): a
-    committed token of the current block is replaced when the model predicts another token with confidence
-    > editing_threshold. None: off (LLaDA2.0 decoding)."""
-    max_post_steps: int | None = None
-    """With editing: extra steps per block after its last mask is filled, while they still edit (default 16)."""
-    structured_outputs: StructuredOutputs | dict | None = None
-    """Constrain the output: StructuredOutputs(json=schema | regex=... | choice=[...] | grammar=lark |
-    json_object=True), or the same as a dict (vLLM's `structured_outputs` object). See engine/constraints/."""
+    """Per-request decoding options. Each field's `param(...)` is its schema (engine/param_schema.py): type,
+    range or choices, where an unset value comes from, one-line help; the HTTP fields, CLI flags, server
+    defaults and SDK options are derived from it."""
+    __slots__ = ("__dict__", "_valid")  # the fields live in __dict__ (vars(params) is just them); _valid apart
+    max_tokens: int | None = param(
+        None, "int", "Generation length: the number of masked positions appended to the prompt.",
+        lo=1, hi=MAX_TOKENS_LIMIT, source="model")
+    steps: int | None = param(
+        None, "int", "Denoising steps over the whole generation, split over the blocks. With threshold / factor: "
+        "an upper bound.", lo=1, hi=MAX_STEPS, source="model")
+    block_length: int | None = param(
+        None, "int", "Semi-autoregressive block size: blocks are decoded left to right, each streamed once "
+        "finished. Above max_tokens: one block.", lo=1, hi=MAX_TOKENS_LIMIT, source="model")
+    temperature: float | None = param(
+        None, "float", "0 = greedy; > 0 samples candidates (Gumbel-max with float64 noise).", lo=0,
+        hi=MAX_TEMPERATURE, source="model")
+    top_p: float | None = param(
+        None, "float", "Nucleus sampling of candidates, in (0, 1].", lo=0, hi=1, lo_open=True, source="model")
+    top_k: int | None = param(
+        None, "int", "Keep the k most likely candidates; 0 (or -1 over HTTP) = off.", lo=0, hi=MAX_TOP_K,
+        source="model", what="an integer >= 0 (0 = off) and at most the vocabulary size", http_lo=-1)
+    remasking: str | None = param(
+        None, "choice", "Order in which masked positions are committed (engine/decoding/remasking/); Dream's "
+        "maskgit_plus / topk_margin name low_confidence / margin.", choices=registry.remasking_names,
+        aliases=registry.remasking_aliases, source="model")
+    threshold: float | None = param(
+        None, "float", "Parallel decoding: commit every masked position of the block with confidence >= "
+        "threshold (at least one per step). In (0, 1].", lo=0, hi=1, lo_open=True, source="model")
+    factor: float | None = param(
+        None, "float", "Parallel decoding, factor rule: commit the largest n with (n + 1)(1 - c_n) < factor over "
+        "sorted confidences. Alternative to threshold.", lo=0, hi=float("inf"), lo_open=True)
+    cfg_scale: float = param(
+        0.0, "float", "Classifier-free guidance weight w: un + (w+1)(cond - un), un = the prompt fully masked "
+        "(0 = off; > 0 runs an unconditional twin, doubling the compute).", lo=0, hi=MAX_CFG_SCALE,
+        nullable=False)
+    seed: int | None = param(
+        None, "int", "Seed of the sampling noise (same seed, same output). Unset: a fresh one per request.",
+        lo=SEED_RANGE[0], hi=SEED_RANGE[1], hi_open=True, source="random",
+        what="a 64-bit integer in [-2**63, 2**64)", http_lo=INT64_MIN, http_hi=INT64_MAX)
+    stop: str | list[str] | None = param(
+        None, "stop", "Stop string or list of stop strings; the text is cut before the first one found.")
+    ignore_eos: bool = param(False, "bool", "Do not stop at EOS: return the whole generated canvas.",
+                             nullable=False)
+    cache: str | None = param(
+        None, "choice", "KV cache mode: none (exact reference semantics), prefix or dual (Fast-dLLM block-wise "
+        "caches), block (block-causal models such as LLaDA2: the exact cache of finished blocks, their default; "
+        "prefix / dual map to it there).", choices=CACHE_MODES, source="model")
+    algorithm: str | None = param(
+        None, "choice", "Transfer schedule (engine/decoding/transfer/): llada (even split per block), dream "
+        "(1 - s/t), rnd1 (entropy-ordered), llada2 (block diffusion: block-aligned canvas, quota + strict "
+        "threshold; block-causal models only). Unset: the model family's.", choices=registry.algorithm_names,
+        source="model")
+    alg_temp: float = param(
+        0.0, "float", "Dream: > 0 samples the positions to commit from softmax(confidence / alg_temp).", lo=0,
+        hi=MAX_TEMPERATURE, nullable=False)
+    eps: float = param(1e-3, "float", "Dream: final timestep of linspace(1, eps, steps + 1).", lo=0, hi=1,
+                       lo_open=True, hi_open=True, nullable=False, api=False)
+    editing_threshold: float | None = param(
+        None, "float", "LLaDA2.1 token editing (block diffusion only, engine/decoding/editing.py): replace a "
+        "committed token of the current block when another is predicted with confidence > this. Unset: off.",
+        lo=0, hi=1, lo_open=True)
+    max_post_steps: int | None = param(
+        None, "int", "Token editing: extra steps per block after its last mask is filled, while they still edit "
+        "(unset: 16).", lo=0, hi=MAX_STEPS)
+    structured_outputs: StructuredOutputs | dict | None = param(
+        None, "object", "Constrain the output: StructuredOutputs(json=schema | regex=... | choice=[...] | "
+        "grammar=lark | json_object=True), or the same as a dict (vLLM's `structured_outputs` object). See "
+        "engine/constraints/.", convert=StructuredOutputs.from_dict, api=False)
 
     def __post_init__(self) -> None:
-        def int_in(name: str, lo: int, hi: int, what: str) -> None:
-            v = getattr(self, name)
-            if v is not None and not (_is_int(v) and lo <= v <= hi):
-                raise SamplingParamsError(name, f"must be {what}, got {v!r}")
+        self._validate()
 
-        def num_in(name: str, lo: float, hi: float, what: str, lo_open: bool = False) -> None:
-            v = getattr(self, name)
-            if v is not None and not (_is_num(v) and (lo < v if lo_open else lo <= v) and v <= hi):
-                raise SamplingParamsError(name, f"must be {what}, got {v!r}")
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        object.__setattr__(self, "_valid", False)  # a mutated object is validated again when resolved
 
-        int_in("max_tokens", 1, MAX_TOKENS_LIMIT, f"an integer in [1, {MAX_TOKENS_LIMIT}]")
-        int_in("block_length", 1, MAX_TOKENS_LIMIT, f"an integer in [1, {MAX_TOKENS_LIMIT}]")
-        int_in("steps", 1, MAX_STEPS, f"an integer in [1, {MAX_STEPS}]")
-        num_in("temperature", 0, MAX_TEMPERATURE, f"a number in [0, {MAX_TEMPERATURE:g}]")
-        num_in("top_p", 0, 1, "in (0, 1]", lo_open=True)
-        int_in("top_k", 0, MAX_TOP_K, "an integer >= 0 (0 = off) and at most the vocabulary size")
-        if self.remasking is not None:
-            r = REMASKING_ALIASES.get(self.remasking, self.remasking) if isinstance(self.remasking, str) else None
-            if r not in REMASKING:
-                raise SamplingParamsError("remasking", f"must be one of {', '.join(REMASKING)}, got {self.remasking!r}")
-            self.remasking = r
-        num_in("threshold", 0, 1, "in (0, 1]", lo_open=True)
-        num_in("factor", 0, math.inf, "a number > 0", lo_open=True)
-        if self.threshold is not None and self.factor is not None:
-            raise SamplingParamsError("factor", "threshold and factor are alternatives; set only one")
-        if self.cfg_scale is None:
-            raise SamplingParamsError("cfg_scale", "must be a number in [0, 100], got None")
-        num_in("cfg_scale", 0, MAX_CFG_SCALE, f"a number in [0, {MAX_CFG_SCALE:g}]")
-        lo, hi = SEED_RANGE
-        if self.seed is not None and not (_is_int(self.seed) and lo <= self.seed < hi):
-            raise SamplingParamsError("seed", f"must be a 64-bit integer in [-2**63, 2**64), got {self.seed!r}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if isinstance(self.stop, tuple):
-            self.stop = list(self.stop)
-        if self.stop is not None:
-            if not (isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop)):
-                raise SamplingParamsError("stop", f"must be a non-empty string or a list of them, got {self.stop!r}")
-            if len(self.stop) > MAX_STOP_STRINGS:
-                raise SamplingParamsError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
-            if max(map(len, self.stop), default=0) > MAX_STOP_LENGTH:
-                raise SamplingParamsError("stop", f"each stop string must be at most {MAX_STOP_LENGTH} characters")
-        if not isinstance(self.ignore_eos, bool):
-            raise SamplingParamsError("ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
-        if self.cache is not None and (not isinstance(self.cache, str) or self.cache not in CACHE_MODES):
-            raise SamplingParamsError("cache", f"must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}")
-        if self.algorithm is not None and (not isinstance(self.algorithm, str) or self.algorithm not in ALGORITHMS):
-            raise SamplingParamsError("algorithm", f"must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
-        if self.alg_temp is None:
-            raise SamplingParamsError("alg_temp", "must be a number in [0, 100], got None")
-        num_in("alg_temp", 0, MAX_TEMPERATURE, f"a number in [0, {MAX_TEMPERATURE:g}]")
-        if self.eps is None:
-            raise SamplingParamsError("eps", "must be in (0, 1), got None")
-        num_in("eps", 0, 1, "in (0, 1)", lo_open=True)
-        if self.eps == 1:
-            raise SamplingParamsError("eps", f"must be in (0, 1), got {self.eps!r}")
-        num_in("editing_threshold", 0, 1, "in (0, 1]", lo_open=True)
-        int_in("max_post_steps", 0, MAX_STEPS, f"an integer in [0, {MAX_STEPS}]")
-        if self.remasking == "origin" and self.algorithm not in (None, "dream"):
-            raise SamplingParamsError("remasking", "'origin' is Dream's algorithm; it needs algorithm='dream'")
-        if self.structured_outputs is not None:
-            self.structured_outputs = StructuredOutputs.from_dict(self.structured_outputs)
+    def _validate(self) -> None:
+        """The one validation pass: every field against its schema, then the rules between fields."""
+        limits = {"max_stop_strings": MAX_STOP_STRINGS, "max_stop_length": MAX_STOP_LENGTH}
+        for name, (spec, _) in specs(type(self)).items():
+            value = check_value(name, spec, getattr(self, name), limits)
+            if value is not getattr(self, name):
+                object.__setattr__(self, name, value)
+        check_rules(self.remasking, self.algorithm, {p: getattr(self, p) for p in registry.param_transfers()})
+        object.__setattr__(self, "_valid", True)
 
     def resolve(self, defaults: "GenerationDefaults", limits: "ModelLimits | None" = None) -> "ResolvedParams":
         """Fill unset fields from the model's defaults and derive the block plan. With `limits`, also refuse what
         this model cannot do (top_k beyond its vocabulary, max_tokens beyond its context, stop strings without a
-        tokenizer) before anything is allocated. Fields are re-validated, so a SamplingParams mutated after
-        construction is caught here too."""
-        self.__post_init__()
-        get = lambda name: getattr(self, name) if getattr(self, name) is not None else getattr(defaults, name)  # noqa: E731
-        max_tokens, steps = get("max_tokens"), get("steps")
+        tokenizer) before anything is allocated. Validated on construction; checked again only if mutated since."""
+        if not getattr(self, "_valid", False):
+            self._validate()
+        values: dict[str, Any] = {}
+        for name, (spec, _) in specs(type(self)).items():
+            v = getattr(self, name)
+            values[name] = getattr(defaults, name) if v is None and spec.source == "model" else v
+        max_tokens, steps = values["max_tokens"], values["steps"]
         if limits is not None:
-            limits.check(self, max_tokens, get("top_k"))
-        algorithm = get("algorithm")
+            limits.check(self, max_tokens, values["top_k"])
+        algorithm = values["algorithm"]
         block_diffusion = algorithm == "llada2"
         if block_diffusion != (defaults.algorithm == "llada2"):
             raise SamplingParamsError("algorithm", f"{algorithm!r} does not apply to this model: block-causal "
                                                    f"models (LLaDA2) decode with 'llada2' only, others never")
         # block diffusion: the reference does not clamp block_length to max_tokens (the canvas is block-aligned)
-        block_length = get("block_length") if block_diffusion else min(get("block_length"), max_tokens)
-        cache = self.cache or defaults.cache
+        block_length = values["block_length"] if block_diffusion else min(values["block_length"], max_tokens)
+        cache = values["cache"]
         if block_diffusion:
             _check_block_diffusion(self)
             cache = "none" if cache == "none" else "block"  # prefix / dual are exact here: the block cache
@@ -201,72 +164,59 @@ class SamplingParams:
             raise SamplingParamsError("cache", "'block' is the exact cache of block-causal models (LLaDA2); use "
                                                "none, prefix or dual")
         remasking = self.remasking or (defaults.remasking if algorithm == defaults.algorithm else "low_confidence")
-        if remasking == "origin" and algorithm != "dream":
-            raise SamplingParamsError("remasking", "'origin' is Dream's algorithm; it needs algorithm='dream'")
-        if self.threshold is not None or self.factor is not None:
-            if remasking == "origin":
-                raise SamplingParamsError("remasking", "'origin' reveals positions at random; it cannot be "
-                                                       "combined with threshold or factor")
+        active = {p: getattr(self, p) for p in registry.param_transfers()}
+        check_rules(remasking, algorithm, active)
         num_blocks = -(-max_tokens // block_length)
         base, extra = divmod(max(steps, num_blocks), num_blocks)
         block_steps = tuple(base + (1 if b < extra else 0) for b in range(num_blocks))
         steps_per_block = 0
         if block_diffusion:  # the plan needs the prompt length: Sequence builds it (engine/block_diffusion.py)
-            block_steps, steps = (), self.steps or 0
+            block_steps, total_steps = (), self.steps or 0
             steps_per_block = defaults.steps_per_block if self.steps is None else 0
-        threshold = self.threshold if self.threshold is not None else defaults.threshold
-        seed = self.seed if self.seed is not None else random.getrandbits(62)
-        top_k = get("top_k") or 0
-        top_p = get("top_p") or 1.0
-        return ResolvedParams(
-            max_tokens=max_tokens, steps=sum(block_steps) if not block_diffusion else steps,
-            block_length=block_length, block_steps=block_steps,
-            temperature=float(get("temperature")), top_p=float(top_p), top_k=int(top_k), remasking=remasking,
-            threshold=threshold, factor=self.factor, cfg_scale=float(self.cfg_scale), seed=seed,
-            stop=tuple(self.stop or ()), ignore_eos=self.ignore_eos, cache=cache, algorithm=algorithm,
-            alg_temp=float(self.alg_temp), eps=float(self.eps), structured_outputs=self.structured_outputs,
-            steps_per_block=steps_per_block, editing_threshold=self.editing_threshold,
+            transfer = "llada2"  # quota + strict threshold (engine/decoding/transfer/llada2.py)
+        else:
+            total_steps = sum(block_steps)
+            transfer = (next((p for p, v in active.items() if v is not None), None)
+                        or registry.remasking(remasking).transfer or algorithm)
+        values.update(
+            max_tokens=max_tokens, steps=total_steps, block_length=block_length, remasking=remasking,
+            temperature=float(values["temperature"]), top_p=float(values["top_p"] or 1.0),
+            top_k=int(values["top_k"] or 0), cfg_scale=float(self.cfg_scale),
+            seed=self.seed if self.seed is not None else random.getrandbits(62), stop=tuple(self.stop or ()),
+            alg_temp=float(self.alg_temp), eps=float(self.eps), cache=cache,
             max_post_steps=16 if self.max_post_steps is None else self.max_post_steps)
+        return ResolvedParams(**values, block_steps=block_steps, transfer=transfer,
+                              adaptive=registry.transfer(transfer).adaptive, steps_per_block=steps_per_block)
 
 
-@dataclass(frozen=True, slots=True)
-class ResolvedParams:
-    max_tokens: int
-    steps: int
-    block_length: int
-    block_steps: tuple[int, ...]
-    temperature: float
-    top_p: float
-    top_k: int
-    remasking: str
-    threshold: float | None
-    factor: float | None
-    cfg_scale: float
-    seed: int
-    stop: tuple[str, ...]
-    ignore_eos: bool
-    cache: str
-    algorithm: str
-    alg_temp: float
-    eps: float
-    structured_outputs: StructuredOutputs | None = None
-    steps_per_block: int = 0
-    """Block diffusion (llada2) without an explicit `steps`: every block gets this many steps (`steps` is then 0;
-    the per-block plan is built per request, Sequence.plan)."""
-    editing_threshold: float | None = None
-    max_post_steps: int = 16
+def check_rules(remasking: str | None, algorithm: str | None, active: dict[str, Any]) -> None:
+    """The constraints between fields, from the decoding registry: at most one param-activated transfer rule
+    (threshold, factor); a remasking rule tied to an algorithm needs it; one that brings its own transfer rule
+    excludes the param rules."""
+    on = [p for p, v in active.items() if v is not None]
+    if len(on) > 1:
+        raise SamplingParamsError(on[1], f"{' and '.join(on)} are alternatives; set only one")
+    rule = registry.remasking(remasking) if remasking is not None else None
+    if rule is None:
+        return
+    if rule.algorithm is not None and algorithm not in (None, rule.algorithm):
+        raise SamplingParamsError("remasking", f"'{rule.name}' {rule.why}; it needs algorithm='{rule.algorithm}'")
+    if rule.transfer is not None and on:
+        raise SamplingParamsError("remasking", f"'{rule.name}' {rule.transfer_why}; it cannot be combined with "
+                                               f"{' or '.join(registry.param_transfers())}")
 
-    @property
-    def editing(self) -> bool:
-        return self.editing_threshold is not None
 
-    @property
-    def num_blocks(self) -> int:
-        return len(self.block_steps)
-
-    @property
-    def adaptive(self) -> bool:
-        return self.threshold is not None or self.factor is not None
+ResolvedParams = make_dataclass(
+    "ResolvedParams",
+    [(f.name, f.type) for f in fields(SamplingParams)] + [
+        ("block_steps", "tuple[int, ...]"), ("transfer", "str"), ("adaptive", "bool"), ("steps_per_block", "int")],
+    frozen=True, slots=True,
+    namespace={"num_blocks": property(lambda self: len(self.block_steps)), "__module__": __name__,
+               "editing": property(lambda self: self.editing_threshold is not None),
+               "__doc__": "A request's parameters resolved against its model: every SamplingParams field set "
+                          "(seed drawn, stop a tuple, model defaults filled in), plus the block plan "
+                          "(block_steps; block diffusion: built per request from steps_per_block, Sequence.plan), "
+                          "the transfer rule that decides its commits and whether that rule is adaptive. Generated from SamplingParams, so a new field needs no edit here."})
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,14 +237,23 @@ class ModelLimits:
             raise SamplingParamsError("stop", "stop strings need a tokenizer and this checkpoint has none; "
                                               "use token-id prompts without stop strings")
 
-    def check_length(self, prompt_len: int, max_tokens: int, where: str = "prompt") -> None:
-        if max_tokens <= 0 and prompt_len > self.max_model_len:  # the prompt alone (max_tokens not known here)
-            raise RequestTooLargeError(f"{where}: {prompt_len} prompt tokens exceed the model's context length of "
-                                       f"{self.max_model_len} tokens", where)
-        if prompt_len + max_tokens > self.max_model_len:
-            raise RequestTooLargeError(
-                f"{where}: {prompt_len} prompt tokens + max_tokens {max_tokens} exceed the model's context length "
-                f"of {self.max_model_len} tokens", "max_tokens" if prompt_len < self.max_model_len else where)
+    def check_length(self, prompt_len: int, max_tokens: int, where: str = "prompt", param: str = "max_tokens"
+                     ) -> None:
+        check_context(prompt_len, max_tokens, self.max_model_len, where, param)
+
+
+def check_context(prompt_len: int, max_tokens: int, max_model_len: int, where: str = "prompt",
+                  param: str = "max_tokens") -> None:
+    """The one context-length check (engine and server): prompt + max_tokens must fit; the error names the prompt
+    (`where`) when the prompt alone fills the context, else the generation length (`param`)."""
+    if prompt_len + max_tokens <= max_model_len:
+        return
+    if prompt_len >= max_model_len:  # the prompt alone (also when max_tokens is not known yet: 0)
+        raise RequestTooLargeError(f"{where}: {prompt_len} prompt tokens exceed the model's context length of "
+                                   f"{max_model_len} tokens", where)
+    raise RequestTooLargeError(
+        f"{where}: {prompt_len} prompt tokens + {param} {max_tokens} exceed the model's context length of "
+        f"{max_model_len} tokens; use at most {max_model_len - prompt_len}", param)
 
 
 @dataclass(slots=True)
@@ -310,8 +269,12 @@ class GenerationDefaults:
     algorithm: str = "llada"
     threshold: float | None = None
     cache: str = "none"
-    steps_per_block: int = 0
-    """Block diffusion (llada2): steps of each block when the request sets no `steps`."""
+
+    @property
+    def steps_per_block(self) -> int:
+        """Block diffusion (llada2): steps of each block when the request sets no `steps` (the family's `steps`
+        counts per block, as LLaDA2's generate does); 0 for the other algorithms."""
+        return self.steps if self.algorithm == "llada2" else 0
 
 
 FAMILY_DEFAULTS: dict[str, GenerationDefaults] = {
@@ -327,7 +290,7 @@ FAMILY_DEFAULTS: dict[str, GenerationDefaults] = {
     # LLaDA2MoeModelLM.generate: gen_length 2048, block_length 32, 32 steps per block, temperature 0,
     # threshold 0.95; the exact block cache by default (block-causal: finished blocks never change).
     "llada2_moe": GenerationDefaults(max_tokens=2048, steps=32, block_length=32, algorithm="llada2",
-                                     threshold=0.95, cache="block", steps_per_block=32),
+                                     threshold=0.95, cache="block"),
 }
 
 
@@ -359,8 +322,8 @@ def model_defaults(family: str, generation_config: dict[str, Any] | None) -> Gen
         if v is None:
             continue
         if name == "remasking":
-            v = REMASKING_ALIASES.get(v, v)
-            if v not in REMASKING:
+            v = registry.remasking_aliases().get(v, v)
+            if v not in registry.remasking_names():
                 continue
         values[name] = v
     return GenerationDefaults(**values)

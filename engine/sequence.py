@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .block_diffusion import block_plan, canvas_length, first_block
-from .sampling_params import ResolvedParams
 from .step_log import StepLog
+
+if TYPE_CHECKING:
+    from .sampling_params import ResolvedParams
 
 
 class Status(enum.Enum):
@@ -58,8 +60,8 @@ class Sequence:
     step_log: StepLog | None = None
     """Set for requests that asked for their per-step commits (see step_log.py); None costs nothing."""
     row: Any = None
-    """The request's sampling parameters as small tensors, built once when the request is created (runner.param_row),
-    so a value that cannot be represented fails that request alone, before it joins a batch."""
+    """The request's row of the batched-parameters table (batch_params.param_row), built once with the Sequence
+    (engine/input_processor.py)."""
     constraint: Any = None
     """The request's structured-output state (engine/constraints Constraint), None when unconstrained."""
     text: Any = None

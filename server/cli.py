@@ -105,7 +105,7 @@ def add_serve_parser(sub: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from engine.cli import SAMPLING_FIELDS, parallel_options, sampling_params
+    from engine.cli import parallel_options, sampling_fields, sampling_params
     from engine.llm import default_model_dir
 
     from .config import ServerConfig
@@ -115,7 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     sampling_params(args)  # validate the server-wide defaults now (errors name the flag)
-    defaults = {f: getattr(args, f) for f in SAMPLING_FIELDS if getattr(args, f) is not None}
+    defaults = {f: getattr(args, f) for f in sampling_fields() if getattr(args, f) is not None}
     if args.api_key is not None and not args.api_key:
         raise ValueError("--api-key must not be empty")
     if args.max_num_seqs < 1:

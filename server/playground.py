@@ -17,6 +17,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse, Response
 
+from engine.param_schema import fixed_defaults
+
 from .config import ServerConfig
 from .engine_client import ModelInfo
 
@@ -26,8 +28,8 @@ STATIC = {"/playground": ("playground.html", "text/html; charset=utf-8"),
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
-REQUEST_DEFAULTS = {"threshold": None, "cache": "none", "seed": None, "cfg_scale": 0.0}
-"""SamplingParams defaults of the fields a model's generation config does not set."""
+REQUEST_DEFAULTS = fixed_defaults()
+"""SamplingParams defaults of the request fields a model's generation config does not set (from the schema)."""
 
 
 def effective_defaults(info: ModelInfo, config: ServerConfig) -> dict[str, Any]:

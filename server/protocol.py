@@ -1,16 +1,20 @@
 """OpenAI request and response schemas (pydantic), with the diffusion options as top-level request fields.
 
-Every field has a description and its range, so `/openapi.json` and `/docs` describe the whole surface. Unknown
+Every field has a description and its range, so `/openapi.json` and `/docs` describe the whole surface. The
+sampling and diffusion fields are not written here: `SamplingFields` is built from the engine's request schema
+(SamplingParams' `param(...)` fields, engine/param_schema.py), their enums from the decoding registry. Unknown
 request fields are ignored (as vLLM does). Ranges checked here are the ones a schema can state; the engine's
 SamplingParams validation runs afterwards and its errors come back as 400s naming the same field.
 """
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model, field_validator
 
-INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+from engine.param_schema import api_names, api_specs
+
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -32,57 +36,16 @@ class StreamOptions(_Request):
 _STOP_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]}
 
 
-class SamplingFields(_Request):
-    """Fields shared by chat and completions requests: OpenAI's sampling fields plus the diffusion options
-    (which OpenAI clients send through `extra_body`). Unset fields take the server's defaults, then the model's."""
+class OpenAIFields(_Request):
+    """OpenAI's request fields that are not sampling parameters."""
     model: str | None = Field(None, description="Served model name (see /v1/models). Omitted: the served model.")
     n: int = Field(1, ge=1, description="Number of choices to generate for each prompt. When sampling with a "
                                         "`seed`, choice i uses seed + i.")
     stream: bool = Field(False, description="Stream the answer as server-sent events, one content delta per "
                                             "finished diffusion block.")
     stream_options: StreamOptions | None = Field(None, description="Only with `stream: true`.")
-    temperature: float | None = Field(None, ge=0, description="0 = greedy; > 0 samples candidates (Gumbel-max). "
-                                                              "Unset: the model's default (0 for LLaDA).")
-    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling of candidates, in (0, 1].")
-    top_k: int | None = Field(None, ge=-1, description="Keep the k most likely candidates; 0 or -1 = off.")
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX,
-                             description="Seed of the sampling noise (same seed, same output). Unset: random.")
-    stop: Annotated[Any, WithJsonSchema(_STOP_SCHEMA)] = Field(
-        None, description="Stop string or list of stop strings; the text is cut before the first one found.")
     user: str | None = Field(None, description="End-user id (accepted, unused).")
-    # diffusion options
-    steps: int | None = Field(None, ge=1, description="Denoising steps over the whole generation, split over the "
-                                                      "blocks. With `threshold` / `factor`: an upper bound.")
-    block_length: int | None = Field(None, ge=1, description="Semi-autoregressive block size: blocks are decoded "
-                                                             "left to right, each streamed once finished. Above "
-                                                             "max_tokens: one block.")
-    remasking: Literal["low_confidence", "random", "margin", "entropy", "origin", "maskgit_plus",
-                       "topk_margin"] | None = Field(
-        None, description="Order in which masked positions are committed. `origin` needs algorithm `dream`; "
-                          "`maskgit_plus` / `topk_margin` are Dream's names for low_confidence / margin.")
-    threshold: float | None = Field(None, gt=0, le=1, description="Parallel decoding: commit every masked position "
-                                                                  "of the block with confidence >= threshold "
-                                                                  "(at least one per step). In (0, 1].")
-    factor: float | None = Field(None, gt=0, description="Parallel decoding, factor rule: commit the largest n with "
-                                                         "(n + 1)(1 - c_n) < factor. Alternative to threshold.")
-    cfg_scale: float | None = Field(None, ge=0, description="Classifier-free guidance weight (0 = off; > 0 runs an "
-                                                            "unconditional twin, doubling the compute).")
-    cache: Literal["none", "prefix", "dual", "block"] | None = Field(
-        None, description="KV cache mode: none (exact reference semantics), prefix or dual (Fast-dLLM caches); "
-                          "block: the exact cache of block-causal models (LLaDA2, their default; prefix/dual map "
-                          "to it there).")
-    ignore_eos: bool | None = Field(None, description="Do not stop at EOS: return the whole canvas.")
-    algorithm: Literal["llada", "dream", "rnd1", "llada2"] | None = Field(
-        None, description="Transfer schedule: llada (even split per block), dream (1 - s/t), rnd1, llada2 (block "
-                          "diffusion, block-causal models only). Unset: the model family's.")
-    editing_threshold: float | None = Field(None, gt=0, le=1, description="LLaDA2.1 token editing (block "
-                                            "diffusion only): replace a committed token of the current block when "
-                                            "another is predicted with confidence > this. Unset: off.")
-    max_post_steps: int | None = Field(None, ge=0, description="Token editing: extra steps per block after its "
-                                                              "last mask is filled, while they edit (default 16).")
-    alg_temp: float | None = Field(None, ge=0, description="Dream: > 0 samples the positions to commit from "
-                                                           "softmax(confidence / alg_temp).")
-    # structured outputs (server/structured.py, engine/constraints)
+    # structured outputs (server/structured.py, engine/constraints): mapped by the server, not plain parameters
     response_format: dict[str, Any] | None = Field(
         None, description="OpenAI: {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": "
                           "\"json_schema\", \"json_schema\": {\"name\", \"schema\", \"strict\"}}: the output is "
@@ -92,7 +55,7 @@ class SamplingFields(_Request):
                           "\"grammar\": llguidance Lark grammar, \"json_object\": true}. Alternative to "
                           "response_format.")
 
-    @field_validator("stop", mode="before")
+    @field_validator("stop", mode="before", check_fields=False)
     @classmethod
     def _check_stop(cls, v: Any) -> Any:
         if v is None or isinstance(v, str):
@@ -100,6 +63,46 @@ class SamplingFields(_Request):
         if isinstance(v, list) and all(isinstance(s, str) for s in v):
             return v
         raise ValueError("must be a string or a list of strings")
+
+
+SOURCES = {"model": "Unset: the model's default (or the server's, see /v1/models `diffusion_defaults`).",
+           "random": "Unset: random.", "fixed": "Unset: the server's default (see /v1/models `diffusion_defaults`)."}
+
+
+def request_field(name: str, description: str | None = None) -> tuple[Any, Any]:
+    """The pydantic (annotation, Field) of a request parameter, from its SamplingParams schema: type, bounds, enum
+    and help, every one nullable (unset: the server's or the model's default)."""
+    spec, _ = api_specs()[name]
+    bounds: dict[str, Any] = {}
+    lo = spec.http_lo if spec.http_lo is not None else spec.lo
+    hi = spec.http_hi if spec.http_hi is not None else spec.hi
+    if spec.kind in ("int", "float"):
+        if lo is not None:
+            bounds["gt" if spec.lo_open and spec.http_lo is None else "ge"] = lo
+        if hi is not None and not math.isinf(hi):
+            bounds["lt" if spec.hi_open and spec.http_hi is None else "le"] = hi
+    if spec.kind == "choice":
+        values = (*spec.choice_values(), *spec.alias_map())
+        annotation: Any = Literal[values] | None  # type: ignore[valid-type]
+    elif spec.kind == "stop":
+        annotation = Annotated[Any, WithJsonSchema(_STOP_SCHEMA)]
+    else:
+        annotation = {"int": int, "float": float, "bool": bool}[spec.kind] | None
+    text = description or f"{spec.help} {SOURCES[spec.source]}"
+    return annotation, Field(None, description=text, **bounds)
+
+
+def sampling_fields_model() -> type[OpenAIFields]:
+    """The request model of the schema's parameters (max_tokens is declared per endpoint)."""
+    return create_model(
+        "SamplingFields", __base__=OpenAIFields,
+        __doc__="Fields shared by chat and completions requests: OpenAI's plus every request parameter of the "
+                "engine's schema (SamplingParams, engine/param_schema.py; OpenAI clients send the diffusion "
+                "options through `extra_body`). Unset fields take the server's defaults, then the model's.",
+        **{name: request_field(name) for name in api_names() if name != "max_tokens"})
+
+
+SamplingFields = sampling_fields_model()
 
 
 _CONTENT_SCHEMA = {"anyOf": [
@@ -135,14 +138,14 @@ class ChatMessage(_Request):
         raise ValueError("must be a string or a list of text parts")
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields):  # type: ignore[misc,valid-type]
     messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation so far.")
     logprobs: bool | None = Field(None, description="Not supported (true is refused with 400).")
     top_logprobs: int | None = Field(None, description="Not supported (a value > 0 is refused with 400).")
-    max_tokens: int | None = Field(None, ge=1, description="Generation length: the number of masked positions "
-                                                           "appended to the prompt (deprecated by OpenAI in favour "
-                                                           "of max_completion_tokens, which wins if both are set).")
-    max_completion_tokens: int | None = Field(None, ge=1, description="Generation length (same as max_tokens).")
+    max_tokens: int | None = request_field("max_tokens", "Generation length: the number of masked positions "
+                                           "appended to the prompt (deprecated by OpenAI in favour of "
+                                           "max_completion_tokens, which wins if both are set).")[1]
+    max_completion_tokens: int | None = request_field("max_tokens", "Generation length (same as max_tokens).")[1]
     tools: list[dict[str, Any]] | None = Field(None, description="OpenAI function tools [{\"type\": \"function\", "
                                                                  "\"function\": {name, description, parameters}}].")
     tool_choice: str | dict[str, Any] | None = Field(
@@ -158,12 +161,11 @@ _PROMPT_SCHEMA = {"anyOf": [
     {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}, "minItems": 1}]}
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields):  # type: ignore[misc,valid-type]
     prompt: Annotated[Any, WithJsonSchema(_PROMPT_SCHEMA)] = Field(
         ..., description="A string, a list of strings, a list of token ids, or a list of token-id lists "
                          "(one completion per prompt, times n).")
-    max_tokens: int | None = Field(None, ge=1, description="Generation length: the number of masked positions "
-                                                           "appended to the prompt. Unset: the model's default.")
+    max_tokens: int | None = request_field("max_tokens")[1]
     logprobs: int | None = Field(None, description="Not supported (a value is refused with 400).")
     echo: bool | None = Field(None, description="Not supported (true is refused with 400).")
 

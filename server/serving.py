@@ -22,9 +22,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from engine.async_engine import EngineError
-from engine.errors import TokenizerMissingError
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams, SamplingParamsError
+from engine.param_schema import api_names
+from engine.errors import RequestTooLargeError, TokenizerMissingError
+from engine.sampling_params import SamplingParams, SamplingParamsError, check_context
 
 from .config import ServerConfig
 from .engine_client import EngineClient
@@ -38,10 +39,10 @@ from .step_events import step_event
 
 log = logging.getLogger("unmask.server")
 
-PARAM_FIELDS = ("temperature", "top_p", "top_k", "seed", "stop", "steps", "block_length", "remasking", "threshold",
-                "factor", "cfg_scale", "cache", "ignore_eos", "algorithm", "alg_temp", "editing_threshold",
-                "max_post_steps")
-"""Request fields passed to SamplingParams under the same name (max_tokens is handled apart)."""
+PARAM_FIELDS = tuple(f for f in api_names() if f != "max_tokens")
+"""Request fields passed to SamplingParams under the same name, from its schema (max_tokens is handled apart: chat
+also takes max_completion_tokens)."""
+SEED_MASK = 2 ** 63 - 1
 UNSUPPORTED_LOGPROBS = ("logprobs are not supported by this server (refused rather than ignored, so that "
                         "log-likelihood evaluations do not get silently wrong answers)")
 
@@ -193,14 +194,12 @@ class OpenAIServing:
             raise bad_request(str(e))
 
     def _check_length(self, ids: list[int], params: SamplingParams, param: str, prompt_param: str) -> None:
-        limit = self.engine.info.max_model_len
+        """The engine's context check (engine/sampling_params.check_context), before any choice is queued."""
         gen = params.max_tokens if params.max_tokens is not None else self.engine.info.defaults.max_tokens
-        if len(ids) >= limit:
-            raise bad_request(f"the prompt is {len(ids)} tokens; this model's context is {limit} tokens",
-                              prompt_param)
-        if len(ids) + gen > limit:
-            raise bad_request(f"'{param}' is too large: the prompt ({len(ids)} tokens) + {param} ({gen}) exceeds "
-                              f"this model's context of {limit} tokens; use at most {limit - len(ids)}", param)
+        try:
+            check_context(len(ids), gen, self.engine.info.max_model_len, prompt_param, param)
+        except RequestTooLargeError as e:
+            raise bad_request(str(e), e.param)
 
     async def _run(self, kind: str, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None,
                    param: str, raw: Request) -> Response:

@@ -6,6 +6,8 @@ loops can pick MASK as x0 (random models often do), which leaves a hole that a l
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -32,7 +34,7 @@ def llada_transfer_counts(mask_count: int, steps: int) -> list[int]:
 
 
 def llada_generate(model, prompt: list[int], gen_length: int, block_length: int, steps: int,
-                   cfg_scale: float = 0.0, remasking: str = "low_confidence",
+                   cfg_scale: float = 0.0, remasking: "str | Callable" = "low_confidence",
                    block_steps: list[int] | None = None) -> list[int]:
     """LLaDA generate.py at temperature 0 (greedy): returns the generated region.
 
@@ -73,6 +75,8 @@ def llada_generate(model, prompt: list[int], gen_length: int, block_length: int,
                 conf = (top2[..., 0] - top2[..., 1]).double()
             elif remasking == "entropy":
                 conf = (p * torch.log_softmax(logits, dim=-1)).nan_to_num().sum(-1).double()
+            elif callable(remasking):  # a custom score (p [1, L, V], x0 [1, L]) -> [1, L]
+                conf = remasking(p, x0).double()
             else:
                 raise ValueError(remasking)
             conf[:, end:] = -float("inf")

@@ -12,7 +12,7 @@ def runtime_imports(path: Path) -> tuple[set[str], set[Path]]:
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
-            node.body = []
+            node.body = [ast.Pass()]
     tmp = ast.unparse(tree)
     absolute, local = set(), set()
     for node in ast.walk(ast.parse(tmp)):

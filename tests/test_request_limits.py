@@ -82,11 +82,11 @@ def test_a_value_the_engine_cannot_represent_fails_its_request_alone(llm):
 def test_dream_schedule_builds_its_timesteps_once_not_per_step(make_checkpoint):
     llm = LLM(make_checkpoint("dream"), kv_cache_memory=1 << 22, page_size=8)
     p = SamplingParams(max_tokens=4, steps=16, block_length=4, algorithm="dream", ignore_eos=True)
-    from engine.decoding import schedule
-    schedule._dream_ratios.cache_clear()
+    from engine.decoding.transfer import dream as schedule
+    schedule.dream_ratios.cache_clear()
     out = llm.generate([[1, 2, 3]], p)[0]
     assert len(out.token_ids) == 4 and out.steps == 16
-    assert schedule._dream_ratios.cache_info().misses == 1  # one linspace per (steps, eps), not one per step
+    assert schedule.dream_ratios.cache_info().misses == 1  # one linspace per (steps, eps), not one per step
 
 
 def test_bad_requests_in_async_engine_raise_request_errors_and_others_finish(llm):

@@ -8,7 +8,7 @@ import pytest
 
 from engine.cache_manager import PageAllocator
 from engine.errors import RequestTooLargeError
-from engine.decoding.schedule import llada_count
+from engine.decoding.transfer.llada import llada_count
 from engine.sampling_params import GenerationDefaults, SamplingParams
 from engine.scheduler import RunnerOutput, ScheduleOutput, Scheduler, SchedulerConfig, UpdateResult
 from engine.sequence import Sequence, Status

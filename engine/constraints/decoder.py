@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..decoding import schedule
+from ..decoding import registry
 from ..decoding.candidates import CandidateInputs, candidates
 from .grammars import Vocab
 
@@ -149,10 +149,10 @@ def _rule(seq: Any) -> _Rule:
         return _Rule(1, threshold=p.threshold)
     if p.factor is not None:
         return _Rule(1, factor=p.factor)
-    prob = schedule.origin_prob(seq)
-    if prob is not None:
-        return _Rule(n if prob >= 1 else max(1, round(prob * n)))
-    return _Rule(max(schedule.fixed_count(seq), 0))
+    value = registry.transfer(p.transfer).step_value(seq)  # the row's rule this step (engine/decoding/transfer/)
+    if p.transfer == "origin":  # a reveal probability
+        return _Rule(n if value >= 1 else max(1, round(value * n)))
+    return _Rule(max(int(value), 0))
 
 
 class _Row:

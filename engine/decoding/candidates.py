@@ -6,19 +6,63 @@ Two scoring conventions (chosen per row by its algorithm):
 - tempered (Dream, RND1): scores come from the softmax of the same temperature-scaled, filtered logits.
 The mask token is never a candidate (its logit is excluded from the argmax only, so scores still use the full
 softmax): the LLaDA reference can "commit" MASK, leaving a hole that later blocks re-decode; we never do.
-Scores: low_confidence p(x0); margin p1 - p2; entropy sum p log p (= -H); random U(0, 1).
-`conf` maps every score into [0, 1] monotonically (entropy -> exp(-H)) for threshold/factor tests.
+The three ways to get there (the torch path over full logits, kernels/vocab.py's fused pass, the vocabulary
+shards' statistics) all end in the same ScoreStats (p(x0), and lazily the top-2 margin, -H and a uniform draw),
+from which each row's remasking rule (engine/decoding/remasking/, via the registry) makes its score and its [0, 1]
+confidence for threshold/factor tests: `combine_scores`, one vectorised pass per rule present in the batch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
 
 from . import noise
+from .registry import remasking_by_id
 
-SCORE_CODES = {"low_confidence": 0, "random": 1, "margin": 2, "entropy": 3, "origin": 0}
+
+class ScoreStats:
+    """Per decoded position statistics [N] float64 a remasking rule scores from; each computed once, on first use
+    (a batch that no rule asks the margin of never computes it)."""
+
+    def __init__(self, p_x0: torch.Tensor, margin_fn: Callable[[], torch.Tensor],
+                 neg_h_fn: Callable[[], torch.Tensor], noise_keys: torch.Tensor) -> None:
+        self.p_x0 = p_x0  # [N] probability of the candidate token
+        self._margin_fn, self._neg_h_fn, self._keys = margin_fn, neg_h_fn, noise_keys
+
+    @cached_property
+    def margin(self) -> torch.Tensor:
+        """[N] p1 - p2 of the two most likely tokens."""
+        return self._margin_fn()
+
+    @cached_property
+    def neg_entropy(self) -> torch.Tensor:
+        """[N] sum p log p (= -H) of the score distribution."""
+        return self._neg_h_fn()
+
+    @cached_property
+    def uniform(self) -> torch.Tensor:
+        """[N] U(0, 1) from the position's counter-based noise key (its own stream)."""
+        return noise.uniform(self._keys ^ noise.STREAM_RANDOM_SCORE)
+
+
+def combine_scores(stats: ScoreStats, rule: torch.Tensor, present: frozenset[int]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's score and confidence [N] by its remasking rule id (rule [N] int64); `present` (host) lists the
+    ids in the batch, so each rule runs once over all rows and no device sync is needed to branch."""
+    score = conf = None
+    for rid in sorted(present):
+        s, c = remasking_by_id(rid).score(stats)
+        if score is None:
+            score, conf = s, c
+        else:
+            rows = rule == rid
+            score, conf = torch.where(rows, s, score), torch.where(rows, c, conf)
+    if score is None:  # no position decoded
+        return stats.p_x0, stats.p_x0
+    return score, conf
 
 
 @dataclass(slots=True)
@@ -26,14 +70,14 @@ class CandidateInputs:
     temperature: torch.Tensor  # [N] float32
     top_k: torch.Tensor  # [N] int64, 0 = off
     top_p: torch.Tensor  # [N] float32, 1 = off
-    score: torch.Tensor  # [N] int64 SCORE_CODES
+    score: torch.Tensor  # [N] int64 remasking rule id (registry)
     tempered: torch.Tensor  # [N] bool: Dream/RND1 scoring
     noise_keys: torch.Tensor  # [N] int64 per-position noise keys (seed, step, position)
     mask_id: int
     any_sampling: bool
     any_filter: bool
     codes: frozenset[int] = frozenset({0})
-    """Score codes present in the batch (host-side, so no device sync is needed to branch)."""
+    """Remasking rule ids present in the batch (host-side, so no device sync is needed to branch)."""
     any_tempered: bool = False
     backend: str = "torch"
     """"triton": x0 and the scores from kernels/vocab.py's one pass (unless the batch filters top-k/top-p)."""
@@ -102,27 +146,7 @@ def candidates(logits: torch.Tensor, inp: CandidateInputs) -> tuple[torch.Tensor
 
 def _combine(inp: CandidateInputs, x0: torch.Tensor, p_x0: torch.Tensor, margin_fn: Callable[[], torch.Tensor],
              neg_h_fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each row's score (and its [0, 1] confidence) by its score code; margin/entropy computed only if used."""
-    score, conf = p_x0, p_x0
-    code = inp.score
-    if 2 in inp.codes:
-        margin = margin_fn()
-        score = torch.where(code == 2, margin, score)
-        conf = torch.where(code == 2, margin, conf)
-    if 3 in inp.codes:
-        neg_h = neg_h_fn()
-        score = torch.where(code == 3, neg_h, score)
-        conf = torch.where(code == 3, neg_h.exp(), conf)
-    return x0, *_random_scores(score, conf, inp)
-
-
-def _random_scores(score: torch.Tensor, conf: torch.Tensor, inp: CandidateInputs
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    if 1 in inp.codes:
-        u = noise.uniform(inp.noise_keys ^ noise.STREAM_RANDOM_SCORE)  # [N]
-        score = torch.where(inp.score == 1, u, score)
-        conf = torch.where(inp.score == 1, u, conf)
-    return score, conf
+    return x0, *combine_scores(ScoreStats(p_x0, margin_fn, neg_h_fn, inp.noise_keys), inp.score, inp.codes)
 
 
 # Vocabulary-parallel decoding -----------------------------------------------------------------------------------
@@ -200,16 +224,13 @@ def candidates_from_stats(stats: torch.Tensor, inp: CandidateInputs) -> tuple[to
     ar = torch.arange(stats.shape[1], device=stats.device)
     x0 = best_id[shard, ar].long()
     p_x0 = torch.exp(best_l[shard, ar] - m) / S
-    score, conf = p_x0, p_x0
-    code = inp.score
-    if 2 in inp.codes:
+
+    def margin() -> torch.Tensor:
         top2 = stats[..., 6:8].permute(1, 0, 2).reshape(stats.shape[1], -1).topk(2, dim=-1).values  # [N, 2]
-        margin = (torch.exp(top2[:, 0] - m) - torch.exp(top2[:, 1] - m)) / S
-        score = torch.where(code == 2, margin, score)
-        conf = torch.where(code == 2, margin, conf)
-    if 3 in inp.codes:
+        return (torch.exp(top2[:, 0] - m) - torch.exp(top2[:, 1] - m)) / S
+
+    def neg_entropy() -> torch.Tensor:
         T = ((t_r + (m_r - m) * s_r) * w).sum(0)  # [N]
-        neg_h = T / S - torch.log(S)
-        score = torch.where(code == 3, neg_h, score)
-        conf = torch.where(code == 3, neg_h.exp(), conf)
-    return x0, *_random_scores(score, conf, inp)
+        return T / S - torch.log(S)
+
+    return _combine(inp, x0, p_x0, margin, neg_entropy)

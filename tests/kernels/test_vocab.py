@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.decoding.candidates import SCORE_CODES, CandidateInputs, candidates
+from engine.decoding.candidates import CandidateInputs, candidates
+from engine.decoding.registry import remasking as remasking_rule
 from kernels.vocab import vocab_scores, vocab_scores_ref
 from tests.kernels.tolerance import DEVICE
 
@@ -44,7 +45,7 @@ def test_candidates_fused_equals_torch_path(remasking):
     """The decoders' candidates() gives the same x0 and scores with the fused pass as with its torch path."""
     N, V = 11, 173
     c = vocab_case(N, V, seed=5)
-    code = SCORE_CODES[remasking]
+    code = remasking_rule(remasking).id
 
     def run(backend: str):
         inp = CandidateInputs(c["temperature"], torch.zeros(N, dtype=torch.long, device=DEVICE),

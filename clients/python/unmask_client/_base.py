@@ -8,16 +8,49 @@ import httpx
 from pydantic import BaseModel
 
 from .errors import APIConnectionError, APITimeoutError, error_from_response
+from .params import SAMPLING_OPTIONS, SamplingOptions
 from .retry import RETRY_STATUSES, RetryPolicy, is_retryable_exception, parse_retry_after
 
 API_KEY_ENV = "UNMASK_API_KEY"
 
-# Request fields the server takes (OpenAI's, then the diffusion options); unset (None) ones are not sent.
-OPENAI_FIELDS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n", "user")
-DIFFUSION_FIELDS = ("steps", "block_length", "remasking", "threshold", "factor", "cfg_scale", "cache", "top_k",
-                    "ignore_eos", "algorithm", "alg_temp")
-STRUCTURED_FIELDS = ("response_format", "structured_outputs", "tools", "tool_choice")
-"""Structured outputs: OpenAI response_format, vLLM structured_outputs, and (chat) tools / tool_choice."""
+
+class CompletionOptions(SamplingOptions, total=False):
+    """The keyword arguments of `complete()` (and, with max_completion_tokens, of `chat()`): the request options
+    of params.py (generated from the server's schema) plus OpenAI's and this client's own."""
+    model: str | None
+    """The served model (default: the client's, else the first one the server lists)."""
+    n: int | None
+    """Choices per prompt (with a seed, choice i uses seed + i)."""
+    user: str | None
+    include_usage: bool | None
+    """stream=True: end with a usage chunk (default on)."""
+    include_steps: bool | None
+    """stream=True (unmask extension): one chunk per denoising step whose `.step` is a DiffusionStep."""
+    response_format: Mapping[str, Any] | None
+    """Structured outputs (valid when finish_reason is "stop"): {"type": "json_object"} or {"type":
+    "json_schema", "json_schema": {"name", "schema"}}."""
+    structured_outputs: Mapping[str, Any] | None
+    """One of {"json": schema}, {"regex": r"..."}, {"choice": [...]}, {"grammar": llguidance Lark},
+    {"json_object": True}."""
+    extra_body: Mapping[str, Any] | None
+    """More JSON fields, sent as they are."""
+    timeout: float | None
+    """Read timeout of this call in seconds."""
+
+
+class ChatOptions(CompletionOptions, total=False):
+    max_completion_tokens: int | None
+    """Generation length (OpenAI's newer name for max_tokens; wins if both are set)."""
+    tools: Sequence[Mapping[str, Any]] | None
+    """OpenAI function tools."""
+    tool_choice: str | Mapping[str, Any] | None
+    """"required" or {"type": "function", "function": {"name": ...}} forces a call, returned in
+    message.tool_calls."""
+
+
+BODY_FIELDS = (*SAMPLING_OPTIONS, "max_completion_tokens", "n", "user", "response_format", "structured_outputs",
+               "tools", "tool_choice")
+"""Request fields sent as they are; unset (None) ones are not sent."""
 
 
 def normalize_base_url(base_url: str) -> str:
@@ -30,10 +63,15 @@ def normalize_base_url(base_url: str) -> str:
     return url
 
 
-def build_body(options: Mapping[str, Any], stream: bool, include_usage: bool | None,
-               extra_body: Mapping[str, Any] | None) -> dict[str, Any]:
-    body = {k: options[k] for k in (*OPENAI_FIELDS, *DIFFUSION_FIELDS, *STRUCTURED_FIELDS) if options.get(k) is not None}
-    include_steps = options.get("include_steps")
+def build_body(call: str, options: Mapping[str, Any], stream: bool) -> dict[str, Any]:
+    """The JSON body of a chat()/complete() call from its keyword arguments (model, timeout are the caller's)."""
+    allowed = (ChatOptions if call == "chat" else CompletionOptions).__optional_keys__
+    unknown = [k for k in options if k not in allowed]
+    if unknown:
+        raise TypeError(f"{call}() got an unexpected keyword argument {unknown[0]!r}")
+    body = {k: options[k] for k in BODY_FIELDS if options.get(k) is not None}
+    include_usage, include_steps = options.get("include_usage"), options.get("include_steps")
+    extra_body = options.get("extra_body")
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True if include_usage is None else include_usage}

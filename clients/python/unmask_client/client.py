@@ -14,13 +14,13 @@ from typing import Any, Literal, Mapping, Sequence, overload
 
 import httpx
 from pydantic import BaseModel
+from typing_extensions import Unpack
 
-from ._base import BaseClient, build_body, message_dicts
+from ._base import BaseClient, ChatOptions, CompletionOptions, build_body, message_dicts
 from .errors import APIConnectionError, ReadyTimeoutError, UnmaskError, error_from_response
 from .retry import RetryPolicy
 from .streaming import Stream
-from .types import (Algorithm, CacheMode, ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk,
-                    ModelCard, ModelList, Remasking)
+from .types import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, ModelCard, ModelList
 
 
 class Client(BaseClient):
@@ -97,82 +97,46 @@ class Client(BaseClient):
     # API -----------------------------------------------------------------------------------------------
     @overload
     def chat(self, messages: Sequence[Mapping[str, Any] | BaseModel], *, stream: Literal[False] = False,
-             **kwargs: Any) -> ChatCompletion: ...
+             **options: Unpack[ChatOptions]) -> ChatCompletion: ...
 
     @overload
     def chat(self, messages: Sequence[Mapping[str, Any] | BaseModel], *, stream: Literal[True],
-             **kwargs: Any) -> Stream[ChatCompletionChunk]: ...
+             **options: Unpack[ChatOptions]) -> Stream[ChatCompletionChunk]: ...
 
-    def chat(self, messages: Sequence[Mapping[str, Any] | BaseModel], *, model: str | None = None,
-             stream: bool = False, include_usage: bool | None = None, include_steps: bool | None = None,
-             max_tokens: int | None = None, max_completion_tokens: int | None = None,
-             temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-             stop: str | list[str] | None = None, n: int | None = None, user: str | None = None,
-             steps: int | None = None, block_length: int | None = None, remasking: Remasking | None = None,
-             threshold: float | None = None, factor: float | None = None, cfg_scale: float | None = None,
-             cache: CacheMode | None = None, top_k: int | None = None, ignore_eos: bool | None = None,
-             algorithm: Algorithm | None = None, alg_temp: float | None = None,
-             response_format: Mapping[str, Any] | None = None, structured_outputs: Mapping[str, Any] | None = None,
-             tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: str | Mapping[str, Any] | None = None,
-             extra_body: Mapping[str, Any] | None = None, timeout: float | None = None,
-             ) -> ChatCompletion | Stream[ChatCompletionChunk]:
+    def chat(self, messages: Sequence[Mapping[str, Any] | BaseModel], *, stream: bool = False,
+             **options: Unpack[ChatOptions]) -> ChatCompletion | Stream[ChatCompletionChunk]:
         """POST /v1/chat/completions. With stream=True, an iterator of ChatCompletionChunk: the role, then one
         content delta per finished block, the finish reason, and the usage (include_usage, default on).
         include_steps=True (unmask extension) adds one chunk per denoising step whose `.step` is a DiffusionStep
         (positions committed and their tokens); StepCanvas replays them.
 
-        OpenAI fields: max_tokens / max_completion_tokens (the generation length: masked positions appended to
-        the prompt), temperature (0: greedy), top_p, seed, stop, n, user.
-        Diffusion options (unset: the model's defaults or the server's):
-            steps: denoising steps over the generation (with threshold/factor an upper bound per block), >= 1.
-            block_length: semi-autoregressive block length; blocks decode left to right and stream one each.
-            remasking: commit order: low_confidence, random, margin, entropy, origin (Dream), maskgit_plus,
-                topk_margin.
-            threshold: in (0, 1]: commit every position of the block with confidence >= threshold (at least one).
-            factor: > 0: commit the largest n with (n+1)(1-c_n) < factor over sorted confidences.
-            cfg_scale: >= 0, classifier-free guidance weight (0: off).
-            cache: none (reference semantics), prefix or dual (Fast-dLLM KV caches).
-            top_k: sample among the k most likely tokens (0 or unset: all).
-            ignore_eos: decode the whole canvas even past EOS.
-            algorithm: transfer schedule llada, dream or rnd1.  alg_temp: Dream's confidence temperature.
-        Structured outputs (guaranteed valid when finish_reason is "stop"):
-            response_format: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema"}}.
-            structured_outputs: one of {"json": schema}, {"regex": r"..."}, {"choice": [...]},
-                {"grammar": llguidance Lark}, {"json_object": True}.
-            tools / tool_choice: OpenAI function tools; tool_choice "required" or {"type": "function",
-                "function": {"name": ...}} forces a call, returned in message.tool_calls.
-        extra_body: more JSON fields, sent as they are. timeout: read timeout of this call in seconds.
+        The options (typed: ChatOptions) are the request options of params.SamplingOptions (max_tokens,
+        temperature, top_p, seed, stop, and the diffusion options steps, block_length, remasking, threshold,
+        factor, cfg_scale, cache, top_k, ignore_eos, algorithm, alg_temp; unset: the server's or the model's
+        defaults), plus max_completion_tokens, n, user, structured outputs (response_format, structured_outputs,
+        tools, tool_choice: guaranteed valid when finish_reason is "stop"), model, include_usage, include_steps,
+        extra_body (more JSON fields, sent as they are) and timeout (read timeout of this call in seconds).
         """
-        body = {"model": self._model(model), "messages": message_dicts(messages),
-                **build_body(locals(), stream, include_usage, extra_body)}
-        return self._post("/v1/chat/completions", body, stream, timeout, ChatCompletion, ChatCompletionChunk)
+        fields = build_body("chat", options, stream)
+        body = {"model": self._model(options.get("model")), "messages": message_dicts(messages), **fields}
+        return self._post("/v1/chat/completions", body, stream, options.get("timeout"), ChatCompletion,
+                               ChatCompletionChunk)
 
     @overload
     def complete(self, prompt: str | list[str] | list[int] | list[list[int]], *, stream: Literal[False] = False,
-                 **kwargs: Any) -> Completion: ...
+                 **options: Unpack[CompletionOptions]) -> Completion: ...
 
     @overload
     def complete(self, prompt: str | list[str] | list[int] | list[list[int]], *, stream: Literal[True],
-                 **kwargs: Any) -> Stream[CompletionChunk]: ...
+                 **options: Unpack[CompletionOptions]) -> Stream[CompletionChunk]: ...
 
-    def complete(self, prompt: str | list[str] | list[int] | list[list[int]], *, model: str | None = None,
-                 stream: bool = False, include_usage: bool | None = None, include_steps: bool | None = None,
-                 max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
-                 seed: int | None = None, stop: str | list[str] | None = None, n: int | None = None,
-                 user: str | None = None,
-                 steps: int | None = None, block_length: int | None = None, remasking: Remasking | None = None,
-                 threshold: float | None = None, factor: float | None = None, cfg_scale: float | None = None,
-                 cache: CacheMode | None = None, top_k: int | None = None, ignore_eos: bool | None = None,
-                 algorithm: Algorithm | None = None, alg_temp: float | None = None,
-                 response_format: Mapping[str, Any] | None = None,
-                 structured_outputs: Mapping[str, Any] | None = None,
-                 extra_body: Mapping[str, Any] | None = None, timeout: float | None = None,
-                 ) -> Completion | Stream[CompletionChunk]:
+    def complete(self, prompt: str | list[str] | list[int] | list[list[int]], *, stream: bool = False,
+                 **options: Unpack[CompletionOptions]) -> Completion | Stream[CompletionChunk]:
         """POST /v1/completions: a raw prompt (string, strings, token ids, lists of token ids), no chat template.
-        The options are chat()'s."""
-        body = {"model": self._model(model), "prompt": prompt, **build_body(locals(), stream, include_usage,
-                                                                             extra_body)}
-        return self._post("/v1/completions", body, stream, timeout, Completion, CompletionChunk)
+        The options are chat()'s but max_completion_tokens, tools and tool_choice."""
+        fields = build_body("complete", options, stream)
+        body = {"model": self._model(options.get("model")), "prompt": prompt, **fields}
+        return self._post("/v1/completions", body, stream, options.get("timeout"), Completion, CompletionChunk)
 
     def models(self) -> list[ModelCard]:
         """GET /v1/models."""

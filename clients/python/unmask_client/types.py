@@ -4,13 +4,11 @@ Every model keeps fields it does not know (extra="allow"), so a newer server nev
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Remasking = Literal["low_confidence", "random", "margin", "entropy", "origin", "maskgit_plus", "topk_margin"]
-CacheMode = Literal["none", "prefix", "dual"]
-Algorithm = Literal["llada", "dream", "rnd1"]
+from .params import Algorithm, CacheMode, Remasking  # noqa: F401 (re-exported; generated from the schema)
 
 
 class _Model(BaseModel):
