@@ -252,8 +252,8 @@ def check_context(prompt_len: int, max_tokens: int, max_model_len: int, where: s
         raise RequestTooLargeError(f"{where}: {prompt_len} prompt tokens exceed the model's context length of "
                                    f"{max_model_len} tokens", where)
     raise RequestTooLargeError(
-        f"{where}: {prompt_len} prompt tokens + {param} {max_tokens} exceed the model's context length of "
-        f"{max_model_len} tokens; use at most {max_model_len - prompt_len}", param)
+        f"{where} ({prompt_len} tokens) + {param} ({max_tokens}) exceed the model's context length of "
+        f"{max_model_len} tokens; use {param} at most {max_model_len - prompt_len}", param)
 
 
 @dataclass(slots=True)
