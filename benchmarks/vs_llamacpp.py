@@ -94,9 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("prompt_len", "gen_len", "block_length", "steps", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.gen_len % args.block_length or args.steps % (args.gen_len // args.block_length):
-        p.error("--gen-len must be a multiple of --block-length, and --steps a multiple of the number of blocks "
-                "(llama.cpp's block schedule asserts both)")
+    if (args.gen_len % args.block_length or args.prompt_len % args.block_length
+            or args.steps % (args.gen_len // args.block_length)):
+        p.error("--gen-len and --prompt-len must be multiples of --block-length, and --steps a multiple of the "
+                "number of generated blocks (llama.cpp's block schedule asserts the canvas and steps divide)")
     return args
 
 
@@ -197,7 +198,7 @@ def write_checkpoint(family: str, out: Path, layers: int | None = None) -> Path:
     if layers:
         shape["num_layers"] = layers
     if (out / "config.json").exists():  # deterministic in the shape (seed 0): written once
-        return out
+        return plain_chat_template(out)
     path = write_random_checkpoint(out, family, byte_level=True, **shape)
     cfg = json.loads((path / "config.json").read_text())
     cfg.pop("auto_map", None)  # no remote code here: transformers would ask to run it
@@ -207,6 +208,24 @@ def write_checkpoint(family: str, out: Path, layers: int | None = None) -> Path:
     tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
     tok_cfg["add_bos_token"] = family == "llada"  # what llama.cpp will do (its LLaDA converter forces BOS)
     (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    return plain_chat_template(path)
+
+
+PLAIN_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+
+def plain_chat_template(path: Path) -> Path:
+    """llama-diffusion-cli always formats `-p` with the model's chat template (`enable_chat_template` defaults to
+    true and no flag of that example turns it off); a template that renders just the message keeps its prompt the
+    raw text both sides tokenize. GGUFs converted with another template are stale and removed."""
+    tok_path = path / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_path.read_text())
+    if tok_cfg.get("chat_template") != PLAIN_TEMPLATE:
+        tok_cfg["chat_template"] = PLAIN_TEMPLATE
+        tok_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
+        (path / "chat_template.jinja").unlink(missing_ok=True)
+        for stale in path.glob("*.gguf"):
+            stale.unlink()
     return path
 
 
@@ -262,14 +281,25 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def llamacpp_steps(args: argparse.Namespace) -> int:
+    """llama.cpp's `--diffusion-steps` for the same schedule as unmask's `steps`. Its block schedule splits the steps
+    over max_length / block_length blocks of the WHOLE canvas (prompt included) but starts the blocks at the
+    prompt's end, so the blocks past the canvas are empty and their steps are skipped: `--diffusion-steps 32` on a
+    64 + 64 canvas with blocks of 32 runs 8 forwards per block, 16 in all, not 32. Scaling by canvas / gen gives it
+    the reference's steps per generated block (steps / (gen / block)) and so the same forwards and per-step counts."""
+    canvas = args.prompt_len + args.gen_len
+    return args.steps * canvas // args.gen_len
+
+
 def llamacpp_command(cli: Path, gguf: Path, prompt: str, args: argparse.Namespace, threads: int) -> list[str]:
     canvas = args.prompt_len + args.gen_len
     return [str(cli), "-m", str(gguf), "-p", prompt, "-ub", str(canvas), "-b", str(canvas), "-c", str(canvas),
-            "--diffusion-steps", str(args.steps), "--diffusion-block-length", str(args.block_length),
+            "--diffusion-steps", str(llamacpp_steps(args)), "--diffusion-block-length", str(args.block_length),
             "--temp", "0", "--top-k", "1", "--seed", "0", "-t", str(threads), "-tb", str(threads)]
 
 
 _TOTAL = re.compile(r"total time: ([0-9.]+)ms")
+_LOG_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ [A-Z] ")
 
 
 def parse_llamacpp(out: str) -> tuple[float, str]:
@@ -279,6 +309,7 @@ def parse_llamacpp(out: str) -> tuple[float, str]:
         raise RuntimeError("llama-diffusion-cli printed no 'total time' line:\n" + out[-2000:])
     rest = out[m.end():]
     rest = rest[rest.index("\n") + 1:] if "\n" in rest else ""
+    rest = _LOG_PREFIX.sub("", rest, count=1)  # "0.06.796.228 I " when its log carries timestamps
     text = rest[1:] if rest.startswith("\n") else rest
     return float(m.group(1)) / 1e3, text[:-1] if text.endswith("\n") else text
 
