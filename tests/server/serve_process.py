@@ -14,10 +14,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class ServeProcess:
-    def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120,
+                 module: str = "server.cli") -> None:
         full_env = {k: v for k, v in os.environ.items() if k != "UNMASK_API_KEY"}
         full_env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **(env or {}))
-        self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", "0", *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", module, "serve", "--port", "0", *args],
                                      cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         self.lines: list[str] = []
