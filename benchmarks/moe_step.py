@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             rows = torch.arange(min(T, 32))
 
             def step(model) -> Callable[[], object]:
-                return lambda: model.executor.run(ForwardBatch(ids, pos, [T], max_pos=T - 1, logit_rows=rows), None)
+                return lambda: model._executor.run(ForwardBatch(ids, pos, [T], max_pos=T - 1, logit_rows=rows), None)
 
             def previous() -> object:
                 moe_cpu_mod.grouped_mm = lambda *a: None  # moe_cpu falls back to its per-expert loop
