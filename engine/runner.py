@@ -215,7 +215,7 @@ class ModelRunner:
         elif not m.block_causal:  # SDPA's padded layouts, one per (query, key) length bucket, riding in the same copy
             groups = attention_groups(row_len, m.row_keys)
             host.update(group_upload(groups))
-        else:  # block-causal (torch): one padded layout with the block mask (forward_batch._attn_context)
+        else:  # block-causal (torch): one padded layout with the block mask (_attn_layout)
             groups = []
         # the positions decoded this step: each request's still-masked block positions (counts known here)
         blocks = [r.block for r in reqs]
@@ -277,18 +277,8 @@ class ModelRunner:
         keep = torch.nonzero_static(decoded, size=n)[:, 0]  # [N] into the blocks
         dpos = d["block_start"][seq] + keep - d["flat_block_start"][seq]  # [N] canvas positions
         dec = _Decode(pos=dpos, buf=block_buf[keep], seq=seq, lengths=counts)
-        read_slots, key_valid = m.read_slots, m.key_valid
-        if m.block_causal:  # point unwritten later-block keys at the zeroed scratch slot (no garbage, even masked)
-            live = torch.arange(read_slots.shape[1], device=self.device)[None, :] < d["row_end"][:, None]  # [R, Lk]
-            read_slots, key_valid = torch.where(live, read_slots, self.pool.scratch_slot), key_valid & live
-        batch = ForwardBatch(tokens, pos, plan.row_len, max_pos=max(m.lens) - 1, logit_rows=d["first"][seq] + dpos,
-                             write_slots=write, read_slots=read_slots, key_valid=key_valid,
-                             backend=self.kernels, logit_chunk=self.max_logit_rows, block_len=m.block_len)
-        if self.kernels == "triton":  # packed layout: no padded query index, keys through the block table
-            batch.cu_seqlens_q, batch.block_table, batch.seq_lens_k = d["cu_seqlens_q"], m.block_table, m.seq_lens_k
-            batch.page_size = self.pool.page_size
-        elif not m.block_causal:  # SDPA per length-bucket group, so a row's attention does not depend on the batch
-            batch.attn_groups = build_groups(plan.groups, d, m.read_slots, m.key_valid, self.pool.scratch_slot)
+        batch = ForwardBatch(tokens, pos, self._attn_layout(m, plan, write), max_pos=max(m.lens) - 1,
+                             logit_rows=d["first"][seq] + dpos, logit_chunk=self.max_logit_rows)
         if m.cfg_seqs:
             sel = torch.nonzero_static(m.params.cfg_w[seq] > 0, size=sum(counts[i] for i in m.cfg_seqs))[:, 0]  # [Nc]
             batch.twin_rows, batch.cfg_sel = (d["first_twin"][seq] + dpos)[sel], sel
@@ -298,6 +288,26 @@ class ModelRunner:
             bounds = [*range(0, n, chunk), n]
             batch.cfg_splits = [sum(max(0, min(x, starts[i + 1]) - starts[i]) for i in m.cfg_seqs) for x in bounds]
         return batch, dec
+
+    def _attn_layout(self, m: _Members, plan: "_Plan", write: torch.Tensor) -> AttnContext:
+        """The step's attention layout, built once here and carried by the ForwardBatch to every rank: packed
+        offsets and block tables (triton), per-length-bucket SDPA groups (torch), or one padded layout whose
+        block-causal mask each rank derives when it binds the layout (torch, block-causal). write [T] pool slots."""
+        d, rows = plan.dev, len(plan.row_len)
+        if self.kernels == "triton":  # packed layout: no padded query index, keys through the block table
+            ctx = AttnContext(None, None, None, rows, max(plan.row_len), backend="triton",
+                              cu_seqlens_q=d["cu_seqlens_q"], block_table=m.block_table, seq_lens_k=m.seq_lens_k,
+                              page_size=self.pool.page_size)
+        elif not m.block_causal:  # SDPA per length-bucket group, so a row's attention does not depend on the batch
+            ctx = AttnContext(None, None, None, rows, max(plan.row_len),
+                              groups=build_groups(plan.groups, d, m.read_slots, m.key_valid, self.pool.scratch_slot))
+        else:  # point unwritten later-block keys at the zeroed scratch slot (no garbage, even masked)
+            ctx = AttnContext.from_lengths(plan.row_len, self.device)
+            live = torch.arange(m.read_slots.shape[1], device=self.device)[None, :] < d["row_end"][:, None]  # [R, Lk]
+            ctx.read_slots = torch.where(live, m.read_slots, self.pool.scratch_slot)  # [R, Lk]
+            ctx.key_valid = m.key_valid & live  # [R, Lk]
+        ctx.write_slots, ctx.block_len = write, m.block_len
+        return ctx
 
     def _candidates(self, reqs: list[ScheduledRequest], m: _Members, batch: ForwardBatch, dec: "_Decode",
                     keys: torch.Tensor, plan: "_Plan", constrained: StepConstraints | None = None
@@ -328,7 +338,7 @@ class ModelRunner:
             graphs = self.graphs
 
             def forward(b: ForwardBatch) -> torch.Tensor:  # a captured block pass -> hidden [T, D]
-                return graphs.run(b.tokens, b.positions, b.write_slots, m.block_table, m.seq_lens_k, len(row_len),
+                return graphs.run(b.tokens, b.positions, b.attn.write_slots, m.block_table, m.seq_lens_k, len(row_len),
                                   row_len[0])
 
             self.executor.run(batch, self.pool.tensors, consume, forward)
