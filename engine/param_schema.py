@@ -12,7 +12,7 @@ declaration is the source of everything that names or checks request parameters:
   (`sdk_source()`) and tests/test_schema.py checks it is current; so are README's tables of request fields and
   decoding rules. `regenerate()` rewrites both (the command is GENERATED).
 
-Choices that are decoding plug-ins (remasking, algorithm) are read from engine/decoding/registry.py.
+Choices that are decoding plug-ins (remasking, algorithm, editing) are read from engine/decoding/registry.py.
 Adding a plain request field is one `param(...)` field on SamplingParams (plus its test).
 """
 from __future__ import annotations
@@ -211,7 +211,7 @@ def markdown_table() -> str:
 
 
 # the SDK's typed keyword arguments ---------------------------------------------------------------------------------
-SDK_LITERALS = {"remasking": "Remasking", "cache": "CacheMode", "algorithm": "Algorithm"}
+SDK_LITERALS = {"remasking": "Remasking", "cache": "CacheMode", "algorithm": "Algorithm", "editing": "Editing"}
 """Names of the SDK's Literal aliases for the choice fields."""
 
 

@@ -88,8 +88,10 @@ class _Members:
         self.block_causal = any(s.block_causal for s in seqs)
         self.block_len = (torch.tensor([seqs[i].params.block_length for i in self.row_seq], device=dev)
                           if self.block_causal else None)  # [R] block-causal attention per forward row
-        self.any_editing = any(s.params.editing for s in seqs)
-        self.edit_from = torch.tensor([s.prompt_len if s.params.editing else 1 << 62 for s in seqs])  # [B] host
+        self.editing = [registry.editing(s.params.editing) if s.params.editing else None for s in seqs]
+        """Each request's token-editing rule (engine/decoding/editing/), None for most."""
+        self.any_editing = any(self.editing)
+        self.edit_rule = [e.id if e else -1 for e in self.editing]  # host copy of params.editing
 
 
 LOGIT_ENTRY_BYTES = 64
@@ -218,12 +220,15 @@ class ModelRunner:
         # the positions decoded this step: each request's still-masked block positions (counts known here)
         blocks = [r.block for r in reqs]
         blen = [e - b for b, e in blocks]
-        counts = [editing.decoded_count(r.seq) for r in reqs]
         host["block_buf"] = ranges([o + b for o, (b, _) in zip(m.offsets, blocks)], blen)  # [Nb]
-        if m.any_editing:  # editing rows also score their block's committed generated positions
+        if m.any_editing:  # editing rows also score their block's committed positions from the rule's start on
+            edit_from = [e.scored_from(r.seq) if e else b for e, r, (_, b) in zip(m.editing, reqs, blocks)]
+            counts = [r.seq.masked_in_block if e is None else b - max(a, f)
+                      for e, r, (a, b), f in zip(m.editing, reqs, blocks, edit_from)]
             block_seq = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(blen))  # [Nb]
-            host["block_edit"] = editing.editable_positions(ranges([b for b, _ in blocks], blen), block_seq,
-                                                            m.edit_from)  # [Nb]
+            host["block_edit"] = ranges([b for b, _ in blocks], blen) >= torch.tensor(edit_from)[block_seq]  # [Nb]
+        else:
+            counts = [r.seq.masked_in_block for r in reqs]
         host["dec_seq"] = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(counts))  # [N]
         host["block_start"] = torch.tensor([b for b, _ in blocks])  # [B]
         host["flat_block_start"] = torch.tensor([0, *accumulate(blen)][:-1])  # [B]
@@ -361,8 +366,9 @@ class ModelRunner:
         if constrained is not None:  # structured-output rows: their left-to-right grammar-checked commits
             commit = constrained.apply(x0, commit)
         edit = torch.zeros_like(commit)
-        if m.any_editing:
-            edit = editing.edits(current[pad_idx], x0[pad_idx], conf[pad_idx], pad_valid, t.edit_threshold, mask_id)
+        if m.any_editing:  # each row's token-editing rule, one vectorised pass per rule present
+            edit = editing.edit(editing.EditContext(current[pad_idx], x0[pad_idx], conf[pad_idx], pad_valid,
+                                                    t.edit_threshold, mask_id), t.editing, m.edit_rule)
         self.buf[dec.buf] = torch.where((commit | edit)[pad_valid], x0, current)
         return commit, edit
 

@@ -84,7 +84,9 @@ def request_field(name: str, description: str | None = None) -> tuple[Any, Any]:
             bounds["lt" if spec.hi_open and spec.http_hi is None else "le"] = hi
     if spec.kind == "choice":
         values = (*spec.choice_values(), *spec.alias_map())
-        annotation: Any = Literal[values] | None  # type: ignore[valid-type]
+        # always an `enum` in the schema (pydantic writes a one-value Literal as `const`: editing has one rule today)
+        annotation: Any = Annotated[Literal[values], WithJsonSchema(  # type: ignore[valid-type]
+            {"type": "string", "enum": list(values)})] | None
     elif spec.kind == "stop":
         annotation = Annotated[Any, WithJsonSchema(_STOP_SCHEMA)]
     elif spec.kind == "object":  # validated by the spec's own code (its `convert`) when the server maps it
