@@ -116,9 +116,10 @@ class SamplingParams:
         None, "int", "Token editing: extra steps per block after its last mask is filled, while they still edit "
         "(unset: 16).", lo=0, hi=MAX_STEPS)
     structured_outputs: StructuredOutputs | dict | None = param(
-        None, "object", "Constrain the output: StructuredOutputs(json=schema | regex=... | choice=[...] | "
-        "grammar=lark | json_object=True), or the same as a dict (vLLM's `structured_outputs` object). See "
-        "engine/constraints/.", convert=StructuredOutputs.from_dict, api=False)
+        None, "object", "Constrain the output to exactly one of: json (a JSON schema), regex, choice (a list of "
+        "strings), grammar (an llguidance Lark grammar), json_object (true: any JSON object); vLLM's "
+        "`structured_outputs` object, in Python also a StructuredOutputs. See engine/constraints/.",
+        convert=StructuredOutputs.from_dict, json_schema=StructuredOutputs.json_schema, api=False, http=True)
 
     def __post_init__(self) -> None:
         self._validate()
