@@ -49,6 +49,7 @@ def time_step(fn: Callable[[], object]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
     from engine.forward_batch import ForwardBatch
+    from engine.model.attention import AttnContext
     from engine.loader import load_model
     from engine.random_checkpoint import write_random_checkpoint
     try:
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
             rows = torch.arange(min(T, 32))
 
             def step(model) -> Callable[[], object]:
-                return lambda: model._executor.run(ForwardBatch(ids, pos, [T], max_pos=T - 1, logit_rows=rows), None)
+                return lambda: model._executor.run(ForwardBatch(ids, pos, AttnContext.from_lengths([T], ids.device),
+                                                                    max_pos=T - 1, logit_rows=rows), None)
 
             def previous() -> object:
                 moe_cpu_mod.grouped_mm = lambda *a: None  # moe_cpu falls back to its per-expert loop
