@@ -314,6 +314,10 @@ FAMILY_DEFAULTS: dict[str, GenerationDefaults] = {
     # threshold 0.95; the exact block cache by default (block-causal: finished blocks never change).
     "llada2_moe": GenerationDefaults(max_tokens=2048, steps=32, block_length=32, algorithm="llada2",
                                      threshold=0.95, cache="block"),
+    # SDAR block_diffusion_generate (JetAstra/SDAR generate.py): gen_length 128, block_length 4, 4 denoising steps
+    # per block, temperature 1.0 (it always samples), low_confidence_dynamic = llada2's rule, threshold 0.85.
+    "sdar": GenerationDefaults(max_tokens=128, steps=4, block_length=4, temperature=1.0, algorithm="llada2",
+                               threshold=0.85, cache="block"),
 }
 
 
