@@ -25,15 +25,12 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import RequestError
+from .errors import FieldError
 
 
-class SamplingParamsError(RequestError):
+class SamplingParamsError(FieldError):
     """A SamplingParams field is invalid; `.field` (also `.param`) names it."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"SamplingParams.{field}: {message}", field)
-        self.field = field
+    prefix = "SamplingParams."
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """ModelRunner: one packed forward per engine step over every scheduled request, then the decoders.
 
 Data flow of a step: the host lists each request's query range (a refresh pass over the whole canvas, or a
-block pass) -> one packed forward (variable lengths, K/V written to and read from the paged pool) -> logits only at
+block pass) -> one packed forward (variable lengths, K/V written to and read from the paged pool; its attention
+layout built once, in _attn_layout, and carried by the ForwardBatch to every rank) -> logits only at
 the current block's positions -> candidates and scores -> per-row commit selection -> canvas update. The host gets
 back one small tensor per step (tokens committed and EOS flags per request). The requests' sampling parameters
 come from the batched-parameters table (engine/batch_params.py), rebuilt when the batch membership changes; the

@@ -57,14 +57,19 @@ def test_sdk_keyword_arguments_match_the_schema():
         Client("http://127.0.0.1:1").chat([], temprature=0.5)
 
 
-def test_openapi_shows_every_field_with_its_range_enum_and_help():
+def openapi_schemas() -> dict:
+    """/openapi.json's component schemas, from the app."""
     app = build_app(FakeEngine(), ServerConfig(served_model_names=["fake"]))
 
     async def main():
         async with client(app) as c:
             return (await c.get("/openapi.json")).json()
 
-    schema = run(main())["components"]["schemas"]
+    return run(main())["components"]["schemas"]
+
+
+def test_openapi_shows_every_field_with_its_range_enum_and_help():
+    schema = openapi_schemas()
     for request in ("ChatCompletionRequest", "CompletionRequest"):
         props = schema[request]["properties"]
         for name, (spec, _) in api_specs().items():
@@ -167,13 +172,7 @@ def test_structured_output_fields_are_documented_from_the_code_that_reads_them()
                                          StructuredOutputsError, tool_functions)
     spec, _ = specs(SamplingParams)["structured_outputs"]
     assert "structured_outputs" not in api_names()  # no CLI flag, server default or plain mapping
-    app = build_app(FakeEngine(), ServerConfig(served_model_names=["fake"]))
-
-    async def main():
-        async with client(app) as c:
-            return (await c.get("/openapi.json")).json()
-
-    schema = run(main())["components"]["schemas"]
+    schema = openapi_schemas()
     for request in ("ChatCompletionRequest", "CompletionRequest"):
         so = schema[request]["properties"]["structured_outputs"]
         assert so["description"] == spec.help and so["anyOf"][0] == StructuredOutputs.json_schema()

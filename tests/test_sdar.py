@@ -121,3 +121,15 @@ def test_unsupported_config_is_refused(ckpts, tmp_path):
         (path / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(CheckpointError, match=key):
             load_model(path)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_matches_one_process(llms, ckpts):
+    """Two tensor-parallel ranks (heads, MLP and the vocabulary split; the tied head shares the split embedding)
+    give the single process's tokens."""
+    variant = "tied-mha"
+    prompts = [_prompt(n, n) for n in (5, 9, 3)]
+    sp = SamplingParams(max_tokens=13, block_length=4, threshold=0.1, temperature=0.0, ignore_eos=True)
+    one = [o.token_ids for o in llms[variant].generate(prompts, sp)]
+    with LLM(ckpts[variant], dtype="float32", tensor_parallel_size=2, parallel_timeout=60) as tp:
+        assert [o.token_ids for o in tp.generate(prompts, sp)] == one

@@ -21,7 +21,7 @@ import json as _json
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import RequestError
+from ..errors import FieldError
 
 MAX_SPEC_CHARS = 1 << 20
 """Upper bound on a schema / regex / grammar text (characters); compilation is further bounded by llguidance's
@@ -33,12 +33,9 @@ JSON_OPTIONS = {"whitespace_flexible": False}
 """llguidance JSON compile options: compact JSON (',' and ':' separators), no free whitespace."""
 
 
-class StructuredOutputsError(RequestError):
-    """An invalid structured-output option; `.param` names the request field (e.g. structured_outputs.regex)."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}", param)
-        self.field = param
+class StructuredOutputsError(FieldError):
+    """An invalid structured-output option; `.param` (also `.field`) names the request field (e.g.
+    structured_outputs.regex)."""
 
 
 @dataclass(frozen=True)
