@@ -104,8 +104,9 @@ Delivery = tuple[StreamState, "RequestOutput | BaseException"]
 
 
 class AsyncEngine:
-    def __init__(self, llm: LLM) -> None:
-        """Serve `llm`'s model and engine (its scheduler, KV pool and options) from a background thread."""
+    def __init__(self, llm: LLM, *, owns_llm: bool = False) -> None:
+        """Serve `llm`'s model and engine (its scheduler, KV pool and options) from a background thread.
+        owns_llm: shutdown() also stops the LLM (its tensor-parallel workers), as from_model does."""
         self.llm = llm
         self._engine: LLMEngine = llm.engine
         self._engine.claim(self)  # released when the engine thread ends
@@ -117,8 +118,7 @@ class AsyncEngine:
         self._recording: dict[str, StreamState] = {}
         """Live requests with record_steps (engine thread only)."""
         self._closing = False
-        self._owns_llm = False
-        """Created by from_model: shutdown() also stops the LLM (its tensor-parallel workers)."""
+        self._owns_llm = owns_llm
         self._dead: BaseException | None = None
         self._totals = _Totals()
         self._stats = EngineStats(kv_pages_total=self._engine.allocator.num_pages)
@@ -132,12 +132,10 @@ class AsyncEngine:
         expert_parallel) and serve it; shutdown() then also stops the LLM's tensor-parallel workers."""
         llm = LLM(model, device, dtype, **engine_options)
         try:
-            engine = cls(llm)
+            return cls(llm, owns_llm=True)
         except BaseException:
             llm.shutdown()
             raise
-        engine._owns_llm = True
-        return engine
 
     # public API (caller's side) --------------------------------------------------------------------------
     @property

@@ -44,6 +44,7 @@ class ParamTable:
     cfg_w: torch.Tensor = column(torch.float32, lambda p: p.cfg_scale)  # [B] 0 = no guidance
     alg_temp: torch.Tensor = column(torch.float64, lambda p: p.alg_temp)  # [B] 0 = deterministic top-k
     threshold: torch.Tensor = column(torch.float64, lambda p: _or_nan(p.threshold))  # [B] nan = none
+    editing: torch.Tensor = column(torch.long, lambda p: registry.editing(p.editing).id if p.editing else -1)  # [B]
     edit_threshold: torch.Tensor = column(torch.float64, lambda p: _or_nan(p.editing_threshold))  # [B] nan = off
     # host-side facts about the batch (branch without a device sync)
     remasking_ids: frozenset[int] = frozenset()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 @dataclass(slots=True)
 class ModelConfig:
     family: str
-    """One of: llada, llada_moe, dream, rnd1, llada2_moe."""
+    """One of: llada, llada_moe, dream, rnd1, llada2_moe, sdar."""
     hidden_size: int
     num_layers: int
     num_heads: int

@@ -18,6 +18,16 @@ class RequestError(ValueError):
         self.param = param
 
 
+class FieldError(RequestError):
+    """One request field is invalid: the message is "<prefix><field>: <message>" and `.field` (also `.param`)
+    names the field. Subclasses set `prefix` (SamplingParamsError, StructuredOutputsError)."""
+    prefix = ""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{self.prefix}{field}: {message}", field)
+        self.field = field
+
+
 class RequestTypeError(RequestError, TypeError):
     """A request input has the wrong type (a TypeError as well, for callers that catch that)."""
 

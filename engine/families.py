@@ -11,8 +11,9 @@ from typing import Any, Callable
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .sdar import sdar_config
 
-FAMILIES = ("llada", "llada_moe", "dream", "rnd1", "llada2_moe")
+FAMILIES = ("llada", "llada_moe", "dream", "rnd1", "llada2_moe", "sdar")
 
 # Special ids used when a real config.json lacks them (notes/models.md).
 DEFAULT_SPECIAL_IDS: dict[str, dict[str, int | None]] = {
@@ -21,6 +22,8 @@ DEFAULT_SPECIAL_IDS: dict[str, dict[str, int | None]] = {
     "dream": {"mask": 151666, "eos": 151643, "pad": 151643, "bos": 151643},
     "rnd1": {"mask": 151669, "eos": 151645, "pad": 151643, "bos": None},
     "llada2_moe": {"mask": 156895, "eos": 156892, "pad": 156892, "bos": None},
+    # SDAR (Qwen3 tokenizer + <|MASK|>): the mask id is the tokenizer's mask_token (lmdeploy hard-codes 151669)
+    "sdar": {"mask": 151669, "eos": 151645, "pad": 151643, "bos": None},
 }
 
 
@@ -40,9 +43,12 @@ def detect_family(cfg: dict[str, Any], path: str) -> str:
         return "dream"
     if mt == "rnd1" or any(a.startswith("RND1") for a in archs):
         return "rnd1"
+    if mt == "sdar" or "SDARForCausalLM" in archs:
+        return "sdar"
     raise CheckpointError(
         f"{path}: unknown architecture (architectures={archs}, model_type={model_type!r}); "
-        f"supported: LLaDAModelLM, LLaDAMoEModelLM, DreamModel, RND1LM, LLaDA2MoeModelLM")
+        f"supported: LLaDAModelLM, LLaDAMoEModelLM, DreamModel, RND1LM, LLaDA2MoeModelLM, SDARForCausalLM "
+        f"(SDAR's MoE, sdar_moe, is not)")
 
 
 class _Keys:
@@ -134,6 +140,8 @@ def parse_config(cfg: dict[str, Any], path: str) -> ModelConfig:
     elif family == "dream":
         out.update(intermediate_size=k.req("intermediate_size"), qkv_bias=True, shift_logits=True,
                    moe_layers=(False,) * n_layers)
+    elif family == "sdar":
+        out.update(sdar_config(k, n_layers))
     else:
         out.update(moe_layers=(False,) * n_layers)
     if out["num_heads"] % out["num_kv_heads"]:

@@ -1,8 +1,8 @@
 """ForwardBatch: one step's model inputs as plain tensors, and run_batch, the forward every rank runs on them.
 
-The runner (rank 0) builds a ForwardBatch from its host state; a single process runs it directly, tensor-parallel
-ranks receive it in one broadcast and run the same function on their shards (engine/executor/). An executor
-(engine/executor/base.py) is what runs it. Nothing in it
+The runner (rank 0) builds a ForwardBatch from its host state, the attention layout (AttnContext) included, once
+per step; a single process runs it directly, tensor-parallel ranks receive it in one broadcast and run the same
+function on their shards (engine/executor/). An executor (engine/executor/base.py) is what runs it. Nothing in it
 refers to requests, so workers need no scheduler or canvas state.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .decoding.candidates import ShardDecode, shard_stats
-from .model.attention import AttnContext, AttnGroup, KVPoolTensors
+from .model.attention import AttnContext, KVPoolTensors
 from .model.transformer import Transformer
 
 
@@ -23,8 +23,9 @@ class ForwardBatch:
     """[T] long: query tokens of every forward row, packed."""
     positions: torch.Tensor
     """[T] long: their canvas positions (RoPE)."""
-    lengths: list[int]
-    """Query tokens per forward row."""
+    attn: AttnContext
+    """The attention layout of the packed rows, built once per step by the batch's builder (the runner's paged
+    layout, or AttnContext.from_lengths); each rank binds it to its own KV pool (AttnContext.bind)."""
     max_pos: int
     """Upper bound of positions (host-known, so RoPE needs no device sync)."""
     logit_rows: torch.Tensor | None = None
@@ -35,33 +36,10 @@ class ForwardBatch:
     """[Nc] long: which of the N logit rows get classifier-free guidance."""
     cfg_w: torch.Tensor | None = None
     """[Nc, 1] float32 guidance scale per guided row: un + (w + 1)(cond - un)."""
-    write_slots: torch.Tensor | None = None
-    """[T] long: KV pool slot each token's K/V is written to (paged passes); None: no pool."""
-    read_slots: torch.Tensor | None = None
-    """[R, Lk] long: pool slots each forward row attends over."""
-    key_valid: torch.Tensor | None = None
-    """[R, Lk] bool."""
-    backend: str = "torch"
-    """Kernel backend (kernels/dispatch.py): "torch" (SDPA over a padded layout) or "triton" (packed layout)."""
-    cu_seqlens_q: torch.Tensor | None = None
-    """[R + 1] int32 packed-query offsets (triton)."""
-    block_table: torch.Tensor | None = None
-    """[R, P] int32 page ids of each row's keys (triton, paged passes)."""
-    seq_lens_k: torch.Tensor | None = None
-    """[R] int32 keys per row (triton, paged passes)."""
-    page_size: int = 0
-    q_index: torch.Tensor | None = None
-    """Padded query layout (torch backend), when the runner uploaded it with the step's metadata; else built here."""
-    q_valid: torch.Tensor | None = None
-    unpad_index: torch.Tensor | None = None
-    attn_groups: "list[AttnGroup] | None" = None
-    """Paged torch passes: the rows' attention groups at bucketed lengths (engine/shape_buckets.py)."""
     logit_chunk: int = 0
     """Logit rows computed (and handed to run_batch's consume) at once; 0: all of them."""
     cfg_splits: list[int] | None = None
     """Host-known index into cfg_sel at each chunk boundary (len = chunks + 1); None: one chunk."""
-    block_len: torch.Tensor | None = None
-    """[R] long: block-causal attention with this block length per forward row (LLaDA2); None: bidirectional."""
     shard_decode: ShardDecode | None = None
     """Set (batches without top-k/top-p over a sharded vocabulary): return each vocabulary shard's decoding
     statistics [R, N, 8] (decoding/candidates.shard_stats) instead of gathering the full logits."""
@@ -74,11 +52,9 @@ class ForwardBatch:
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
                 setattr(out, f.name, v.to(device, non_blocking=async_ok))
+        out.attn = self.attn.to(device)
         if self.shard_decode is not None:
             out.shard_decode = self.shard_decode.to(device)
-        if self.attn_groups is not None:
-            out.attn_groups = [AttnGroup(*(getattr(g, f.name).to(device, non_blocking=async_ok) for f in fields(g)))
-                               for g in self.attn_groups]
         return out
 
 
@@ -97,7 +73,8 @@ def run_batch(net: Transformer, kv: KVPoolTensors | None, batch: ForwardBatch, c
     if forward is not None:
         hidden = forward(batch)  # [T, D]
     else:
-        hidden = net(batch.tokens, batch.positions, _attn_context(batch, kv), max_pos=batch.max_pos)  # [T, D]
+        ctx = batch.attn.bind(kv, batch.positions)
+        hidden = net(batch.tokens, batch.positions, ctx, max_pos=batch.max_pos)  # [T, D]
     rows = batch.logit_rows if batch.logit_rows is not None else torch.arange(hidden.shape[0], device=hidden.device)
     n = rows.shape[0]
     chunk = batch.logit_chunk if batch.logit_chunk > 0 else max(n, 1)
@@ -132,28 +109,3 @@ def run_batch(net: Transformer, kv: KVPoolTensors | None, batch: ForwardBatch, c
 
 def _is_rank0(net: Transformer) -> bool:
     return not net.shard.active or net.shard.rank == 0
-
-
-def _attn_context(batch: ForwardBatch, kv: KVPoolTensors | None) -> AttnContext:
-    """The attention context of a batch: packed offsets + block tables (triton) or a padded layout (torch)."""
-    paged = batch.write_slots is not None
-    if batch.backend == "triton" and paged:
-        ctx = AttnContext(None, None, None, len(batch.lengths), max(batch.lengths), backend="triton",
-                          cu_seqlens_q=batch.cu_seqlens_q, block_table=batch.block_table,
-                          seq_lens_k=batch.seq_lens_k, page_size=batch.page_size)
-    elif batch.q_index is not None or batch.q_valid is not None:
-        ctx = AttnContext(batch.q_index, batch.q_valid, batch.unpad_index, len(batch.lengths), max(batch.lengths),
-                          backend=batch.backend)
-    else:
-        ctx = AttnContext.from_lengths(batch.lengths, batch.tokens.device)
-        ctx.backend = batch.backend
-    if paged and batch.backend != "triton":
-        ctx.key_valid, ctx.read_slots, ctx.groups = batch.key_valid, batch.read_slots, batch.attn_groups
-    if paged:
-        ctx.write_slots, ctx.kv_pool = batch.write_slots, kv
-    if batch.block_len is not None and batch.backend == "triton":  # the kernel masks by positions
-        ctx.block_len, ctx.positions = batch.block_len, batch.positions
-    elif batch.block_len is not None:
-        from .model.attention import block_causal_mask
-        ctx.attn_mask = block_causal_mask(ctx, batch.positions, batch.block_len, paged)
-    return ctx

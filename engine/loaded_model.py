@@ -13,6 +13,7 @@ from .chat import encode_chat
 from .config import ModelConfig
 from .errors import RequestError, TokenizerMissingError
 from .forward_batch import ForwardBatch
+from .model.attention import AttnContext
 from .model.transformer import Transformer
 
 
@@ -53,14 +54,14 @@ class DiffusionModel:
         blocks = None if block_length is None else torch.full((B,), block_length, device=self.device)  # [B]
         if attention_mask is None:
             pos = torch.arange(L, device=self.device).repeat(B)  # [B*L]
-            batch = ForwardBatch(input_ids.reshape(-1), pos, [L] * B, max_pos=L - 1, backend=self.kernels,
-                                 block_len=blocks)
+            attn = AttnContext.from_lengths([L] * B, self.device, self.kernels, blocks)
+            batch = ForwardBatch(input_ids.reshape(-1), pos, attn, max_pos=L - 1)
             return self._executor.run(batch, None).view(B, L, -1)
         mask = attention_mask.to(self.device).bool()  # [B, L]
         lengths = mask.sum(1).tolist()
         pos = (torch.cumsum(mask, 1) - 1)[mask]  # [T]
-        batch = ForwardBatch(input_ids[mask], pos, lengths, max_pos=max(lengths) - 1, backend=self.kernels,
-                             block_len=blocks)
+        attn = AttnContext.from_lengths(lengths, self.device, self.kernels, blocks)
+        batch = ForwardBatch(input_ids[mask], pos, attn, max_pos=max(lengths) - 1)
         out = torch.zeros(B, L, self.config.vocab_size, device=self.device)
         out[mask] = self._executor.run(batch, None)
         return out

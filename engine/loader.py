@@ -263,6 +263,8 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     with torch.device("meta"):
         net = Transformer(cfg, shard)
     net = net.to_empty(device="cpu").to(torch_dtype)
+    if cfg.tie_embeddings:  # to_empty gives every module its own storage: tie the head to the embedding again
+        net.lm_head.weight = net.embed.weight
     load_weights(net, cfg, files, model_dir, shard)
     net.rotary.reset()
     net = net.to(dev).eval().requires_grad_(False)

@@ -2,7 +2,7 @@
 declaration is the source of everything that names or checks request parameters:
 
 - SamplingParams' validation (`validate`, one pass: type, range, choices, aliases);
-- the HTTP request fields and /openapi.json (server/protocol.py builds its pydantic model from `api_specs()`);
+- the HTTP request fields and /openapi.json (server/protocol.py builds its pydantic model from `http_specs()`);
 - the `unmask generate` / `unmask serve` sampling flags and the server-wide defaults (`add_cli_flags`,
   `api_names()`; engine/cli.py, server/cli.py), and the fields the server maps onto SamplingParams
   (server/serving.py);
@@ -12,7 +12,7 @@ declaration is the source of everything that names or checks request parameters:
   (`sdk_source()`) and tests/test_schema.py checks it is current; so are README's tables of request fields and
   decoding rules. `regenerate()` rewrites both (the command is GENERATED).
 
-Choices that are decoding plug-ins (remasking, algorithm) are read from engine/decoding/registry.py.
+Choices that are decoding plug-ins (remasking, algorithm, editing) are read from engine/decoding/registry.py.
 Adding a plain request field is one `param(...)` field on SamplingParams (plus its test).
 """
 from __future__ import annotations
@@ -25,15 +25,12 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import RequestError
+from .errors import FieldError
 
 
-class SamplingParamsError(RequestError):
+class SamplingParamsError(FieldError):
     """A SamplingParams field is invalid; `.field` (also `.param`) names it."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"SamplingParams.{field}: {message}", field)
-        self.field = field
+    prefix = "SamplingParams."
 
 
 @dataclass(frozen=True)
@@ -55,6 +52,9 @@ class ParamSpec:
     "fixed" (this field's default), "random" (drawn per request)."""
     api: bool = True
     """Exposed over HTTP, as CLI flags and server-wide defaults, and in the SDK; False: engine-only."""
+    http: bool | None = None
+    """An HTTP request field (None: as `api`). http=True with api=False: a request field the server maps itself
+    (structured_outputs, read together with its OpenAI-shaped aliases), with no CLI flag or server default."""
     nullable: bool = True
     """None accepted (it means: take the default)."""
     what: str | None = None
@@ -64,6 +64,8 @@ class ParamSpec:
     """The HTTP schema's bounds where they differ (wire format: seeds are int64; top_k -1 means off)."""
     convert: Callable[[Any], Any] | None = None
     """kind "object": the value's validation and normal form (raises a RequestError naming the field)."""
+    json_schema: Callable[[], dict[str, Any]] | None = None
+    """kind "object": the JSON Schema of its HTTP form (what `convert` takes), for /openapi.json."""
 
     def choice_values(self) -> tuple[str, ...]:
         return self.choices() if callable(self.choices) else tuple(self.choices)
@@ -157,6 +159,11 @@ def api_names() -> tuple[str, ...]:
     return tuple(api_specs())
 
 
+def http_specs() -> dict[str, tuple[ParamSpec, Any]]:
+    """The HTTP request fields of the schema (server/protocol.py): the api fields and the http-only ones."""
+    return {k: v for k, v in _schema().items() if (v[0].api if v[0].http is None else v[0].http)}
+
+
 def fixed_defaults() -> dict[str, Any]:
     """The value each request field whose default is not the model's takes when unset."""
     return {k: d for k, (s, d) in api_specs().items() if s.source != "model"}
@@ -195,13 +202,13 @@ def markdown_table() -> str:
         else:
             valid = spec.range_text()
         unset = src[spec.source] or ("" if default is None else f"`{default!r}`")
-        api = "" if spec.api else " (Python API only)"
+        api = "" if spec.api else " (HTTP and Python API)" if spec.http else " (Python API only)"
         rows.append(f"| `{name}` | {valid} | {unset} | {spec.help.replace('|', chr(92) + '|')}{api} |")
     return "\n".join(rows) + "\n"
 
 
 # the SDK's typed keyword arguments ---------------------------------------------------------------------------------
-SDK_LITERALS = {"remasking": "Remasking", "cache": "CacheMode", "algorithm": "Algorithm"}
+SDK_LITERALS = {"remasking": "Remasking", "cache": "CacheMode", "algorithm": "Algorithm", "editing": "Editing"}
 """Names of the SDK's Literal aliases for the choice fields."""
 
 

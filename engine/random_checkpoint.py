@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import save_file
 
-FAMILIES = ("llada", "llada_moe", "dream", "rnd1", "llada2_moe")
+FAMILIES = ("llada", "llada_moe", "dream", "rnd1", "llada2_moe", "sdar")
 
 # Special tokens of each family, ascending by real id: (string, real id, roles). Roles name the config keys
 # `<role>_token_id` that point at the token. The LLaDA-MoE role-token ids are placeholders (not confirmed).
@@ -39,13 +39,18 @@ _SPECIALS: dict[str, list[tuple[str, int, tuple[str, ...]]]] = {
     # LLaDA2.x (Ling tokenizer): eos/pad 156892, mask 156895; role-token ids are placeholders as for LLaDA-MoE.
     "llada2_moe": [("<|endoftext|>", 156892, ("eos", "pad")), ("<|mask|>", 156895, ("mask",)),
                    ("<role>", 156900, ()), ("</role>", 156901, ()), ("<|role_end|>", 156902, ())],
+    # SDAR: Qwen3's tokenizer plus <|MASK|> (engine/sdar.py)
+    "sdar": [("<|endoftext|>", 151643, ("pad",)), ("<|im_start|>", 151644, ()), ("<|im_end|>", 151645, ("eos",)),
+             ("<|MASK|>", 151669, ("mask",))],
 }
 # Real vocabulary sizes (sanity reference; benchmarks may want them).
-REAL_VOCAB_SIZE = {"llada": 126464, "llada_moe": 157184, "dream": 152064, "rnd1": 151936, "llada2_moe": 157184}
+REAL_VOCAB_SIZE = {"llada": 126464, "llada_moe": 157184, "dream": 152064, "rnd1": 151936, "llada2_moe": 157184,
+                   "sdar": 151936}
 # Which `<role>_token_id` keys the real config.json carries.
 _REAL_CONFIG_ID_KEYS = {"llada": ("mask", "eos", "pad"), "llada_moe": ("eos", "pad"),
                         "dream": ("mask", "eos", "pad", "bos"), "rnd1": ("mask", "eos", "pad"),
-                        "llada2_moe": ("pad",)}  # LLaDA2's config.json has only pad_token_id
+                        "llada2_moe": ("pad",),  # LLaDA2's config.json has only pad_token_id
+                        "sdar": ("eos",)}  # Qwen3's config.json: eos (its bos is <|endoftext|> too)
 # Tokenizer-side special-token strings (tokenizer_config.json / special_tokens_map.json).
 _TOKENIZER_ROLES = {
     "llada": {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
@@ -55,6 +60,7 @@ _TOKENIZER_ROLES = {
               "mask_token": "<|mask|>"},
     "rnd1": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>"},
     "llada2_moe": {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>"},
+    "sdar": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "mask_token": "<|MASK|>"},
 }
 
 # Chat templates (Jinja) in each family's real format; RND1 ships none.
@@ -87,6 +93,12 @@ CHAT_TEMPLATES: dict[str, str | None] = {
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"),
     "rnd1": None,
+    # SDAR-Chat (Qwen3 ChatML, no default system prompt; its tool / thinking branches left out)
+    "sdar": (
+        "{%- for message in messages -%}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"),
 }
 CHAT_TEMPLATES["llada2_moe"] = CHAT_TEMPLATES["llada_moe"]  # the same Ling format (<role>HUMAN</role>...)
 
@@ -172,8 +184,9 @@ def write_random_checkpoint(
     partial_rotary_factor: float = 0.5,
     routed_scaling_factor: float = 2.5,
     byte_level: bool = False,
+    tie_word_embeddings: bool = False,
 ) -> Path:
-    """Write a random checkpoint of `family` ("llada", "llada_moe", "dream", "rnd1") to out_dir; returns the path.
+    """Write a random checkpoint of `family` (one of FAMILIES) to out_dir; returns the path.
 
     num_kv_heads: default num_heads (MHA) for LLaDA / LLaDA-MoE, num_heads // 2 for Dream / RND1 (GQA).
     head_dim: only RND1 (and LLaDA-MoE) can express head_dim != hidden_size // num_heads.
@@ -188,6 +201,7 @@ def write_random_checkpoint(
     llada2_moe only: first_k_dense_replace dense layers first, then MoE layers with a sigmoid router over
         n_group groups (topk_group kept), num_shared_experts shared experts (width moe_intermediate_size each),
         routed_scaling_factor, partial_rotary_factor (rotary_dim = head_dim * factor); fused query_key_value.
+    tie_word_embeddings (sdar only): the head is the embedding (SDAR-1.7B/4B), no lm_head.weight is written.
     byte_level: write the tokenizer as GPT-2 style byte-level BPE (pieces spelled through the byte-to-unicode
         table, e.g. " the" as "Ġthe"): same pieces and merges, so the same ids for the same text, in the form
         llama.cpp's converter and its "gpt2" tokenizer expect (benchmarks/vs_llamacpp.py).
@@ -233,7 +247,7 @@ def write_random_checkpoint(
     dims = dict(hidden=hidden_size, layers=num_layers, heads=num_heads, kv_heads=num_kv_heads, head_dim=head_dim,
                 inter=intermediate_size, vocab=vocab_size, experts=num_experts, top_k=top_k,
                 moe_inter=moe_intermediate_size, dense=first_k_dense_replace, n_group=n_group,
-                topk_group=topk_group, shared=num_shared_experts)
+                topk_group=topk_group, shared=num_shared_experts, tie=int(tie_word_embeddings and family == "sdar"))
     dims_f = dict(partial_rotary_factor=partial_rotary_factor, routed_scaling_factor=routed_scaling_factor)
     config = _config(family, dims, ids, special_ids, write_special_ids, torch_dtype, norm_topk_prob,
                      rope_theta, rms_norm_eps, max_position_embeddings)
@@ -327,6 +341,20 @@ def _config(family: str, d: dict[str, int], ids: dict[str, int], special_ids: An
             "use_bias": False, "use_cache": False, "use_qk_norm": True, "use_qkv_bias": False,
             "use_rmsnorm": True, "vocab_size": d["vocab"],
         }
+    elif family == "sdar":  # SDARConfig = Qwen3's keys (engine/sdar.py)
+        cfg = {
+            "architectures": ["SDARForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+            "auto_map": {"AutoConfig": "configuration_sdar.SDARConfig", "AutoModel": "modeling_sdar.SDARModel",
+                         "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM"},
+            "fuse_cross_entropy": True, "head_dim": d["head_dim"], "hidden_act": "silu", "hidden_size": d["hidden"],
+            "initializer_range": 0.02, "intermediate_size": d["inter"], "max_position_embeddings": max_pos,
+            "max_window_layers": d["layers"], "model_type": "sdar", "num_attention_heads": d["heads"],
+            "num_hidden_layers": d["layers"], "num_key_value_heads": d["kv_heads"],
+            "rms_norm_eps": 1e-6 if eps is None else eps, "rope_scaling": None,
+            "rope_theta": 1000000.0 if rope_theta is None else rope_theta, "sliding_window": None,
+            "tie_word_embeddings": bool(d["tie"]), "torch_dtype": dtype_name, "transformers_version": "4.52.4",
+            "use_cache": True, "use_sliding_window": False, "vocab_size": d["vocab"],
+        }
     else:  # rnd1
         cfg = {
             "architectures": ["RND1LM"], "attention_bias": False, "attention_dropout": 0.0,
@@ -394,10 +422,10 @@ def _tensor_specs(family: str, d: dict[str, int]) -> list[tuple[str, tuple[int, 
             if family == "dream":
                 specs.append((p + f"self_attn.{name}_proj.bias", (rows,), "bias"))
         specs.append((p + "self_attn.o_proj.weight", (D, q), "linear"))
-        if family in ("llada_moe", "rnd1"):
+        if family in ("llada_moe", "rnd1", "sdar"):
             specs += [(p + "self_attn.q_norm.weight", (hd,), "norm"), (p + "self_attn.k_norm.weight", (hd,), "norm")]
         specs.append((p + "post_attention_layernorm.weight", (D,), "norm"))
-        if family == "dream":
+        if family in ("dream", "sdar"):
             specs += [(p + "mlp.gate_proj.weight", (inter, D), "linear"),
                       (p + "mlp.up_proj.weight", (inter, D), "linear"),
                       (p + "mlp.down_proj.weight", (D, inter), "linear")]
@@ -408,7 +436,9 @@ def _tensor_specs(family: str, d: dict[str, int]) -> list[tuple[str, tuple[int, 
                 e = f"{p}mlp.experts.{j}."
                 specs += [(e + "gate_proj.weight", (mi, D), "linear"), (e + "up_proj.weight", (mi, D), "linear"),
                           (e + "down_proj.weight", (D, mi), "linear")]
-    specs += [("model.norm.weight", (D,), "norm"), ("lm_head.weight", (V, D), "head")]
+    specs.append(("model.norm.weight", (D,), "norm"))
+    if not d.get("tie"):
+        specs.append(("lm_head.weight", (V, D), "head"))
     return specs
 
 

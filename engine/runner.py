@@ -1,7 +1,8 @@
 """ModelRunner: one packed forward per engine step over every scheduled request, then the decoders.
 
 Data flow of a step: the host lists each request's query range (a refresh pass over the whole canvas, or a
-block pass) -> one packed forward (variable lengths, K/V written to and read from the paged pool) -> logits only at
+block pass) -> one packed forward (variable lengths, K/V written to and read from the paged pool; its attention
+layout built once, in _attn_layout, and carried by the ForwardBatch to every rank) -> logits only at
 the current block's positions -> candidates and scores -> per-row commit selection -> canvas update. The host gets
 back one small tensor per step (tokens committed and EOS flags per request). The requests' sampling parameters
 come from the batched-parameters table (engine/batch_params.py), rebuilt when the batch membership changes; the
@@ -88,8 +89,10 @@ class _Members:
         self.block_causal = any(s.block_causal for s in seqs)
         self.block_len = (torch.tensor([seqs[i].params.block_length for i in self.row_seq], device=dev)
                           if self.block_causal else None)  # [R] block-causal attention per forward row
-        self.any_editing = any(s.params.editing for s in seqs)
-        self.edit_from = torch.tensor([s.prompt_len if s.params.editing else 1 << 62 for s in seqs])  # [B] host
+        self.editing = [registry.editing(s.params.editing) if s.params.editing else None for s in seqs]
+        """Each request's token-editing rule (engine/decoding/editing/), None for most."""
+        self.any_editing = any(self.editing)
+        self.edit_rule = [e.id if e else -1 for e in self.editing]  # host copy of params.editing
 
 
 LOGIT_ENTRY_BYTES = 64
@@ -213,17 +216,20 @@ class ModelRunner:
         elif not m.block_causal:  # SDPA's padded layouts, one per (query, key) length bucket, riding in the same copy
             groups = attention_groups(row_len, m.row_keys)
             host.update(group_upload(groups))
-        else:  # block-causal (torch): one padded layout with the block mask (forward_batch._attn_context)
+        else:  # block-causal (torch): one padded layout with the block mask (_attn_layout)
             groups = []
         # the positions decoded this step: each request's still-masked block positions (counts known here)
         blocks = [r.block for r in reqs]
         blen = [e - b for b, e in blocks]
-        counts = [editing.decoded_count(r.seq) for r in reqs]
         host["block_buf"] = ranges([o + b for o, (b, _) in zip(m.offsets, blocks)], blen)  # [Nb]
-        if m.any_editing:  # editing rows also score their block's committed generated positions
+        if m.any_editing:  # editing rows also score their block's committed positions from the rule's start on
+            edit_from = [e.scored_from(r.seq) if e else b for e, r, (_, b) in zip(m.editing, reqs, blocks)]
+            counts = [r.seq.masked_in_block if e is None else b - max(a, f)
+                      for e, r, (a, b), f in zip(m.editing, reqs, blocks, edit_from)]
             block_seq = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(blen))  # [Nb]
-            host["block_edit"] = editing.editable_positions(ranges([b for b, _ in blocks], blen), block_seq,
-                                                            m.edit_from)  # [Nb]
+            host["block_edit"] = ranges([b for b, _ in blocks], blen) >= torch.tensor(edit_from)[block_seq]  # [Nb]
+        else:
+            counts = [r.seq.masked_in_block for r in reqs]
         host["dec_seq"] = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(counts))  # [N]
         host["block_start"] = torch.tensor([b for b, _ in blocks])  # [B]
         host["flat_block_start"] = torch.tensor([0, *accumulate(blen)][:-1])  # [B]
@@ -272,18 +278,8 @@ class ModelRunner:
         keep = torch.nonzero_static(decoded, size=n)[:, 0]  # [N] into the blocks
         dpos = d["block_start"][seq] + keep - d["flat_block_start"][seq]  # [N] canvas positions
         dec = _Decode(pos=dpos, buf=block_buf[keep], seq=seq, lengths=counts)
-        read_slots, key_valid = m.read_slots, m.key_valid
-        if m.block_causal:  # point unwritten later-block keys at the zeroed scratch slot (no garbage, even masked)
-            live = torch.arange(read_slots.shape[1], device=self.device)[None, :] < d["row_end"][:, None]  # [R, Lk]
-            read_slots, key_valid = torch.where(live, read_slots, self.pool.scratch_slot), key_valid & live
-        batch = ForwardBatch(tokens, pos, plan.row_len, max_pos=max(m.lens) - 1, logit_rows=d["first"][seq] + dpos,
-                             write_slots=write, read_slots=read_slots, key_valid=key_valid,
-                             backend=self.kernels, logit_chunk=self.max_logit_rows, block_len=m.block_len)
-        if self.kernels == "triton":  # packed layout: no padded query index, keys through the block table
-            batch.cu_seqlens_q, batch.block_table, batch.seq_lens_k = d["cu_seqlens_q"], m.block_table, m.seq_lens_k
-            batch.page_size = self.pool.page_size
-        elif not m.block_causal:  # SDPA per length-bucket group, so a row's attention does not depend on the batch
-            batch.attn_groups = build_groups(plan.groups, d, m.read_slots, m.key_valid, self.pool.scratch_slot)
+        batch = ForwardBatch(tokens, pos, self._attn_layout(m, plan, write), max_pos=max(m.lens) - 1,
+                             logit_rows=d["first"][seq] + dpos, logit_chunk=self.max_logit_rows)
         if m.cfg_seqs:
             sel = torch.nonzero_static(m.params.cfg_w[seq] > 0, size=sum(counts[i] for i in m.cfg_seqs))[:, 0]  # [Nc]
             batch.twin_rows, batch.cfg_sel = (d["first_twin"][seq] + dpos)[sel], sel
@@ -293,6 +289,26 @@ class ModelRunner:
             bounds = [*range(0, n, chunk), n]
             batch.cfg_splits = [sum(max(0, min(x, starts[i + 1]) - starts[i]) for i in m.cfg_seqs) for x in bounds]
         return batch, dec
+
+    def _attn_layout(self, m: _Members, plan: "_Plan", write: torch.Tensor) -> AttnContext:
+        """The step's attention layout, built once here and carried by the ForwardBatch to every rank: packed
+        offsets and block tables (triton), per-length-bucket SDPA groups (torch), or one padded layout whose
+        block-causal mask each rank derives when it binds the layout (torch, block-causal). write [T] pool slots."""
+        d, rows = plan.dev, len(plan.row_len)
+        if self.kernels == "triton":  # packed layout: no padded query index, keys through the block table
+            ctx = AttnContext(None, None, None, rows, max(plan.row_len), backend="triton",
+                              cu_seqlens_q=d["cu_seqlens_q"], block_table=m.block_table, seq_lens_k=m.seq_lens_k,
+                              page_size=self.pool.page_size)
+        elif not m.block_causal:  # SDPA per length-bucket group, so a row's attention does not depend on the batch
+            ctx = AttnContext(None, None, None, rows, max(plan.row_len),
+                              groups=build_groups(plan.groups, d, m.read_slots, m.key_valid, self.pool.scratch_slot))
+        else:  # point unwritten later-block keys at the zeroed scratch slot (no garbage, even masked)
+            ctx = AttnContext.from_lengths(plan.row_len, self.device)
+            live = torch.arange(m.read_slots.shape[1], device=self.device)[None, :] < d["row_end"][:, None]  # [R, Lk]
+            ctx.read_slots = torch.where(live, m.read_slots, self.pool.scratch_slot)  # [R, Lk]
+            ctx.key_valid = m.key_valid & live  # [R, Lk]
+        ctx.write_slots, ctx.block_len = write, m.block_len
+        return ctx
 
     def _candidates(self, reqs: list[ScheduledRequest], m: _Members, batch: ForwardBatch, dec: "_Decode",
                     keys: torch.Tensor, plan: "_Plan", constrained: StepConstraints | None = None
@@ -323,7 +339,7 @@ class ModelRunner:
             graphs = self.graphs
 
             def forward(b: ForwardBatch) -> torch.Tensor:  # a captured block pass -> hidden [T, D]
-                return graphs.run(b.tokens, b.positions, b.write_slots, m.block_table, m.seq_lens_k, len(row_len),
+                return graphs.run(b.tokens, b.positions, b.attn.write_slots, m.block_table, m.seq_lens_k, len(row_len),
                                   row_len[0])
 
             self.executor.run(batch, self.pool.tensors, consume, forward)
@@ -351,8 +367,9 @@ class ModelRunner:
         if constrained is not None:  # structured-output rows: their left-to-right grammar-checked commits
             commit = constrained.apply(x0, commit)
         edit = torch.zeros_like(commit)
-        if m.any_editing:
-            edit = editing.edits(current[pad_idx], x0[pad_idx], conf[pad_idx], pad_valid, t.edit_threshold, mask_id)
+        if m.any_editing:  # each row's token-editing rule, one vectorised pass per rule present
+            edit = editing.edit(editing.EditContext(current[pad_idx], x0[pad_idx], conf[pad_idx], pad_valid,
+                                                    t.edit_threshold, mask_id), t.editing, m.edit_rule)
         self.buf[dec.buf] = torch.where((commit | edit)[pad_valid], x0, current)
         return commit, edit
 

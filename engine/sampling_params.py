@@ -104,17 +104,22 @@ class SamplingParams:
         hi=MAX_TEMPERATURE, nullable=False)
     eps: float = param(1e-3, "float", "Dream: final timestep of linspace(1, eps, steps + 1).", lo=0, hi=1,
                        lo_open=True, hi_open=True, nullable=False, api=False)
+    editing: str | None = param(
+        None, "choice", "Token-editing rule (engine/decoding/editing/): llada2.1-edit (LLaDA2.1, block diffusion "
+        "only) replaces committed tokens of the current block. Unset: the rule editing_threshold turns on, else off.",
+        choices=registry.editing_names)
     editing_threshold: float | None = param(
-        None, "float", "LLaDA2.1 token editing (block diffusion only, engine/decoding/editing.py): replace a "
-        "committed token of the current block when another is predicted with confidence > this. Unset: off.",
-        lo=0, hi=1, lo_open=True)
+        None, "float", "LLaDA2.1 token editing (block diffusion only, engine/decoding/editing/): replace a "
+        "committed token of the current block when another is predicted with confidence > this. Unset: off "
+        "(0.5 with editing set).", lo=0, hi=1, lo_open=True)
     max_post_steps: int | None = param(
         None, "int", "Token editing: extra steps per block after its last mask is filled, while they still edit "
         "(unset: 16).", lo=0, hi=MAX_STEPS)
     structured_outputs: StructuredOutputs | dict | None = param(
-        None, "object", "Constrain the output: StructuredOutputs(json=schema | regex=... | choice=[...] | "
-        "grammar=lark | json_object=True), or the same as a dict (vLLM's `structured_outputs` object). See "
-        "engine/constraints/.", convert=StructuredOutputs.from_dict, api=False)
+        None, "object", "Constrain the output to exactly one of: json (a JSON schema), regex, choice (a list of "
+        "strings), grammar (an llguidance Lark grammar), json_object (true: any JSON object); vLLM's "
+        "`structured_outputs` object, in Python also a StructuredOutputs. See engine/constraints/.",
+        convert=StructuredOutputs.from_dict, json_schema=StructuredOutputs.json_schema, api=False, http=True)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -157,12 +162,10 @@ class SamplingParams:
         if block_diffusion:
             _check_block_diffusion(self)
             cache = "none" if cache == "none" else "block"  # prefix / dual are exact here: the block cache
-        elif self.editing_threshold is not None or self.max_post_steps is not None:
-            field = "editing_threshold" if self.editing_threshold is not None else "max_post_steps"
-            raise SamplingParamsError(field, "token editing is LLaDA2.1's: it needs a block-diffusion model")
         elif cache == "block":
             raise SamplingParamsError("cache", "'block' is the exact cache of block-causal models (LLaDA2); use "
                                                "none, prefix or dual")
+        values.update(resolve_editing(self, algorithm))
         remasking = self.remasking or (defaults.remasking if algorithm == defaults.algorithm else "low_confidence")
         active = {p: getattr(self, p) for p in registry.param_transfers()}
         check_rules(remasking, algorithm, active)
@@ -183,8 +186,7 @@ class SamplingParams:
             temperature=float(values["temperature"]), top_p=float(values["top_p"] or 1.0),
             top_k=int(values["top_k"] or 0), cfg_scale=float(self.cfg_scale),
             seed=self.seed if self.seed is not None else random.getrandbits(62), stop=tuple(self.stop or ()),
-            alg_temp=float(self.alg_temp), eps=float(self.eps), cache=cache,
-            max_post_steps=16 if self.max_post_steps is None else self.max_post_steps)
+            alg_temp=float(self.alg_temp), eps=float(self.eps), cache=cache)
         return ResolvedParams(**values, block_steps=block_steps, transfer=transfer,
                               adaptive=registry.transfer(transfer).adaptive, steps_per_block=steps_per_block)
 
@@ -206,13 +208,34 @@ def check_rules(remasking: str | None, algorithm: str | None, active: dict[str, 
                                                f"{' or '.join(registry.param_transfers())}")
 
 
+def resolve_editing(p: SamplingParams, algorithm: str) -> dict[str, Any]:
+    """The request's token-editing rule (`editing`: its name or None) and the values of the fields it owns, from the
+    registry: a rule is on when named or when its first field is set; its unset fields take its defaults; a field
+    set for rules that do not work with this model's algorithm is refused, naming it."""
+    rules = registry.editing_rules()
+    for f in registry.editing_fields():
+        owners = [e for e in rules if f in e.fields]
+        if getattr(p, f) is not None and all(e.algorithm not in (None, algorithm) for e in owners):
+            raise SamplingParamsError(f, f"token editing ('{owners[0].name}') {owners[0].why}")
+    name = p.editing or next((e.name for e in rules if getattr(p, e.fields[0]) is not None), None)
+    if name is None:
+        return {"editing": None}
+    rule = registry.editing(name)
+    if rule.algorithm not in (None, algorithm):
+        raise SamplingParamsError("editing", f"'{name}' {rule.why}")
+    out: dict[str, Any] = {"editing": name}
+    for f, v in rule.defaults:
+        if getattr(p, f) is None:
+            out[f] = v
+    return out
+
+
 ResolvedParams = make_dataclass(
     "ResolvedParams",
     [(f.name, f.type) for f in fields(SamplingParams)] + [
         ("block_steps", "tuple[int, ...]"), ("transfer", "str"), ("adaptive", "bool"), ("steps_per_block", "int")],
     frozen=True, slots=True,
     namespace={"num_blocks": property(lambda self: len(self.block_steps)), "__module__": __name__,
-               "editing": property(lambda self: self.editing_threshold is not None),
                "__doc__": "A request's parameters resolved against its model: every SamplingParams field set "
                           "(seed drawn, stop a tuple, model defaults filled in), plus the block plan "
                           "(block_steps; block diffusion: built per request from steps_per_block, Sequence.plan), "
@@ -291,6 +314,10 @@ FAMILY_DEFAULTS: dict[str, GenerationDefaults] = {
     # threshold 0.95; the exact block cache by default (block-causal: finished blocks never change).
     "llada2_moe": GenerationDefaults(max_tokens=2048, steps=32, block_length=32, algorithm="llada2",
                                      threshold=0.95, cache="block"),
+    # SDAR block_diffusion_generate (JetAstra/SDAR generate.py): gen_length 128, block_length 4, 4 denoising steps
+    # per block, temperature 1.0 (it always samples), low_confidence_dynamic = llada2's rule, threshold 0.85.
+    "sdar": GenerationDefaults(max_tokens=128, steps=4, block_length=4, temperature=1.0, algorithm="llada2",
+                               threshold=0.85, cache="block"),
 }
 
 

@@ -177,8 +177,9 @@ class Sequence:
         if self.block_causal:  # every block before the current one is final and its K/V written
             self.cached_upto = self.block_bounds()[0]
         self.stats.tokens_committed += committed
-        if self.params.editing:
-            return self._advance_editing(committed, edited)
+        if self.params.editing:  # a token-editing rule owns the block's progress (engine/decoding/editing/)
+            from .decoding import registry
+            return registry.editing(self.params.editing).advance(self, committed, edited)
         self.masked_in_block -= committed
         self.step_in_block += 1
         if self.params.adaptive:
@@ -186,18 +187,6 @@ class Sequence:
         else:
             done = self.step_in_block >= self.block_steps
         return done
-
-    def _advance_editing(self, committed: int, edited: int) -> bool:
-        """Token editing (engine/decoding/editing.py): fill steps while masks remain (each may also edit), then
-        post steps while they edit, at most max_post_steps + 1 of them; a block whose last mask is filled by its
-        last scheduled step ends there."""
-        filling = self.masked_in_block > 0
-        self.masked_in_block -= committed
-        if filling:
-            self.step_in_block += 1
-            return self.step_in_block >= self.block_steps
-        self.post_steps += 1
-        return edited == 0 or self.post_steps > self.params.max_post_steps
 
     def next_block(self) -> bool:
         """Move to the next block; returns False when there is none."""

@@ -35,6 +35,10 @@ REQUEST_DEFAULTS = fixed_defaults()
 def effective_defaults(info: ModelInfo, config: ServerConfig) -> dict[str, Any]:
     """The value each unset request field takes: server-wide defaults over the model's."""
     values = {**REQUEST_DEFAULTS, **dataclasses.asdict(info.defaults)}  # the family's threshold / cache win
+    if info.defaults.steps_per_block:  # block diffusion (LLaDA2): unset steps = this many per denoised block, which
+        # depends on the prompt, and a `steps` sent is a total: report no total (a client echoing it back would
+        # otherwise ask for one step per block)
+        values.update(steps=None, steps_per_block=info.defaults.steps_per_block)
     values.update({k: v for k, v in config.sampling_defaults.items() if v is not None})
     return values
 

@@ -2,7 +2,9 @@
 
 Every field has a description and its range, so `/openapi.json` and `/docs` describe the whole surface. The
 sampling and diffusion fields are not written here: `SamplingFields` is built from the engine's request schema
-(SamplingParams' `param(...)` fields, engine/param_schema.py), their enums from the decoding registry. Unknown
+(SamplingParams' `param(...)` fields, engine/param_schema.py; structured_outputs included), their enums from the
+decoding registry. Structured outputs' OpenAI-shaped aliases (response_format, tools) are declared here with the
+JSON Schemas of engine/constraints/spec.py, which also reads and validates them (server/structured.py). Unknown
 request fields are ignored (as vLLM does). Ranges checked here are the ones a schema can state; the engine's
 SamplingParams validation runs afterwards and its errors come back as 400s naming the same field.
 """
@@ -13,7 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model, field_validator
 
-from engine.param_schema import api_names, api_specs
+from engine.constraints.spec import RESPONSE_FORMAT_SCHEMA, TOOLS_SCHEMA
+from engine.param_schema import http_specs
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -45,15 +48,13 @@ class OpenAIFields(_Request):
                                             "finished diffusion block.")
     stream_options: StreamOptions | None = Field(None, description="Only with `stream: true`.")
     user: str | None = Field(None, description="End-user id (accepted, unused).")
-    # structured outputs (server/structured.py, engine/constraints): mapped by the server, not plain parameters
-    response_format: dict[str, Any] | None = Field(
+    # structured outputs' OpenAI-shaped form (server/structured.py): read and validated by engine/constraints/spec.py
+    # like the schema's own `structured_outputs` field, and documented from there
+    response_format: Annotated[dict[str, Any] | None, WithJsonSchema(RESPONSE_FORMAT_SCHEMA)] = Field(
         None, description="OpenAI: {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": "
                           "\"json_schema\", \"json_schema\": {\"name\", \"schema\", \"strict\"}}: the output is "
-                          "guaranteed to parse (and validate) when finish_reason is stop.")
-    structured_outputs: dict[str, Any] | None = Field(
-        None, description="vLLM: exactly one of {\"json\": schema, \"regex\": str, \"choice\": [str], "
-                          "\"grammar\": llguidance Lark grammar, \"json_object\": true}. Alternative to "
-                          "response_format.")
+                          "guaranteed to parse (and validate) when finish_reason is stop. Alternative to "
+                          "structured_outputs.")
 
     @field_validator("stop", mode="before", check_fields=False)
     @classmethod
@@ -72,7 +73,7 @@ SOURCES = {"model": "Unset: the model's default (or the server's, see /v1/models
 def request_field(name: str, description: str | None = None) -> tuple[Any, Any]:
     """The pydantic (annotation, Field) of a request parameter, from its SamplingParams schema: type, bounds, enum
     and help, every one nullable (unset: the server's or the model's default)."""
-    spec, _ = api_specs()[name]
+    spec, _ = http_specs()[name]
     bounds: dict[str, Any] = {}
     lo = spec.http_lo if spec.http_lo is not None else spec.lo
     hi = spec.http_hi if spec.http_hi is not None else spec.hi
@@ -83,12 +84,18 @@ def request_field(name: str, description: str | None = None) -> tuple[Any, Any]:
             bounds["lt" if spec.hi_open and spec.http_hi is None else "le"] = hi
     if spec.kind == "choice":
         values = (*spec.choice_values(), *spec.alias_map())
-        annotation: Any = Literal[values] | None  # type: ignore[valid-type]
+        # always an `enum` in the schema (pydantic writes a one-value Literal as `const`: editing has one rule today)
+        annotation: Any = Annotated[Literal[values], WithJsonSchema(  # type: ignore[valid-type]
+            {"type": "string", "enum": list(values)})] | None
     elif spec.kind == "stop":
         annotation = Annotated[Any, WithJsonSchema(_STOP_SCHEMA)]
+    elif spec.kind == "object":  # validated by the spec's own code (its `convert`) when the server maps it
+        assert spec.json_schema is not None, f"{name}: an HTTP object field needs its json_schema"
+        annotation = Annotated[dict[str, Any] | None,
+                               WithJsonSchema({"anyOf": [spec.json_schema(), {"type": "null"}]})]
     else:
         annotation = {"int": int, "float": float, "bool": bool}[spec.kind] | None
-    text = description or f"{spec.help} {SOURCES[spec.source]}"
+    text = description or (f"{spec.help} {SOURCES[spec.source]}" if spec.api else spec.help)
     return annotation, Field(None, description=text, **bounds)
 
 
@@ -99,7 +106,7 @@ def sampling_fields_model() -> type[OpenAIFields]:
         __doc__="Fields shared by chat and completions requests: OpenAI's plus every request parameter of the "
                 "engine's schema (SamplingParams, engine/param_schema.py; OpenAI clients send the diffusion "
                 "options through `extra_body`). Unset fields take the server's defaults, then the model's.",
-        **{name: request_field(name) for name in api_names() if name != "max_tokens"})
+        **{name: request_field(name) for name in http_specs() if name != "max_tokens"})
 
 
 SamplingFields = sampling_fields_model()
@@ -146,8 +153,9 @@ class ChatCompletionRequest(SamplingFields):  # type: ignore[misc,valid-type]
                                            "appended to the prompt (deprecated by OpenAI in favour of "
                                            "max_completion_tokens, which wins if both are set).")[1]
     max_completion_tokens: int | None = request_field("max_tokens", "Generation length (same as max_tokens).")[1]
-    tools: list[dict[str, Any]] | None = Field(None, description="OpenAI function tools [{\"type\": \"function\", "
-                                                                 "\"function\": {name, description, parameters}}].")
+    tools: Annotated[list[dict[str, Any]] | None, WithJsonSchema(TOOLS_SCHEMA)] = Field(
+        None, description="OpenAI function tools [{\"type\": \"function\", \"function\": {name, description, "
+                          "parameters}}] (read by engine/constraints/spec.py).")
     tool_choice: str | dict[str, Any] | None = Field(
         None, description="none | auto (default with tools: unconstrained answer, tools rendered when the chat "
                           "template supports them) | required (one call of one tool) | {\"type\": \"function\", "

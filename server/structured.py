@@ -25,13 +25,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from engine.constraints.spec import StructuredOutputs, StructuredOutputsError
+from engine.constraints.spec import StructuredOutputs, StructuredOutputsError, tool_functions
 
 from .errors import bad_request
 
 COMPILE_TIMEOUT_S = 10.0
 """Wall-clock bound on compiling one request's grammar (llguidance's parser limits bound the work itself)."""
-MAX_TOOLS = 128
 
 
 _REQUIRED_HEAD = re.compile(r'\{"name":("(?:[^"\\]|\\.)*"),"arguments":')
@@ -96,35 +95,34 @@ class ToolStream:
 
 
 def request_constraint(req: Any) -> tuple[StructuredOutputs | None, ToolCalls | None]:
-    """The request's constraint (None: unconstrained) and its forced tool call, if any; 400s name the field."""
+    """The request's constraint (None: unconstrained) and its forced tool call, if any; 400s name the field. Every
+    form is read and validated by engine/constraints/spec.py."""
     tools = getattr(req, "tools", None)
     choice = getattr(req, "tool_choice", None)
     rf, so = getattr(req, "response_format", None), getattr(req, "structured_outputs", None)
     if choice is not None and not tools:
         raise bad_request("tool_choice needs a non-empty `tools` list", "tool_choice")
-    functions = _functions(tools) if tools else {}
-    calls: ToolCalls | None = None
-    spec: StructuredOutputs | None = None
-    if choice is None or choice in ("none", "auto"):
-        pass
-    elif choice == "required":
-        calls = ToolCalls(None)
-        spec = StructuredOutputs(json={"anyOf": [
-            {"type": "object", "properties": {"name": {"const": n}, "arguments": p}, "required": ["name", "arguments"],
-             "additionalProperties": False} for n, p in functions.items()]}, param="tools")
-    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
-        name = choice["function"].get("name")
-        if name not in functions:
-            raise bad_request(f"tool_choice names function {name!r}, which is not in tools "
-                              f"({', '.join(functions)})", "tool_choice")
-        calls, spec = ToolCalls(name), StructuredOutputs(json=functions[name], param=f"tools[{name}].parameters")
-    else:
-        raise bad_request("tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", "
-                          "\"function\": {\"name\": ...}}", "tool_choice")
-    if rf is not None and so is not None:
-        raise bad_request("set either response_format or structured_outputs, not both", "structured_outputs")
     try:
-        own = _response_format(rf) if rf is not None else (
+        functions = tool_functions(tools) if tools else {}
+        calls: ToolCalls | None = None
+        spec: StructuredOutputs | None = None
+        if choice is None or choice in ("none", "auto"):
+            pass
+        elif choice == "required":
+            calls, spec = ToolCalls(None), StructuredOutputs.tool_call(functions)
+        elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"),
+                                                                                          dict):
+            name = choice["function"].get("name")
+            if name not in functions:
+                raise bad_request(f"tool_choice names function {name!r}, which is not in tools "
+                                  f"({', '.join(functions)})", "tool_choice")
+            calls, spec = ToolCalls(name), StructuredOutputs.tool_call(functions, name)
+        else:
+            raise bad_request("tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", "
+                              "\"function\": {\"name\": ...}}", "tool_choice")
+        if rf is not None and so is not None:
+            raise bad_request("set either response_format or structured_outputs, not both", "structured_outputs")
+        own = StructuredOutputs.from_response_format(rf) if rf is not None else (
             StructuredOutputs.from_dict(so, "structured_outputs") if so is not None else None)
     except StructuredOutputsError as e:
         raise bad_request(str(e), e.param)
@@ -132,41 +130,6 @@ def request_constraint(req: Any) -> tuple[StructuredOutputs | None, ToolCalls | 
         raise bad_request("a forced tool call cannot be combined with response_format / structured_outputs",
                           "tool_choice")
     return spec or own, calls
-
-
-def _response_format(rf: Any) -> StructuredOutputs | None:
-    if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
-        raise StructuredOutputsError("response_format", "must be {\"type\": \"text\" | \"json_object\" | "
-                                                        "\"json_schema\"}")
-    if rf["type"] == "text":
-        return None
-    if rf["type"] == "json_object":
-        return StructuredOutputs(json_object=True, param="response_format")
-    js = rf.get("json_schema")
-    if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
-        raise StructuredOutputsError("response_format.json_schema", "must be {\"name\", \"schema\": {...}, "
-                                                                    "\"strict\"} with a schema object")
-    return StructuredOutputs(json=js["schema"], param="response_format.json_schema.schema")
-
-
-def _functions(tools: Any) -> dict[str, dict[str, Any]]:
-    """{name: parameters schema} of OpenAI function tools."""
-    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
-        raise bad_request(f"tools must be a list of at most {MAX_TOOLS} function tools", "tools")
-    out: dict[str, dict[str, Any]] = {}
-    for i, t in enumerate(tools):
-        fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise bad_request(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\", "
-                              f"\"parameters\"}}}}", f"tools[{i}]")
-        params = fn.get("parameters", {"type": "object", "properties": {}})
-        if not isinstance(params, dict):
-            raise bad_request(f"tools[{i}].function.parameters must be a JSON schema object",
-                              f"tools[{i}].function.parameters")
-        if fn["name"] in out:
-            raise bad_request(f"tools[{i}]: duplicate function name {fn['name']!r}", f"tools[{i}].function.name")
-        out[fn["name"]] = params
-    return out
 
 
 async def compile_checked(engine: Any, spec: StructuredOutputs) -> None:

@@ -28,6 +28,9 @@ FAMILY_DIMS: dict[str, dict[str, Any]] = {
     # block-diffusion (tests/test_llada2.py): GQA, head_dim != hidden / heads, partial rotary, grouped routing
     "llada2_moe": dict(hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=12, num_experts=8, top_k=2,
                        n_group=4, topk_group=2, moe_intermediate_size=16, vocab_size=173),
+    # block-diffusion Qwen3 (tests/test_sdar.py): GQA, head_dim != hidden / heads
+    "sdar": dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=12, intermediate_size=48,
+                 vocab_size=173),
 }
 
 # Shared by the decoding tests: the same small shape for every family (MoE: 5 experts, top-2).

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -106,14 +107,20 @@ class RefLLaDA2:
     @torch.no_grad()
     def generate(self, prompt: list[int], gen_length: int, block_length: int, steps: int,
                  threshold: float = 0.95, stop_ids: tuple[int, ...] | None = None,
-                 editing_threshold: float | None = None, max_post_steps: int = 16) -> list[int]:
+                 editing_threshold: float | None = None, max_post_steps: int = 16,
+                 edit_if: "Callable[[int, int, float], bool] | None" = None) -> list[int]:
         """LLaDA2MoeModelLM.generate at temperature 0 (steps = per block). Returns the G-token continuation cut
         after the first stop token (inclusive), as the reference returns it.
 
         editing_threshold (LLaDA2.1 token editing, diffusers' LLaDA2Pipeline loop): every step also replaces a
         committed generated token of the block whose candidate differs with confidence > editing_threshold; after
         the block's last mask, post steps run while they edit, at most max_post_steps + 1; a block filled by its
-        last step ends there. Generation stops once a stop token is present with everything before it filled."""
+        last step ends there. Generation stops once a stop token is present with everything before it filled.
+        edit_if(current, candidate, conf): another editing rule's condition (default: candidate != current and
+        conf > editing_threshold)."""
+        if edit_if is None:
+            def edit_if(cur: int, cand: int, c: float) -> bool:
+                return cand != cur and c > editing_threshold
         stop_ids = (self.eos_id,) if stop_ids is None else stop_ids
         steps = min(steps, gen_length)
         P, B = len(prompt), block_length
@@ -141,7 +148,7 @@ class RefLLaDA2:
                     high = [i for i in masked if conf[i] > threshold]
                     chosen = high if len(high) >= q else sorted(masked, key=lambda i: -conf[i])[:min(q, len(masked))]
                 edited = [] if editing_threshold is None else [
-                    i for i in gen_pos if x[i] != self.mask_id and int(x0[i]) != x[i] and conf[i] > editing_threshold]
+                    i for i in gen_pos if x[i] != self.mask_id and edit_if(x[i], int(x0[i]), conf[i])]
                 for i in chosen + edited:
                     x[i] = int(x0[i])
                 if masked:

@@ -76,6 +76,22 @@ def run_batched(llm: LLM, target: tuple[list[int], SamplingParams], others: list
     return out.token_ids, shared
 
 
+def assert_alone_equals_batched(llm: LLM, target: tuple, others: list[tuple], rng: random.Random, trial: int,
+                                all_at_once: bool = True) -> int:
+    """The target (prompt, params) generates the same tokens alone as batched with `others`: all at once through
+    generate at a random position (all_at_once), and joining a running batch in which the others arrive before,
+    with and after it. Returns the steps the target shared with others."""
+    alone = llm.generate([target[0]], target[1])[0].token_ids
+    if all_at_once:
+        pos = rng.randint(0, len(others))
+        batch = others[:pos] + [target] + others[pos:]
+        together = llm.generate([p for p, _ in batch], [sp for _, sp in batch])[pos].token_ids
+        assert together == alone, (trial, target)
+    joined, shared = run_batched(llm, target, others, rng)
+    assert joined == alone, (trial, target)
+    return shared
+
+
 @pytest.mark.parametrize("family", ["llada", "dream"])
 @pytest.mark.parametrize("cache", CACHES)
 def test_tokens_do_not_depend_on_the_batch(llms, family, cache):
@@ -84,18 +100,9 @@ def test_tokens_do_not_depend_on_the_batch(llms, family, cache):
     shared_total = 0
     for trial in range(6):
         target = (random_prompt(rng, llm, rng.randint(1, 24)), random_params(rng, family, cache))
-        alone = llm.generate([target[0]], target[1])[0].token_ids
-        # all at once through generate, the target at a random position
         others = [(random_prompt(rng, llm, rng.randint(1, 40)), random_params(rng, family, rng.choice(CACHES)))
                   for _ in range(rng.randint(1, 5))]
-        pos = rng.randint(0, len(others))
-        batch = others[:pos] + [target] + others[pos:]
-        together = llm.generate([p for p, _ in batch], [sp for _, sp in batch])[pos].token_ids
-        assert together == alone, (trial, target)
-        # continuous batching: others join before, with and after the target
-        joined, shared = run_batched(llm, target, others, rng)
-        assert joined == alone, (trial, target)
-        shared_total += shared
+        shared_total += assert_alone_equals_batched(llm, target, others, rng, trial)
     assert shared_total > 0
 
 
@@ -104,12 +111,10 @@ def test_seeded_sampling_does_not_depend_on_the_batch(llms):
     for trial in range(4):
         cache = CACHES[trial % 3]
         target = (random_prompt(rng, llm, rng.randint(1, 20)), random_params(rng, "llada", cache, temperature=0.8))
-        alone = llm.generate([target[0]], target[1])[0].token_ids
         others = [(random_prompt(rng, llm, rng.randint(1, 30)),
                    random_params(rng, "llada", rng.choice(CACHES), temperature=rng.choice([0.0, 1.0])))
                   for _ in range(3)]
-        joined, _ = run_batched(llm, target, others, rng)
-        assert joined == alone, (trial, target)
+        assert_alone_equals_batched(llm, target, others, rng, trial, all_at_once=False)
 
 
 @pytest.fixture(scope="module")
@@ -127,13 +132,7 @@ def test_bfloat16_tokens_do_not_depend_on_the_batch(llms_bf16, family):
     rng = random.Random(f"bf16-{family}")
     for trial, (cache, temperature) in enumerate((c, t) for c in CACHES for t in (0.0, 0.8)):
         target = (random_prompt(rng, llm, rng.randint(1, 24)), random_params(rng, family, cache, temperature))
-        alone = llm.generate([target[0]], target[1])[0].token_ids
         others = [(random_prompt(rng, llm, rng.randint(1, 40)),
                    random_params(rng, family, rng.choice(CACHES), rng.choice([0.0, 1.0])))
                   for _ in range(rng.randint(2, 4))]
-        pos = rng.randint(0, len(others))
-        batch = others[:pos] + [target] + others[pos:]
-        together = llm.generate([p for p, _ in batch], [sp for _, sp in batch])[pos].token_ids
-        assert together == alone, (trial, target)
-        joined, _ = run_batched(llm, target, others, rng)
-        assert joined == alone, (trial, target)
+        assert_alone_equals_batched(llm, target, others, rng, trial)

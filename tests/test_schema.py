@@ -57,14 +57,19 @@ def test_sdk_keyword_arguments_match_the_schema():
         Client("http://127.0.0.1:1").chat([], temprature=0.5)
 
 
-def test_openapi_shows_every_field_with_its_range_enum_and_help():
+def openapi_schemas() -> dict:
+    """/openapi.json's component schemas, from the app."""
     app = build_app(FakeEngine(), ServerConfig(served_model_names=["fake"]))
 
     async def main():
         async with client(app) as c:
             return (await c.get("/openapi.json")).json()
 
-    schema = run(main())["components"]["schemas"]
+    return run(main())["components"]["schemas"]
+
+
+def test_openapi_shows_every_field_with_its_range_enum_and_help():
+    schema = openapi_schemas()
     for request in ("ChatCompletionRequest", "CompletionRequest"):
         props = schema[request]["properties"]
         for name, (spec, _) in api_specs().items():
@@ -155,3 +160,51 @@ def test_readme_tables_are_generated_from_the_schema_and_registry():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"<!-- schema:params -->\n{markdown_table()}<!-- /schema:params -->" in readme, f"run {GENERATED}"
     assert f"<!-- registry:rules -->\n{rules_table()}<!-- /registry:rules -->" in readme, f"run {GENERATED}"
+
+
+def test_structured_output_fields_are_documented_from_the_code_that_reads_them():
+    """structured_outputs is an HTTP field of the schema (its help and JSON Schema from SamplingParams and
+    engine/constraints/spec.py); response_format and tools are documented with spec.py's schemas. Whatever those
+    documented schemas refuse, spec.py's readers refuse too (so the docs never promise more than is accepted)."""
+    import jsonschema
+
+    from engine.constraints.spec import (RESPONSE_FORMAT_SCHEMA, TOOLS_SCHEMA, StructuredOutputs,
+                                         StructuredOutputsError, tool_functions)
+    spec, _ = specs(SamplingParams)["structured_outputs"]
+    assert "structured_outputs" not in api_names()  # no CLI flag, server default or plain mapping
+    schema = openapi_schemas()
+    for request in ("ChatCompletionRequest", "CompletionRequest"):
+        so = schema[request]["properties"]["structured_outputs"]
+        assert so["description"] == spec.help and so["anyOf"][0] == StructuredOutputs.json_schema()
+        assert schema[request]["properties"]["response_format"]["anyOf"] == RESPONSE_FORMAT_SCHEMA["anyOf"]
+    assert schema["ChatCompletionRequest"]["properties"]["tools"]["anyOf"] == TOOLS_SCHEMA["anyOf"]
+
+    def documented(value, doc) -> bool:
+        try:
+            jsonschema.validate(value, doc)
+            return True
+        except jsonschema.ValidationError:
+            return False
+
+    fn = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    cases = [  # (reader, documented schema, value)
+        *[(StructuredOutputs.from_dict, {"anyOf": [StructuredOutputs.json_schema(), {"type": "null"}]}, v) for v in (
+            {"json": {"type": "object"}}, {"json": '{"type": "integer"}'}, {"regex": "[0-9]+"}, {"choice": ["a", "b"]},
+            {"grammar": "start: \"x\""}, {"json_object": True}, {"json": 5}, {"regex": ""}, {"regex": 3},
+            {"choice": []}, {"choice": ["a", 1]}, {"grammar": ["x"]}, {"json_object": "yes"}, {"lark": "x"},
+            {"regex": "a", "flags": 1}, [], "regex")],
+        *[(StructuredOutputs.from_response_format, RESPONSE_FORMAT_SCHEMA, v) for v in (
+            {"type": "text"}, {"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": {}}},
+            {"type": "xml"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {"schema": 1}},
+            {"type": "json_schema", "json_schema": {"name": "n"}}, {}, [], "json_object")],
+        *[(tool_functions, TOOLS_SCHEMA, v) for v in (
+            [fn], [fn, {**fn, "function": {"name": "g"}}], [{"type": "function", "function": {}}],
+            [{"type": "tool", "function": {"name": "f"}}], [{"type": "function", "function": {"name": ""}}],
+            [{"type": "function", "function": {"name": "f", "parameters": []}}], [fn] * 129, {"type": "function"},
+            ["f"])],
+    ]
+    for reader, doc, value in cases:
+        if not documented(value, doc):
+            with pytest.raises(StructuredOutputsError):
+                reader(value)
+    assert sum(not documented(v, d) for _, d, v in cases) >= 20  # the refusals are exercised

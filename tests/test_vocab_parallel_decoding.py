@@ -60,11 +60,12 @@ def test_run_batch_statistics_match_its_logits(make_checkpoint):
     (CFG combined in both)."""
     from engine import load_model
     from engine.forward_batch import ForwardBatch, run_batch
+    from engine.model.attention import AttnContext
     model = load_model(make_checkpoint("llada"))
     V, mask = model.config.vocab_size, model.config.mask_id
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, V, (2 * 11,), generator=g)
-    batch = ForwardBatch(tokens, torch.arange(11).repeat(2), [11, 11], max_pos=10,
+    batch = ForwardBatch(tokens, torch.arange(11).repeat(2), AttnContext.from_lengths([11, 11], "cpu"), max_pos=10,
                          logit_rows=torch.tensor([1, 4, 5, 9]), twin_rows=torch.tensor([15, 20]),
                          cfg_sel=torch.tensor([0, 3]), cfg_w=torch.tensor([[1.5], [0.5]]))
     inp = inputs(4, [0, 2, 3], mask, sampling=True)

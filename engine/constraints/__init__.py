@@ -1,9 +1,12 @@
 """Structured outputs for diffusion decoding: JSON schema, regex, choice, Lark grammar; guaranteed valid.
 
-Where things live (this package's __init__ imports nothing, so torch-free modules can use spec.py): spec.py (StructuredOutputs: the request option and its grammar text), grammars.py (llguidance
-tokenizer per model tokenizer, LRU of compiled grammars, compile limits), decoder.py (Constraint: one request's
-grammar state and closing path; StepConstraints: the runner's per-step hook), build.py (compile_for / make_constraint: a request's Constraint for a model), tools.py (OpenAI tools/tool_choice
--> a JSON schema and back to tool_calls).
+Where things live (this package's __init__ imports nothing, so torch-free modules can use spec.py): spec.py
+(StructuredOutputs: the request option and its grammar text; it also reads and validates the OpenAI-shaped forms,
+response_format and tools / a forced tool_choice, and holds the JSON Schemas the HTTP API documents for them),
+grammars.py (llguidance tokenizer per model tokenizer, LRU of compiled grammars, compile limits), decoder.py
+(Constraint: one request's grammar state and closing path; StepConstraints: the runner's per-step hook), build.py
+(compile_for / make_constraint: a request's Constraint for a model). The server's side (request fields -> one
+constraint, forced calls back to tool_calls) is server/structured.py.
 
 Design (and why). A diffusion model commits tokens out of order, several per step; an autoregressive grammar engine
 (llguidance here) checks a left-to-right prefix. Published ways to reconcile them:

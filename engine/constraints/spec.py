@@ -9,6 +9,11 @@ Exactly one option is set. The field names follow vLLM's `structured_outputs` ob
 - grammar: an llguidance Lark grammar (https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md: Lark
   rules `start: ...`, string literals, /regex/ terminals, `%json {schema}` embedding);
 - json_object: any JSON object (OpenAI's `response_format: {"type": "json_object"}`).
+
+The OpenAI-shaped request fields that mean the same are read here too, so every form is validated by this one
+module: `from_response_format` (response_format: text | json_object | json_schema) and `tool_functions` /
+`tool_call` (tools and a forced tool_choice). The JSON Schemas the HTTP API documents for these fields
+(`json_schema`, RESPONSE_FORMAT_SCHEMA, TOOLS_SCHEMA) sit beside the code that accepts them.
 """
 from __future__ import annotations
 
@@ -16,23 +21,21 @@ import json as _json
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import RequestError
+from ..errors import FieldError
 
 MAX_SPEC_CHARS = 1 << 20
 """Upper bound on a schema / regex / grammar text (characters); compilation is further bounded by llguidance's
 parser limits (constraints/grammars.py)."""
 MAX_CHOICES = 4096
+MAX_TOOLS = 128
 OPTIONS = ("json", "regex", "choice", "grammar", "json_object")
 JSON_OPTIONS = {"whitespace_flexible": False}
 """llguidance JSON compile options: compact JSON (',' and ':' separators), no free whitespace."""
 
 
-class StructuredOutputsError(RequestError):
-    """An invalid structured-output option; `.param` names the request field (e.g. structured_outputs.regex)."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}", param)
-        self.field = param
+class StructuredOutputsError(FieldError):
+    """An invalid structured-output option; `.param` (also `.field`) names the request field (e.g.
+    structured_outputs.regex)."""
 
 
 @dataclass(frozen=True)
@@ -128,3 +131,86 @@ class StructuredOutputs:
             raise StructuredOutputsError(f"{param}.{unknown[0]}", f"unknown option (expected one of "
                                                                   f"{', '.join(OPTIONS)})")
         return cls(**{k: v for k, v in value.items() if v is not None}, param=param)
+
+    @classmethod
+    def from_response_format(cls, rf: Any) -> "StructuredOutputs | None":
+        """From OpenAI's response_format: {"type": "text"} (None: unconstrained), {"type": "json_object"} or
+        {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}."""
+        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+            raise StructuredOutputsError("response_format", "must be {\"type\": \"text\" | \"json_object\" | "
+                                                            "\"json_schema\"}")
+        if rf["type"] == "text":
+            return None
+        if rf["type"] == "json_object":
+            return cls(json_object=True, param="response_format")
+        js = rf.get("json_schema")
+        if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+            raise StructuredOutputsError("response_format.json_schema", "must be {\"name\", \"schema\": {...}, "
+                                                                        "\"strict\"} with a schema object")
+        return cls(json=js["schema"], param="response_format.json_schema.schema")
+
+    @classmethod
+    def tool_call(cls, functions: dict[str, dict[str, Any]], name: str | None = None) -> "StructuredOutputs":
+        """A forced call of one of `functions` ({name: parameters schema}, from tool_functions): the named one's
+        arguments, or with name None ("required") {"name": <one of them>, "arguments": <its parameters>}."""
+        if name is not None:
+            return cls(json=functions[name], param=f"tools[{name}].parameters")
+        return cls(json={"anyOf": [
+            {"type": "object", "properties": {"name": {"const": n}, "arguments": p}, "required": ["name", "arguments"],
+             "additionalProperties": False} for n, p in functions.items()]}, param="tools")
+
+    @staticmethod
+    def json_schema() -> dict[str, Any]:
+        """The JSON Schema of the `structured_outputs` object as the HTTP API documents it (what from_dict takes;
+        that exactly one option is set is checked on construction)."""
+        text = {"type": "string", "minLength": 1}
+        return {"type": "object", "additionalProperties": False, "properties": {
+            "json": {"anyOf": [{"type": "object"}, {"type": "boolean"}, {"type": "string"}, {"type": "null"}],
+                     "description": "A JSON schema (or its JSON text): the output is one JSON value valid against it."},
+            "regex": {"anyOf": [text, {"type": "null"}], "description": "The whole output matches it."},
+            "choice": {"anyOf": [{"type": "array", "items": {"type": "string"}, "minItems": 1}, {"type": "null"}],
+                       "description": "The output is exactly one of these strings."},
+            "grammar": {"anyOf": [text, {"type": "null"}], "description": "An llguidance Lark grammar."},
+            "json_object": {"anyOf": [{"type": "boolean"}, {"type": "null"}],
+                            "description": "true: any JSON object."}}}
+
+
+def tool_functions(tools: Any) -> dict[str, dict[str, Any]]:
+    """{name: parameters schema} of OpenAI function tools [{"type": "function", "function": {name, description,
+    parameters}}]; raises StructuredOutputsError naming the tool."""
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise StructuredOutputsError("tools", f"must be a list of at most {MAX_TOOLS} function tools")
+    out: dict[str, dict[str, Any]] = {}
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise StructuredOutputsError(f"tools[{i}]", "must be {\"type\": \"function\", \"function\": "
+                                                        "{\"name\", \"parameters\"}}")
+        params = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, dict):
+            raise StructuredOutputsError(f"tools[{i}].function.parameters", "must be a JSON schema object")
+        if fn["name"] in out:
+            raise StructuredOutputsError(f"tools[{i}].function.name", f"duplicate function name {fn['name']!r}")
+        out[fn["name"]] = params
+    return out
+
+
+RESPONSE_FORMAT_SCHEMA: dict[str, Any] = {"anyOf": [
+    {"type": "object", "required": ["type"], "properties": {"type": {"type": "string", "enum": ["text"]}}},
+    {"type": "object", "required": ["type"], "properties": {"type": {"type": "string", "enum": ["json_object"]}}},
+    {"type": "object", "required": ["type", "json_schema"], "properties": {
+        "type": {"type": "string", "enum": ["json_schema"]},
+        "json_schema": {"type": "object", "required": ["schema"], "properties": {
+            "name": {"description": "A name for the schema (unused)."}, "schema": {"type": "object"},
+            "strict": {"description": "Accepted: the output always follows the schema."}}}}},
+    {"type": "null"}]}
+"""What from_response_format takes (the HTTP API's documented schema of response_format)."""
+TOOLS_SCHEMA: dict[str, Any] = {"anyOf": [
+    {"type": "array", "maxItems": MAX_TOOLS, "items": {
+        "type": "object", "required": ["type", "function"], "properties": {
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {"type": "object", "required": ["name"], "properties": {
+                "name": {"type": "string", "minLength": 1}, "description": {"description": "Shown to the model."},
+                "parameters": {"type": "object"}}}}}},
+    {"type": "null"}]}
+"""What tool_functions takes (the HTTP API's documented schema of tools)."""

@@ -1,17 +1,21 @@
-"""The decoding plug-in registry: remasking (scoring) rules and transfer rules, one small file each.
+"""The decoding plug-in registry: remasking (scoring) rules, transfer rules and token-editing rules, one small file
+each.
 
 - A remasking rule (engine/decoding/remasking/<name>.py) turns the per-position statistics of a step
   (ScoreStats: p(x0), the top-2 margin, -H, a uniform draw) into a ranking score and a [0, 1] confidence.
 - A transfer rule (engine/decoding/transfer/<name>.py) decides how many / which scored positions of the current
   block a step commits: a host-side number per request per step (`step_value`: a count, a threshold, a
   probability) and a vectorised device rule (`select`) applied to every row that uses it.
+- A token-editing rule (engine/decoding/editing/<name>.py; LLaDA2.1's) may also replace committed tokens of the
+  current block: which committed positions a step scores again (`scored_from`, host), which of them it replaces
+  (`edits`, a vectorised device rule) and when a block whose masks are all filled is done (`advance`, host).
 
-Each plug-in file calls `register_remasking` / `register_transfer` when imported; the files of both packages are
-discovered (pkgutil) the first time the registry is read, so adding a rule is one file (plus its test). From the
-registry come SamplingParams' validation (`remasking`, `algorithm` choices and their constraints), the HTTP enums
-(server/protocol.py), the CLI help, the SDK check (tests/test_schema.py) and the docs. The runner's batched-
-parameters table stores each request's rule ids, and the combiners (candidates.combine_scores, select.select) run
-one vectorised pass per rule present in the batch, never a per-row Python loop.
+Each plug-in file calls `register_remasking` / `register_transfer` / `register_editing` when imported; the files of
+the three packages are discovered (pkgutil) the first time the registry is read, so adding a rule is one file (plus
+its test). From the registry come SamplingParams' validation (`remasking`, `algorithm`, `editing` choices and their
+constraints), the HTTP enums (server/protocol.py), the CLI help, the SDK check (tests/test_schema.py) and the docs.
+The runner's batched-parameters table stores each request's rule ids, and the combiners (candidates.combine_scores,
+select.select, editing.edit) run one vectorised pass per rule present in the batch, never a per-row Python loop.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
 
     from ..sequence import Sequence
     from .candidates import ScoreStats
+    from .editing import EditContext
     from .select import SelectContext
 
 
@@ -72,10 +77,38 @@ class Transfer:
     id: int = -1
 
 
+@dataclass(frozen=True, slots=True)
+class Editing:
+    name: str
+    edits: "Callable[[EditContext], torch.Tensor]"
+    """ctx -> [B, M] bool for every row: the committed tokens to replace by their candidate this step (only the rows
+    using the rule are kept)."""
+    advance: "Callable[[Sequence, int, int], bool]"
+    """Host side, once per request per step (seq, masks filled, tokens edited) -> whether its current block is done.
+    Called instead of the plain rule (done once no mask is left / the block's steps are spent); it owns
+    seq.masked_in_block, step_in_block and post_steps."""
+    help: str
+    fields: tuple[str, ...]
+    """The SamplingParams fields that configure it; setting the first turns the rule on (`editing` unset)."""
+    defaults: tuple[tuple[str, Any], ...] = ()
+    """(field, value) for those fields when the request leaves them unset and the rule is on."""
+    scored_from: "Callable[[Sequence], int]" = lambda seq: seq.prompt_len
+    """Host side: the first canvas position whose committed tokens the current block's steps score again (at most
+    the first generated position; masked positions are always scored)."""
+    algorithm: str | None = None
+    """The only algorithm (transfer schedule) it works with; None: any."""
+    why: str = ""
+    """Why `algorithm` is required, for error messages."""
+    order: int = 100
+    id: int = -1
+
+
 _REMASKING: dict[str, Remasking] = {}
 _TRANSFER: dict[str, Transfer] = {}
-_BY_ID: dict[str, dict[int, Any]] = {"remasking": {}, "transfer": {}}
-_next_id = {"remasking": 0, "transfer": 0}
+_EDITING: dict[str, Editing] = {}
+_TABLES = {"remasking": _REMASKING, "transfer": _TRANSFER, "editing": _EDITING}
+_BY_ID: dict[str, dict[int, Any]] = {"remasking": {}, "transfer": {}, "editing": {}}
+_next_id = {"remasking": 0, "transfer": 0, "editing": 0}
 _loaded = False
 
 
@@ -99,9 +132,13 @@ def register_transfer(spec: Transfer) -> Transfer:
     return _register(_TRANSFER, "transfer", spec)
 
 
+def register_editing(spec: Editing) -> Editing:
+    return _register(_EDITING, "editing", spec)
+
+
 def unregister(name: str, kind: str = "remasking") -> None:
     """Remove a rule (tests registering toy rules clean up with this). Ids are never reused."""
-    spec = (_REMASKING if kind == "remasking" else _TRANSFER).pop(name)
+    spec = _TABLES[kind].pop(name)
     del _BY_ID[kind][spec.id]
 
 
@@ -110,13 +147,13 @@ def _load() -> None:
     if _loaded:
         return
     _loaded = True
-    for package in ("remasking", "transfer"):
+    for package in _TABLES:
         pkg = importlib.import_module(f"{__package__}.{package}")
         for mod in sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)):
             importlib.import_module(f"{pkg.__name__}.{mod}")
     # the built-in rules' ids follow their listing order (low_confidence = 0, ...), whatever the file names
     import dataclasses
-    for kind, table in (("remasking", _REMASKING), ("transfer", _TRANSFER)):
+    for kind, table in _TABLES.items():
         ordered = sorted(table.values(), key=lambda s: (s.order, s.id))
         _BY_ID[kind].clear()
         for i, spec in enumerate(ordered):
@@ -154,6 +191,19 @@ def param_transfers() -> tuple[str, ...]:
     return tuple(t.name for t in transfer_rules("param"))
 
 
+def editing_rules() -> list[Editing]:
+    return _sorted(_EDITING)
+
+
+def editing_names() -> tuple[str, ...]:
+    return tuple(e.name for e in editing_rules())
+
+
+def editing_fields() -> tuple[str, ...]:
+    """The SamplingParams fields owned by token-editing rules (each configures only its rules)."""
+    return tuple(dict.fromkeys(f for e in editing_rules() for f in e.fields))
+
+
 def remasking(name: str) -> Remasking:
     _load()
     return _REMASKING[name]
@@ -162,6 +212,16 @@ def remasking(name: str) -> Remasking:
 def transfer(name: str) -> Transfer:
     _load()
     return _TRANSFER[name]
+
+
+def editing(name: str) -> Editing:
+    _load()
+    return _EDITING[name]
+
+
+def editing_by_id(i: int) -> Editing:
+    _load()
+    return _BY_ID["editing"][i]
 
 
 def remasking_by_id(i: int) -> Remasking:
@@ -183,4 +243,6 @@ def markdown_table() -> str:
     for t in transfer_rules():
         how = {"algorithm": "`algorithm`", "param": f"`{t.name}` set", "remasking": f"`remasking={t.name}`"}[t.kind]
         rows.append(f"| `{t.name}` | {how} | {t.help} |")
+    for e in editing_rules():
+        rows.append(f"| `{e.name}` | `editing` (or `{e.fields[0]}` set) | {e.help} |")
     return "\n".join(rows) + "\n"

@@ -29,7 +29,6 @@ class TPExecutor:
         self.net, self.control, self.world_size = net, control, world_size
         self.procs, self.errors = procs, errors
         self.broken: str | None = None
-        self._last_layout: torch.Tensor | None = None
         self._lock = threading.Lock()
         self._closed = False
         self._saved_threads = saved_threads
@@ -39,18 +38,11 @@ class TPExecutor:
             ) -> torch.Tensor | None:
         with self._lock:
             self.check()
-            reuse = batch.read_slots is not None and batch.read_slots is self._last_layout
-            sent = batch.to("cpu")
-            if reuse:  # the batch layout (block tables) is unchanged since the last step: workers keep theirs
-                sent.read_slots = sent.key_valid = None
-            try:
-                self._send(("run", sent, reuse))
-                out = run_batch(self.net, kv, batch, consume)
+            try:  # the batch carries its attention layout: the workers bind it to their own pool shards
+                self._send(("run", batch.to("cpu")))
+                return run_batch(self.net, kv, batch, consume)
             except Exception as exc:
                 raise self._fail(exc) from exc
-            if batch.read_slots is not None:
-                self._last_layout = batch.read_slots
-            return out
 
     def init_pool(self, num_pages: int, page_size: int) -> None:
         self.call("init_pool", num_pages, page_size)

@@ -99,26 +99,19 @@ _COLLECTED = frozenset({"memory"})
 
 
 class _Worker:
-    """A worker rank's state: its shard of the model and of the KV pool, and the last batch layout."""
+    """A worker rank's state: its shard of the model and of the KV pool."""
 
     def __init__(self, model: DiffusionModel | None, shard: Shard, device: torch.device) -> None:
         self.model, self.shard, self.device = model, shard, device
         self.pool: KVPool | None = None
-        self.layout: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def init_pool(self, num_pages: int, page_size: int) -> None:
         assert self.model is not None
         self.pool = KVPool(self.model.config, num_pages, page_size, self.model.dtype, self.device, self.shard)
 
-    def run(self, batch: ForwardBatch, reuse: bool) -> None:
+    def run(self, batch: ForwardBatch) -> None:
         assert self.model is not None
-        batch = batch.to(self.device)
-        if reuse:
-            assert self.layout is not None, "rank 0 reused a batch layout this worker never received"
-            batch.read_slots, batch.key_valid = self.layout
-        elif batch.read_slots is not None:
-            self.layout = (batch.read_slots, batch.key_valid)
-        run_batch(self.model.net, None if self.pool is None else self.pool.tensors, batch)
+        run_batch(self.model.net, None if self.pool is None else self.pool.tensors, batch.to(self.device))
 
     def memory(self) -> dict[str, int]:
         assert self.model is not None

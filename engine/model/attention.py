@@ -4,10 +4,14 @@ block-causal (LLaDA2) with an explicit mask (block_causal_mask).
 A forward pass carries B sequences whose query tokens are packed into one [T] axis. `AttnContext` says how to
 lay them out as [B, Lq] for attention and, for cached passes, where each new K/V row is written in the pool
 and which pool slots each sequence reads its keys from (the block table, expanded to slots).
+
+The layout is built once per step by whoever builds the step (the runner, engine/runner.py; or from_lengths for a
+plain packed forward), travels inside the ForwardBatch (to tensor-parallel workers too, `to`), and each rank
+`bind`s it to its own KV pool and positions for the forward (which also derives the block-causal mask there).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +34,7 @@ class AttnContext:
     read_slots: torch.Tensor | None = None
     """[B, Lk] long: pool slots each sequence attends over (paged passes)."""
     kv_pool: "KVPoolTensors | None" = None
+    """This rank's K/V pools (set by `bind`, never shipped)."""
     backend: str = "torch"
     """"torch" (SDPA over a padded layout) or "triton" (kernels/attention.py over the packed layout)."""
     cu_seqlens_q: torch.Tensor | None = None
@@ -40,11 +45,12 @@ class AttnContext:
     """[B] int32 keys per row (triton, paged passes)."""
     page_size: int = 0
     attn_mask: torch.Tensor | None = None
-    """[B, 1, Lq, Lk] bool (True = attend): replaces key_valid when set (block-causal models, block_causal_mask)."""
+    """[B, 1, Lq, Lk] bool (True = attend): replaces key_valid when set (block-causal torch passes; `bind` derives
+    it from block_len)."""
     block_len: torch.Tensor | None = None
-    """[B] block length of each row's block-causal attention (triton backend; torch uses attn_mask)."""
+    """[B] long: block length of each row's block-causal attention; None: bidirectional."""
     positions: torch.Tensor | None = None
-    """[T] canvas positions of the packed queries (triton, block-causal)."""
+    """[T] canvas positions of the packed queries (triton, block-causal; set by `bind`)."""
     groups: "list[AttnGroup] | None" = None
     """Paged torch passes: the rows split into groups that each run one SDPA at their own padded lengths (the
     runner's engine/shape_buckets.py); replaces q_index/q_valid/read_slots/key_valid. Not used with attn_mask."""
@@ -54,8 +60,15 @@ class AttnContext:
         return AttnContext(None, None, None, batch, length, key_valid=key_valid)
 
     @staticmethod
-    def from_lengths(lengths: list[int], device: torch.device | str) -> "AttnContext":
-        """Self-attention over sequences packed back to back (no cache)."""
+    def from_lengths(lengths: list[int], device: torch.device | str, backend: str = "torch",
+                     block_len: torch.Tensor | None = None) -> "AttnContext":
+        """Self-attention over sequences packed back to back (no cache); block_len [B] long: block-causal."""
+        ctx = AttnContext._packed(lengths, device)
+        ctx.backend, ctx.block_len = backend, block_len
+        return ctx
+
+    @staticmethod
+    def _packed(lengths: list[int], device: torch.device | str) -> "AttnContext":
         batch, max_q = len(lengths), max(lengths)
         if all(n == max_q for n in lengths):
             return AttnContext.dense(batch, max_q)
@@ -66,6 +79,32 @@ class AttnContext:
         q_index = torch.where(q_valid, starts[:, None] + ar[None, :], 0)  # [B, Lq]
         unpad = (torch.arange(batch, device=device)[:, None] * max_q + ar[None, :])[q_valid]  # [T]
         return AttnContext(q_index, q_valid, unpad, batch, max_q, key_valid=q_valid)
+
+    def bind(self, kv_pool: "KVPoolTensors | None", positions: torch.Tensor) -> "AttnContext":
+        """This layout for one forward on this rank: a copy that reads and writes `kv_pool` (paged passes) and,
+        block-causal, masks by the packed queries' canvas positions [T] (the kernel's positions, or SDPA's mask)."""
+        ctx = replace(self, kv_pool=kv_pool if self.write_slots is not None else None)
+        if self.block_len is not None and self.backend == "triton":  # the kernel masks by positions
+            ctx.positions = positions
+        elif self.block_len is not None:
+            ctx.attn_mask = block_causal_mask(ctx, positions, self.block_len, self.write_slots is not None)
+        return ctx
+
+    def to(self, device: torch.device | str) -> "AttnContext":
+        """A copy of the layout on `device` (the pool and the derived mask stay behind: `bind` adds them)."""
+        async_ok = torch.device(device).type != "cpu"
+
+        def move(v: object) -> object:
+            return v.to(device, non_blocking=async_ok) if isinstance(v, torch.Tensor) else v
+
+        out = replace(self, kv_pool=None, attn_mask=None, positions=None)
+        for f in fields(self):
+            v = getattr(out, f.name)
+            if isinstance(v, torch.Tensor):
+                setattr(out, f.name, move(v))
+        if self.groups is not None:
+            out.groups = [AttnGroup(*(move(getattr(g, f.name)) for f in fields(g))) for g in self.groups]
+        return out
 
 
 @dataclass(slots=True)

@@ -61,6 +61,7 @@ function applyDefaults() {
   const set = (id, v) => { $(id).value = v === null || v === undefined ? "" : String(v); };
   set("max_tokens", d.max_tokens);
   set("steps", d.steps);
+  $("steps").placeholder = d.steps_per_block ? `${d.steps_per_block} per block` : "";  // block diffusion: unset steps
   set("block_length", d.block_length);
   set("remasking", d.remasking || "low_confidence");
   set("threshold", d.threshold);

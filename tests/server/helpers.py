@@ -1,15 +1,39 @@
-"""Helpers for the server tests: running coroutines, parsing SSE, calling the ASGI app with a client that leaves."""
+"""Helpers for the server tests: running coroutines, a served engine, parsing SSE, calling the ASGI app with a client
+that leaves."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import httpx
 
 
 def run(coro: Any, timeout: float = 120) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+@contextlib.contextmanager
+def local_engine(model: str | Path, **options: Any) -> Iterator[Any]:
+    """A LocalEngineClient serving `model` (LLM options; page_size 4 unless given), shut down on exit: the
+    module-scoped engine fixtures of the server tests."""
+    from server.engine_client import LocalEngineClient
+    eng = LocalEngineClient.from_model(model, **{"page_size": 4, **options})
+    try:
+        yield eng
+    finally:
+        run(eng.shutdown())
+
+
+async def wait_until(cond: Any, timeout: float = 120, poll: float = 0.005) -> None:
+    """Poll cond() on the event loop until it holds; fail the test after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        assert loop.time() < end, "condition not reached"
+        await asyncio.sleep(poll)
 
 
 def client(app: Any, **headers: str) -> httpx.AsyncClient:

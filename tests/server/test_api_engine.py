@@ -13,17 +13,15 @@ from server.app import build_app
 from server.config import ServerConfig
 from server.engine_client import LocalEngineClient
 
-from .helpers import assert_error, call_and_leave, client, parse_sse, run
+from .helpers import assert_error, call_and_leave, client, local_engine, parse_sse, run
 
 DTYPE = "float32"
 
 
 @pytest.fixture(scope="module")
 def engine():
-    eng = LocalEngineClient.from_model(DEFAULT_MODEL_DIR, dtype=DTYPE, max_num_seqs=16, kv_cache_memory=1 << 24,
-                                       page_size=4)
-    yield eng
-    run(eng.shutdown())
+    with local_engine(DEFAULT_MODEL_DIR, dtype=DTYPE, max_num_seqs=16, kv_cache_memory=1 << 24) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")

@@ -99,8 +99,8 @@ def test_error_after_stream_started_is_an_error_event_then_done():
     assert "engine failed" in err["message"]
 
 
-def test_dead_engine_health_503_and_requests_503():
-    app, engine = make(FakeEngine(alive=False))
+def assert_unavailable(app) -> None:
+    """/health and a new chat request both answer 503 (OpenAI-shaped)."""
 
     async def main():
         async with client(app) as c:
@@ -109,6 +109,11 @@ def test_dead_engine_health_503_and_requests_503():
     health, req = run(main())
     assert health.status_code == 503
     assert_error(req, 503)
+
+
+def test_dead_engine_health_503_and_requests_503():
+    app, engine = make(FakeEngine(alive=False))
+    assert_unavailable(app)
 
 
 def test_unexpected_exception_is_a_shaped_500():
@@ -178,14 +183,7 @@ def test_disconnect_aborts_hanging_request(stream):
 def test_drain_refuses_new_requests():
     app, _ = make()
     app.state.serving.draining = True
-
-    async def main():
-        async with client(app) as c:
-            return await c.get("/health"), await c.post("/v1/chat/completions", json=CHAT)
-
-    health, req = run(main())
-    assert health.status_code == 503
-    assert_error(req, 503)
+    assert_unavailable(app)
 
 
 def test_server_defaults_fill_unset_fields_and_requests_override_them():

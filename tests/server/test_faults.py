@@ -18,7 +18,7 @@ from server.config import ServerConfig
 from server.engine_client import LocalEngineClient
 
 from .faults import loop_killer, step_fault
-from .helpers import assert_error, client, parse_sse, run
+from .helpers import assert_error, client, parse_sse, run, wait_until
 
 DTYPE = "float32"
 LONG = {"max_tokens": 256, "steps": 256, "block_length": 8, "ignore_eos": True}
@@ -32,14 +32,6 @@ def make_engine(max_num_seqs: int) -> LocalEngineClient:
 @pytest.fixture(scope="module")
 def ref():
     return LLM(DEFAULT_MODEL_DIR, dtype=DTYPE)
-
-
-async def wait_until(cond, timeout: float = 60) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.005)
 
 
 def chat(q: str, **kw) -> dict:

@@ -14,19 +14,16 @@ import server.serving as serving_mod
 from engine.bundled import DEFAULT_MODEL_DIR
 from server.app import build_app
 from server.config import ServerConfig
-from server.engine_client import LocalEngineClient
 
-from .helpers import assert_error, client, parse_sse, run
+from .helpers import assert_error, client, local_engine, parse_sse, run, wait_until
 
 MAX_NUM_SEQS = 8
 
 
 @pytest.fixture(scope="module")
 def engine():
-    eng = LocalEngineClient.from_model(DEFAULT_MODEL_DIR, dtype="auto", max_num_seqs=MAX_NUM_SEQS,
-                                       kv_cache_memory=1 << 24, page_size=4)
-    yield eng
-    run(eng.shutdown())
+    with local_engine(DEFAULT_MODEL_DIR, dtype="auto", max_num_seqs=MAX_NUM_SEQS, kv_cache_memory=1 << 24) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +63,6 @@ class StalledClient:
         await asyncio.wait_for(self.task, 60)
 
 
-async def _until(cond, timeout: float = 120) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.02)
-
-
 # --- item 2: finished work of a never-read stream does not count against --max-queue -------------------------------
 def test_a_never_read_stream_does_not_lock_others_out(engine):
     app = build_app(engine, ServerConfig(served_model_names=["tiny"], max_queue=8))
@@ -84,7 +73,7 @@ def test_a_never_read_stream_does_not_lock_others_out(engine):
                                                      "stream": True, "ignore_eos": True})
         try:
             # the engine finishes the 8 choices although nobody reads their stream
-            await _until(lambda: serving.inflight == 0)
+            await wait_until(lambda: serving.inflight == 0)
             assert not hog.task.done()  # the stream itself is still stuck on its client
             async with client(app) as c:
                 r = await c.post("/v1/completions", json={"prompt": "sort 2 1", "max_tokens": 4, "n": 2})
@@ -111,7 +100,7 @@ def test_a_slow_reader_holds_at_most_one_output_per_choice(app, monkeypatch):
         slow = StalledClient(app, "/v1/completions", {
             "prompt": "sort 5 3 1 2", "n": 4, "max_tokens": 32, "steps": 32, "block_length": 4, "stream": True,
             "ignore_eos": True, "stream_options": {"include_steps": True}})
-        await _until(lambda: bool(runners) and all(c.done for c in runners[0].choices))
+        await wait_until(lambda: bool(runners) and all(c.done for c in runners[0].choices))
         runner = runners[0]
         assert len(runner.pending) <= 4 and runner.max_pending <= 4
         slow._gone.set()  # now read everything: every step is still delivered, from the step logs
@@ -150,7 +139,7 @@ def test_a_many_choice_request_leaves_slots_for_a_short_one(engine):
         hog = StalledClient(app, "/v1/completions", {"prompt": "sort 1 2", "n": 16, "max_tokens": 1, "steps": 2048,
                                                      "ignore_eos": True, "stream": True}, read_chunks=10 ** 9)
         try:
-            await _until(lambda: engine.stats().running == MAX_NUM_SEQS // 2)
+            await wait_until(lambda: engine.stats().running == MAX_NUM_SEQS // 2)
             start = engine.stats().steps
             async with client(app) as c:
                 r = await c.post("/v1/completions", json={"prompt": "sort 3 1 2", "max_tokens": 8, "steps": 8})
@@ -161,7 +150,7 @@ def test_a_many_choice_request_leaves_slots_for_a_short_one(engine):
             assert not hog.task.done() and engine.stats().running >= 1
         finally:
             await hog.leave()
-        await _until(lambda: engine.stats().running == 0 and serving.inflight == 0)
+        await wait_until(lambda: engine.stats().running == 0 and serving.inflight == 0)
 
     run(main())
 

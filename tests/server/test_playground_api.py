@@ -18,7 +18,7 @@ from server.app import build_app
 from server.config import ServerConfig
 from server.engine_client import LocalEngineClient
 
-from .helpers import client, parse_sse, run
+from .helpers import client, local_engine, parse_sse, run
 
 DTYPE = "float32"
 
@@ -39,10 +39,8 @@ class SpyClient:
 
 @pytest.fixture(scope="module")
 def engine():
-    eng = LocalEngineClient.from_model(DEFAULT_MODEL_DIR, dtype=DTYPE, max_num_seqs=8, kv_cache_memory=1 << 24,
-                                       page_size=4)
-    yield SpyClient(eng)
-    run(eng.shutdown())
+    with local_engine(DEFAULT_MODEL_DIR, dtype=DTYPE, max_num_seqs=8, kv_cache_memory=1 << 24) as eng:
+        yield SpyClient(eng)
 
 
 @pytest.fixture(scope="module")

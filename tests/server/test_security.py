@@ -22,19 +22,16 @@ from server.cli import build_parser
 from server import app as app_module
 from server.app import build_app
 from server.config import ServerConfig
-from server.engine_client import LocalEngineClient
 
-from .helpers import assert_error, client, run
+from .helpers import assert_error, client, local_engine, run
 
 KEY = "sk-unmask-7f3a9c2e1d"
 
 
 @pytest.fixture(scope="module")
 def engine():
-    eng = LocalEngineClient.from_model(DEFAULT_MODEL_DIR, dtype="float32", max_num_seqs=4, kv_cache_memory=1 << 22,
-                                       page_size=4)
-    yield eng
-    run(eng.shutdown())
+    with local_engine(DEFAULT_MODEL_DIR, dtype="float32", max_num_seqs=4, kv_cache_memory=1 << 22) as eng:
+        yield eng
 
 
 def chat(q: str = "sort 2 1", **kw: Any) -> dict[str, Any]:

@@ -14,9 +14,8 @@ import pytest
 
 from server.app import build_app
 from server.config import ServerConfig
-from server.engine_client import LocalEngineClient
 
-from .helpers import run
+from .helpers import local_engine, run
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 99}},
@@ -33,10 +32,8 @@ OPTS = {"max_tokens": 48, "extra_body": {"block_length": 16, "steps": 24}}
 
 @pytest.fixture(scope="module")
 def engine(make_checkpoint):
-    eng = LocalEngineClient.from_model(make_checkpoint("llada"), dtype="float32", max_num_seqs=8,
-                                       kv_cache_memory=1 << 23, page_size=4)
-    yield eng
-    run(eng.shutdown())
+    with local_engine(make_checkpoint("llada"), dtype="float32", max_num_seqs=8, kv_cache_memory=1 << 23) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")

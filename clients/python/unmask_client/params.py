@@ -11,6 +11,7 @@ from typing_extensions import TypedDict
 Remasking = Literal['low_confidence', 'random', 'margin', 'entropy', 'origin', 'maskgit_plus', 'topk_margin']
 CacheMode = Literal['none', 'prefix', 'dual', 'block']
 Algorithm = Literal['llada', 'dream', 'rnd1', 'llada2']
+Editing = Literal['llada2.1-edit']
 
 
 class SamplingOptions(TypedDict, total=False):
@@ -56,14 +57,17 @@ class SamplingOptions(TypedDict, total=False):
     Unset: the model family's."""
     alg_temp: float | None
     """Dream: > 0 samples the positions to commit from softmax(confidence / alg_temp)."""
+    editing: Editing | None
+    """Token-editing rule (engine/decoding/editing/): llada2.1-edit (LLaDA2.1, block diffusion only) replaces
+    committed tokens of the current block. Unset: the rule editing_threshold turns on, else off."""
     editing_threshold: float | None
-    """LLaDA2.1 token editing (block diffusion only, engine/decoding/editing.py): replace a committed token of the
-    current block when another is predicted with confidence > this. Unset: off."""
+    """LLaDA2.1 token editing (block diffusion only, engine/decoding/editing/): replace a committed token of the
+    current block when another is predicted with confidence > this. Unset: off (0.5 with editing set)."""
     max_post_steps: int | None
     """Token editing: extra steps per block after its last mask is filled, while they still edit (unset: 16)."""
 
 
 SAMPLING_OPTIONS = (
     'max_tokens', 'steps', 'block_length', 'temperature', 'top_p', 'top_k', 'remasking', 'threshold', 'factor',
-    'cfg_scale', 'seed', 'stop', 'ignore_eos', 'cache', 'algorithm', 'alg_temp', 'editing_threshold',
+    'cfg_scale', 'seed', 'stop', 'ignore_eos', 'cache', 'algorithm', 'alg_temp', 'editing', 'editing_threshold',
     'max_post_steps')
