@@ -9,6 +9,8 @@ concurrency: output tokens/s (and requests/s) against --max-concurrency, one lin
 latency:     mean / median / p99 of TTFT, ITL (block interval), TPOT and E2EL, one bar group per result.
 threshold:   tokens committed per forward pass and task accuracy against the `threshold` option.
 cache:       output tokens/s and mean E2EL for each `cache` option side by side.
+llamacpp:    unmask / llama.cpp tokens/s for each row of benchmarks/vs_llamacpp.py --json files (one bar per file
+             and row, e.g. before.json after.json), parity at 1.
 Each figure's footer names the result files it was drawn from.
 """
 from __future__ import annotations
@@ -26,11 +28,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def load(paths: list[str]) -> list[dict[str, Any]]:
+    """One dict per result; a file holding a list (vs_llamacpp rows) gives one per row."""
     out = []
     for p in paths:
-        r = json.loads(Path(p).read_text())
-        r["_path"] = p
-        out.append(r)
+        data = json.loads(Path(p).read_text())
+        for r in data if isinstance(data, list) else [data]:
+            r["_path"] = p
+            out.append(r)
     return out
 
 
@@ -142,14 +146,39 @@ def plot_cache(results: list[dict[str, Any]], out: str, title: str | None) -> No
     fig.savefig(out, dpi=120)
 
 
+def plot_llamacpp(results: list[dict[str, Any]], out: str, title: str | None) -> None:
+    files = list(dict.fromkeys(r["_path"] for r in results))
+    keys = list(dict.fromkeys((r["family"], r["dtype"], r["cache"], r["threads"], r["batch"]) for r in results))
+    ratio = {(r["_path"], (r["family"], r["dtype"], r["cache"], r["threads"], r["batch"])): r["ratio"]
+             for r in results}
+    width = 0.8 / len(files)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(keys) * len(files) + 2), 4.5))
+    for i, f in enumerate(files):
+        xs = [k + (i - (len(files) - 1) / 2) * width for k in range(len(keys))]
+        ys = [ratio.get((f, key), 0.0) for key in keys]
+        bars = ax.bar(xs, ys, width, label=Path(f).stem, color=f"C{i}")
+        ax.bar_label(bars, labels=[f"{y:.2f}" if y else "" for y in ys], fontsize=7)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"{fam}\n{dt.replace('float32', 'f32').replace('bfloat16', 'bf16')} {cache}"
+                        + (f"\nt{t} b{b}" if (t, b) != (1, 1) else "") for fam, dt, cache, t, b in keys], fontsize=8)
+    ax.set(ylabel="unmask / llama.cpp (tokens/s)", title=title or "unmask against llama-diffusion-cli on CPU")
+    ax.grid(axis="y", alpha=0.3)
+    if len(files) > 1:
+        ax.legend(fontsize=8)
+    _footer(fig, [{"_path": f} for f in files])
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(out, dpi=120)
+
+
 KINDS = {"concurrency": plot_concurrency, "latency": plot_latency, "threshold": plot_threshold,
-         "cache": plot_cache}
+         "cache": plot_cache, "llamacpp": plot_llamacpp}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("kind", choices=sorted(KINDS))
-    p.add_argument("results", nargs="+", help="result JSON files from benchmarks/serve.py")
+    p.add_argument("results", nargs="+", help="result JSON files from benchmarks/serve.py (llamacpp: from vs_llamacpp.py)")
     p.add_argument("-o", "--out", required=True, help="PNG to write")
     p.add_argument("--title")
     args = p.parse_args(argv)
