@@ -5,8 +5,8 @@
 
 Dense: LLaDA, MLP 2816. MoE: LLaDA-MoE, 64 experts, top-8 of width 352 (8 x 352 = 2816: the same active
 parameters per token). Each step is the forward of T query tokens (one sequence, no cache) plus the logits of 32
-rows, as an engine step computes them. The steps run interleaved (dense, MoE, MoE with the previous expert loop
-`kernels.moe.fused_moe`), best of --repeats, timed by the calling thread's CPU time (torch runs on it with
+rows, as an engine step computes them. The steps run interleaved (dense, MoE, MoE with the previous CPU path: the
+per-expert torch/MKL GEMM loop of engine/model/moe_cpu.py, i.e. its grouped_mm kernel switched off), best of --repeats, timed by the calling thread's CPU time (torch runs on it with
 --threads 1) and by the wall clock; the table gives MoE / dense for both MoE implementations.
 """
 from __future__ import annotations
@@ -52,7 +52,6 @@ def main(argv: list[str] | None = None) -> None:
     from engine.model.attention import AttnContext
     from engine.loader import load_model
     from engine.random_checkpoint import write_random_checkpoint
-    from kernels.moe import fused_moe
     try:
         import engine.model.moe_cpu as moe_cpu_mod
     except ImportError:  # a tree from before the grouped CPU path (run as a script against it): no "previous"
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     dense_dir = write_random_checkpoint(tmp / "dense", "llada", intermediate_size=inter, **common)
     moe_dir = write_random_checkpoint(tmp / "moe", "llada_moe", num_experts=args.experts, top_k=args.top_k,
                                       moe_intermediate_size=width, **common)
-    new_impl = moe_cpu_mod.moe_cpu if moe_cpu_mod else None
+    kernel = getattr(moe_cpu_mod, "grouped_mm", None)
     print(f"dense MLP {inter}; MoE {args.experts} experts, top-{args.top_k} of width {width}; "
           f"{args.layers} layers, d {d}, {args.threads} thread(s)")
     print("| dtype | query tokens | dense ms | MoE ms | MoE / dense | previous MoE ms | previous / dense |")
@@ -81,17 +80,17 @@ def main(argv: list[str] | None = None) -> None:
             rows = torch.arange(min(T, 32))
 
             def step(model) -> Callable[[], object]:
-                return lambda: model.executor.run(ForwardBatch(ids, pos, AttnContext.from_lengths([T], ids.device),
+                return lambda: model._executor.run(ForwardBatch(ids, pos, AttnContext.from_lengths([T], ids.device),
                                                                     max_pos=T - 1, logit_rows=rows), None)
 
             def previous() -> object:
-                moe_cpu_mod.moe_cpu = fused_moe
+                moe_cpu_mod.grouped_mm = lambda *a: None  # moe_cpu falls back to its per-expert loop
                 try:
                     return step(moe)()
                 finally:
-                    moe_cpu_mod.moe_cpu = new_impl
+                    moe_cpu_mod.grouped_mm = kernel
 
-            runs = {"dense": step(dense), "moe": step(moe), "previous": previous if moe_cpu_mod else step(moe)}
+            runs = {"dense": step(dense), "moe": step(moe), "previous": previous if kernel else step(moe)}
             best = {k: (float("inf"), float("inf")) for k in runs}
             with torch.inference_mode():
                 for fn in runs.values():

@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+import engine.model.moe_cpu as moe_cpu_mod
+from engine.model.cpu_kernel import available, grouped_mm
 from engine.model.moe_cpu import moe_cpu
-from engine.model.upcast import linear, native_half_gemm, upcast_mm
+from engine.model.upcast import SPLIT_MIN_N, linear, native_half_gemm, split_mm, upcast_mm
 from kernels.moe import moe_ref
 
 
@@ -34,9 +36,45 @@ def test_linear_is_f_linear_for_float32_and_upcast_for_16bit_without_native_gemm
         assert torch.equal(got[0], upcast_mm(xb, wb, bb))
 
 
+@pytest.mark.parametrize("M, K, N", [(1, 1024, SPLIT_MIN_N), (16, 1024, 2816), (37, 300, 3001), (128, 1024, 5000)])
+def test_wide_float32_linear_is_bitwise_f_linear(M, K, N):
+    """The column-split float32 GEMM (lm_head, gate/up) gives F.linear's bits, so float32 tokens do not move."""
+    g = torch.Generator().manual_seed(M + N)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / 30
+    ref = torch.nn.functional.linear(x, w)
+    with torch.inference_mode():
+        assert torch.equal(split_mm(x, w), ref)
+        got = linear(x[None], w)  # [1, M, N]: the engine's path (inference mode, no bias, N >= SPLIT_MIN_N)
+    assert got.shape == (1, M, N) and torch.equal(got[0], ref)
+
+
+@pytest.mark.skipif(not available(), reason="no AVX2 CPU kernel here (no C compiler or AVX2)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_matches_per_expert_products(dtype):
+    """Odd K (the vector tail) and N (a lone last weight row), empty experts, runs of 1..9 rows (partial tiles)."""
+    g = torch.Generator().manual_seed(7)
+    E, N, K = 7, 37, 75
+    w = (torch.randn(E, N, K, generator=g) / 8).to(dtype)
+    counts = torch.tensor([3, 0, 9, 1, 5, 0, 4])
+    x = torch.randn(int(counts.sum()), K, generator=g)
+    got = grouped_mm(x, counts, w)
+    assert got.dtype == torch.float32 and got.shape == (x.shape[0], N)
+    ends = torch.cumsum(counts, 0).tolist()
+    ref = torch.cat([x[e - n:e].double() @ w[i].double().T for i, (e, n) in enumerate(zip(ends, counts.tolist()))])
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    # a row's result does not depend on the rows batched with it
+    alone = grouped_mm(x[3:4], torch.tensor([0, 0, 1, 0, 0, 0, 0]), w)
+    assert torch.equal(alone[0], got[3])
+
+
+@pytest.mark.parametrize("path", ["grouped", "looped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [0, 1, 9, 70])
-def test_moe_cpu_matches_reference(dtype, T):
+def test_moe_cpu_matches_reference(dtype, T, path, monkeypatch):
+    if path == "looped":
+        monkeypatch.setattr(moe_cpu_mod, "grouped_mm", lambda *a: None)
+    elif not available():
+        pytest.skip("no AVX2 CPU kernel here")
     g = torch.Generator().manual_seed(T)
     E, I, D, k = 6, 24, 40, 2
     x = torch.randn(T, D, generator=g)
