@@ -63,6 +63,7 @@ static inline __attribute__((always_inline)) void tile(const float *x, int64_t K
                                                       int64_t N, int64_t m0) {
     __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0, q0 = p0, q1 = p0, q2 = p0, q3 = p0;
     const int64_t K8 = K & ~(int64_t)7;
+    _Pragma("GCC unroll 4")  /* same sums in the same order; measured 1.15-1.45x faster than the rolled loop */
     for (int64_t k = 0; k < K8; k += 8) {
         /* the same place in the next pair of weight rows (a prefetch never faults, even past the end) */
         _mm_prefetch((const char *)w + ((j0 + 2) * K + k) * (bf16 ? 2 : 4), _MM_HINT_T0);
