@@ -195,12 +195,13 @@ class LLMEngine:
 
     def _record_steps(self, recorded: list[ScheduledRequest], before: list[torch.Tensor]) -> None:
         """Append this step's commits to each recording request's StepLog: the block positions that were masked
-        before the step and hold a token after it. One device-to-host copy for all of them."""
+        before the step and hold a token after it (and, token editing, the committed ones it replaced). One
+        device-to-host copy for all of them."""
         mask_id = self.model.config.mask_id
         old = torch.cat(before)  # [Nr] block tokens before the step, recorded requests concatenated
         new = torch.cat([self.runner.block_tokens(r.seq, r.block) for r in recorded])  # [Nr]
-        idx = torch.nonzero((old == mask_id) & (new != mask_id))[:, 0]  # [C] ascending
-        flat, toks = torch.stack([idx, new[idx]]).tolist() if idx.numel() else ([], [])
+        changed = torch.nonzero(new != old)[:, 0]  # [C] ascending: commits and edits
+        flat, toks, was = torch.stack([changed, new[changed], old[changed]]).tolist() if changed.numel() else ([],) * 3
         start = 0
         for r in recorded:
             bs, be = r.block
@@ -209,7 +210,10 @@ class LLMEngine:
             off, g = bs - r.seq.prompt_len, r.seq.gen_len
             pos = [f - start + off for f in flat[lo:hi]]
             n = bisect.bisect_left(pos, g)  # block-causal canvases run past max_tokens to whole blocks: not output
-            r.seq.step_log.record((max(off, 0), min(off + be - bs, g)), pos[:n], toks[lo:lo + n])
+            fills = [j for j in range(n) if was[lo + j] == mask_id]
+            edits = [(pos[j], toks[lo + j]) for j in range(n) if was[lo + j] != mask_id]
+            r.seq.step_log.record((max(off, 0), min(off + be - bs, g)), [pos[j] for j in fills],
+                                  [toks[lo + j] for j in fills], edits)
             start = end
 
     def _text_state(self, seq: Sequence) -> "_TextState":

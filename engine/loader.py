@@ -272,4 +272,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
         fuse_projections(net)
     else:  # a bounded set of GEMM row counts (engine/shape_buckets.py); 16-bit GEMMs in float32 slices where the
         bucket_linears(net)  # CPU has no native ones (engine/model/upcast.py's linear, which BucketedLinear calls)
+        if any(cfg.moe_layers):  # build (or find cached) the CPU MoE kernel now, not in the first request
+            from .model.cpu_kernel import available
+            available()
     return DiffusionModel(net, cfg, tokenizer, dev, torch_dtype, model_dir, kernels=backend)

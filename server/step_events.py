@@ -9,8 +9,10 @@ whose choice carries one extra field:
 `step` counts from 1 and every step of the choice is sent once, in order, before the content delta of the block it
 completes. `block` ([start, end)) and `positions` are offsets into the generated tokens (0 = the first generated
 position), `length` is the number of generated positions (max_tokens). `tokens` are the text pieces of `token_ids`
-(special tokens by name); absent for a model without a tokenizer. Starting from `length` masks and writing each
-step's tokens at its positions rebuilds the generated canvas; cut at the first stop token it is the final output.
+(special tokens by name); absent for a model without a tokenizer. With token editing (LLaDA2.1) a step may also
+carry `edited_positions`, `edited_token_ids` (and `edited_tokens`): committed positions it replaced, and their new
+tokens. Starting from `length` masks and writing each step's tokens at its positions, then its edits, rebuilds the
+generated canvas; cut at the first stop token it is the final output.
 
 Cost and memory: only a request that asks records its steps (engine/step_log.py). A slow client never makes the
 server queue per-step items: the engine wakes the stream at most once per undelivered step and the stream sends
@@ -30,4 +32,9 @@ def step_event(engine: Any, step: StepCommit, length: int) -> dict[str, Any]:
     text = pieces(step.token_ids) if pieces is not None else None
     if text is not None:
         event["tokens"] = text
+    if step.edited_positions:  # token editing replaced committed tokens in this step
+        event["edited_positions"], event["edited_token_ids"] = step.edited_positions, step.edited_token_ids
+        edited = pieces(step.edited_token_ids) if pieces is not None else None
+        if edited is not None:
+            event["edited_tokens"] = edited
     return event

@@ -34,7 +34,10 @@ class Rotary(nn.Module):
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
         self.theta = theta
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        # on the CPU even when built on the meta device (reset() recomputes it after loading): arithmetic on meta
+        # tensors goes through torch._refs, which imports torch._dynamo (~1.6 s CPU of every start-up)
+        steps = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float()  # [D/2]
+        inv_freq = 1.0 / (theta ** (steps / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2]
         self.register_buffer("cos", torch.empty(0, head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(0, head_dim), persistent=False)

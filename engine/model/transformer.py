@@ -39,7 +39,10 @@ class Transformer(nn.Module):
         self.cfg, self.shard = cfg, shard
         rows = shard.vocab_chunk(cfg.vocab_size)
         self.vocab_start = shard.vocab(cfg.vocab_size)[0]
-        self.embed = nn.Embedding(rows, cfg.hidden_size)
+        weight = torch.empty(rows, cfg.hidden_size)  # [V, D]
+        if weight.device.type != "meta":  # built on the meta device (the loader) it is not initialised: normal_
+            nn.init.normal_(weight)  # there imports torch._dynamo (~1.6 s CPU of every start-up)
+        self.embed = nn.Embedding(rows, cfg.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(Block(cfg, i, shard) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, rows, bias=False)

@@ -138,7 +138,7 @@ function newRun(settings, message, beside) {
   const el = $("run-template").content.firstElementChild.cloneNode(true);
   const run = {
     settings, message, el, label: "Run " + ++app.counter, events: [], shown: 0, cum: [],
-    stepOf: [], tokenId: [], piece: [], length: 0, content: "", finish: null, diffusion: null,
+    stepOf: [], tokenId: [], piece: [], edits: [], length: 0, content: "", finish: null, diffusion: null,
     t0: 0, tEnd: 0, streamDone: false, pumping: false, status: "running", error: null,
     playback: Number($("playback").value), controller: new AbortController(),
   };
@@ -164,6 +164,7 @@ function resize(run, n) {
   run.stepOf = new Array(n).fill(0);
   run.tokenId = new Array(n).fill(null);
   run.piece = new Array(n).fill(null);
+  run.edits = Array.from({ length: n }, () => []);  // token editing: [step, id, piece] replacements, in order
   const canvas = run.el.querySelector(".canvas");
   canvas.replaceChildren();
   for (let i = 0; i < n; i++) {
@@ -180,11 +181,17 @@ function hue(step, total) {
   return `hsl(${Math.round(220 - 200 * f)} 75% 78%)`;
 }
 
-function cellText(run, i) {
-  const id = run.tokenId[i];
+// The token at position i after step k: its commit, then the edits made up to step k (token editing).
+function tokenAt(run, i, k) {
+  let t = { id: run.tokenId[i], piece: run.piece[i], edited: false };
+  for (const [s, id, piece] of run.edits[i]) if (s <= k) t = { id, piece, edited: true };
+  return t;
+}
+
+function cellText(run, i, k) {
+  const { id, piece: p } = tokenAt(run, i, k);
   if (id === app.special.eos_token_id) return "·";
   if ((app.special.stop_token_ids || []).includes(id)) return "■";
-  const p = run.piece[i];
   if (p === null) return String(id);
   const shown = p.replace(/\n/g, "↵").trim();
   return shown === "" ? "␣" : shown;
@@ -200,14 +207,15 @@ function showFrame(run, k) {
     const c = cells[i];
     const s = run.stepOf[i];
     const committed = s > 0 && s <= k;
-    const id = run.tokenId[i];
+    const { id, piece, edited } = tokenAt(run, i, k);
     const special = committed && (id === app.special.eos_token_id || (app.special.stop_token_ids || []).includes(id));
-    c.className = "cell" + (committed ? "" : " masked") + (special ? " special" : "") +
+    c.className = "cell" + (committed ? "" : " masked") + (special ? " special" : "") + (edited ? " edited" : "") +
       (committed && s === k ? " fresh" : "") + (block && i >= block[0] && i < block[1] ? " in-block" : "");
-    c.textContent = committed ? cellText(run, i) : "░";
+    c.textContent = committed ? cellText(run, i, k) : "░";
     c.style.background = committed ? hue(s, total) : "";
     c.dataset.step = committed ? String(s) : "";
-    c.title = committed ? `position ${i} · step ${s} · token ${id} ${JSON.stringify(run.piece[i])}` : `position ${i} · masked`;
+    c.title = committed ? `position ${i} · step ${s}${edited ? " (edited since)" : ""} · token ${id} ${JSON.stringify(piece)}`
+      : `position ${i} · masked`;
   }
   showStats(run, k);
   const slider = run.el.querySelector(".slider");
@@ -282,6 +290,9 @@ function onStep(run, step) {
     run.stepOf[p] = step.step;
     run.tokenId[p] = step.token_ids[j];
     run.piece[p] = step.tokens ? step.tokens[j] : null;
+  });
+  (step.edited_positions || []).forEach((p, j) => {  // token editing: a committed token replaced in this step
+    run.edits[p].push([step.step, step.edited_token_ids[j], step.edited_tokens ? step.edited_tokens[j] : null]);
   });
   pump(run);
 }

@@ -15,6 +15,7 @@ from server.app import build_app
 from server.config import ServerConfig
 from server.engine_client import LocalEngineClient
 from tests.conftest import FAMILY_DIMS
+from unmask_client import DiffusionStep, StepCanvas
 
 from .helpers import assert_error, parse_sse, run
 
@@ -173,3 +174,39 @@ def test_models_card_reports_per_block_steps(app):
     assert card["family"] == "llada2_moe"
     # unset steps = 32 per denoised block, not a total a client could send back
     assert (d["steps"], d["steps_per_block"], d["block_length"], d["algorithm"]) == (None, 32, 32, "llada2")
+
+
+def test_step_stream_carries_edits(app, llm):
+    """Token editing: steps also carry the committed tokens they replaced (edited_positions / edited_token_ids /
+    edited_tokens); replaying commits then edits, step by step, rebuilds the LLM's tokens (which the edits change)."""
+    extra = {**OPTS, "editing_threshold": 0.05, "max_post_steps": 2}
+    want = llm.chat(MESSAGES, SamplingParams(max_tokens=12, temperature=0.0, **extra))[0]
+
+    async def fn(_, hc):
+        r = await hc.post("/v1/chat/completions", json={
+            "model": "l2", "messages": MESSAGES, "max_tokens": 12, "temperature": 0, "stream": True, **extra,
+            "stream_options": {"include_steps": True}})
+        assert r.status_code == 200, r.text
+        return parse_sse(r.text)
+
+    steps = [ch["diffusion_step"] for e in call(app, fn) if e != "[DONE]" for ch in e["choices"]
+             if "diffusion_step" in ch]
+    mask = llm.model.config.mask_id
+    canvas, fills_only, edits = [mask] * 12, [mask] * 12, 0
+    tok = llm.model.tokenizer
+    for s in steps:
+        for p, t in zip(s["positions"], s["token_ids"]):
+            assert canvas[p] == mask
+            canvas[p] = fills_only[p] = t
+        for p, t in zip(s.get("edited_positions", []), s.get("edited_token_ids", [])):
+            assert canvas[p] not in (mask, t) and s["block"][0] <= p < s["block"][1], s  # a real change in its block
+            canvas[p] = t
+            edits += 1
+        assert s.get("edited_tokens", []) == [tok.decode([t], skip_special_tokens=False)
+                                              for t in s.get("edited_token_ids", [])]
+    assert canvas == want.token_ids and len(steps) == want.steps
+    assert edits >= 1 and fills_only != canvas  # the edits are what makes the replay right
+    sdk = StepCanvas()  # the SDK's replay applies the edits too
+    for s in steps:
+        sdk.apply(DiffusionStep.model_validate(s))
+    assert sdk.token_ids == want.token_ids

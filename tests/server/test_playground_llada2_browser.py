@@ -89,3 +89,40 @@ def test_playground_generates_the_llm_answer_block_by_block(browser, server, pat
     assert run.locator(".canvas .cell.masked").count() == 0
     assert outside == [], outside
     page.close()
+
+
+@pytest.fixture(scope="module")
+def editing_server(path):
+    """A LLaDA2.1-style deployment: token editing on by default for every request."""
+    proc = ServeProcess("--model", str(path), "--served-model-name", "l2", "--editing-threshold", "0.05",
+                        "--max-post-steps", "2")
+    yield proc
+    proc.stop()
+
+
+def test_playground_shows_token_edits(browser, editing_server, path):  # noqa: F811
+    """With token editing the canvas shows the edits: the last frame holds the answer's tokens (edited cells
+    marked), not just the first commit of each position."""
+    page, outside = _page(browser, editing_server.url)
+    page.goto(editing_server.url + "/playground")
+    sync_api.expect(page.locator("body")).to_have_attribute("data-ready", "true", timeout=30_000)
+    page.fill("#max_tokens", "12")
+    page.fill("#block_length", "4")
+    page.fill("#threshold", "0.5")
+    page.fill("#message", MESSAGE)
+    page.click("#generate")
+    run = page.locator(".run").last
+    sync_api.expect(run).to_have_attribute("data-status", "done", timeout=60_000)
+    want = LLM(path).chat([{"role": "user", "content": MESSAGE}],
+                          SamplingParams(max_tokens=12, block_length=4, threshold=0.5, temperature=0.0,
+                                         editing_threshold=0.05, max_post_steps=2))[0]
+    assert run.locator(".answer").text_content() == want.text
+    titles = run.locator(".canvas .cell").evaluate_all("(cs) => cs.map(c => c.title)")
+    shown = [int(t.split(" · token ")[1].split(" ")[0]) for t in titles[:len(want.token_ids)]]
+    assert shown == want.token_ids
+    assert run.locator(".canvas .cell.edited").count() >= 1
+    # step 1 shows the first commit, before any edit
+    run.locator(".slider").evaluate("(s) => { s.value = '1'; s.dispatchEvent(new Event('input')); }")
+    assert run.locator(".canvas .cell.edited").count() == 0
+    assert outside == [], outside
+    page.close()

@@ -24,7 +24,8 @@ class StepCanvas:
         self.steps = 0
 
     def apply(self, step: DiffusionStep) -> None:
-        """Write one step's commits; steps must come in order (as the server sends them)."""
+        """Write one step's commits, then its edits (token editing); steps must come in order (as the server
+        sends them)."""
         if step.step != self.steps + 1:
             raise ValueError(f"step {step.step} arrived after step {self.steps}: steps must be applied in order")
         if not self.token_ids:
@@ -36,6 +37,11 @@ class StepCanvas:
             if self.token_ids[pos] is not None:
                 raise ValueError(f"position {pos} committed twice (steps {self.step_of[pos]} and {step.step})")
             self.token_ids[pos], self.pieces[pos], self.step_of[pos] = tok, piece, step.step
+        edited = step.edited_tokens if step.edited_tokens is not None else [None] * len(step.edited_token_ids)
+        for pos, tok, piece in zip(step.edited_positions, step.edited_token_ids, edited):  # token editing
+            if self.token_ids[pos] is None:
+                raise ValueError(f"position {pos} edited in step {step.step} before it was committed")
+            self.token_ids[pos], self.pieces[pos] = tok, piece
         self.steps = step.step
 
     @property

@@ -108,6 +108,10 @@ class DiffusionStep(_Model):
     token_ids: list[int] = Field(default_factory=list)
     tokens: list[str] | None = None
     """Text pieces of token_ids (special tokens by name); None for a model without a tokenizer."""
+    edited_positions: list[int] = Field(default_factory=list)
+    """Token editing (LLaDA2.1): committed positions this step replaced; their new tokens follow."""
+    edited_token_ids: list[int] = Field(default_factory=list)
+    edited_tokens: list[str] | None = None
 
 
 class ChatDelta(_Model):
