@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence as Seq
 from .batch_params import param_row
 from .constraints.build import make_constraint
 from .errors import RequestError, RequestTypeError
-from .sampling_params import GenerationDefaults, ModelLimits, ResolvedParams, SamplingParams
+from .sampling_params import GenerationDefaults, ModelLimits, ResolvedParams, SamplingParams, check_context
 from .sequence import Sequence
 
 if TYPE_CHECKING:
@@ -33,8 +33,12 @@ def build_sequence(model: "DiffusionModel", scheduler: "Scheduler", request_id: 
                    params: ResolvedParams) -> Sequence:
     """A request's host state: checked to fit the KV pool, its parameter row and constraint built. Reads no
     mutable engine state, so any thread may call it."""
-    seq = Sequence(request_id, list(prompt_ids), params, shift=1 if model.config.shift_logits else 0,
-                   block_causal=model.config.block_causal)
+    cfg = model.config
+    if cfg.block_causal:  # the block-aligned canvas must fit the context (the plain check ran on the prompt ids)
+        check_context(len(prompt_ids), params.max_tokens, cfg.max_position_embeddings,
+                      block_length=params.block_length)
+    seq = Sequence(request_id, list(prompt_ids), params, shift=1 if cfg.shift_logits else 0,
+                   block_causal=cfg.block_causal)
     scheduler.check_fits(seq)
     seq.row = param_row(params)
     seq.constraint = make_constraint(params.structured_outputs, model)

@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass, fields, make_dataclass
 from typing import Any
 
+from .block_diffusion import canvas_length
 from .constraints.spec import StructuredOutputs
 from .decoding import registry
 from .errors import RequestTooLargeError
@@ -266,10 +267,19 @@ class ModelLimits:
 
 
 def check_context(prompt_len: int, max_tokens: int, max_model_len: int, where: str = "prompt",
-                  param: str = "max_tokens") -> None:
+                  param: str = "max_tokens", block_length: int | None = None) -> None:
     """The one context-length check (engine and server): prompt + max_tokens must fit; the error names the prompt
-    (`where`) when the prompt alone fills the context, else the generation length (`param`)."""
+    (`where`) when the prompt alone fills the context, else the generation length (`param`). block_length (block
+    diffusion only): the canvas is rounded up to whole blocks (engine/block_diffusion.py), and that rounded canvas
+    must fit too (else a huge block_length on a short request would build a canvas, and block-causal attention
+    masks, far beyond the context); the error then names block_length."""
     if prompt_len + max_tokens <= max_model_len:
+        if block_length is not None and canvas_length(prompt_len, max_tokens, block_length) > max_model_len:
+            canvas = canvas_length(prompt_len, max_tokens, block_length)
+            raise RequestTooLargeError(
+                f"block_length {block_length}: {where} ({prompt_len} tokens) + {param} ({max_tokens}) rounded up to "
+                f"whole blocks make a canvas of {canvas} positions, more than the model's context length of "
+                f"{max_model_len} tokens; use a smaller block_length", "block_length")
         return
     if prompt_len >= max_model_len:  # the prompt alone (also when max_tokens is not known yet: 0)
         raise RequestTooLargeError(f"{where}: {prompt_len} prompt tokens exceed the model's context length of "

@@ -195,9 +195,13 @@ class OpenAIServing:
 
     def _check_length(self, ids: list[int], params: SamplingParams, param: str, prompt_param: str) -> None:
         """The engine's context check (engine/sampling_params.check_context), before any choice is queued."""
-        gen = params.max_tokens if params.max_tokens is not None else self.engine.info.defaults.max_tokens
+        defaults = self.engine.info.defaults
+        gen = params.max_tokens if params.max_tokens is not None else defaults.max_tokens
+        block = None
+        if defaults.algorithm == "llada2":  # block diffusion: the canvas is rounded up to whole blocks
+            block = params.block_length if params.block_length is not None else defaults.block_length
         try:
-            check_context(len(ids), gen, self.engine.info.max_model_len, prompt_param, param)
+            check_context(len(ids), gen, self.engine.info.max_model_len, prompt_param, param, block)
         except RequestTooLargeError as e:
             raise bad_request(str(e), e.param)
 
