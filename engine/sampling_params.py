@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass, fields, make_dataclass
 from typing import Any
 
-from .block_diffusion import canvas_length
+from .block_diffusion import block_plan, canvas_length
 from .constraints.spec import StructuredOutputs
 from .decoding import registry
 from .errors import RequestTooLargeError
@@ -190,6 +190,22 @@ class SamplingParams:
             alg_temp=float(self.alg_temp), eps=float(self.eps), cache=cache)
         return ResolvedParams(**values, block_steps=block_steps, transfer=transfer,
                               adaptive=registry.transfer(transfer).adaptive, steps_per_block=steps_per_block)
+
+
+def step_budget(params: "ResolvedParams", prompt_len: int) -> int:
+    """The most denoising steps (forward passes, CFG aside) one request of these resolved params can take for a
+    prompt of prompt_len tokens: its block plan summed (block diffusion: the plan Sequence builds from the prompt
+    length, so an unset `steps` counts steps_per_block for every denoised block, and a `steps` below the number of
+    blocks still takes one per block), plus, with token editing, max_post_steps + 1 extra steps per block. What
+    a server's per-request work bound (n x steps) must count."""
+    if params.algorithm == "llada2":
+        plan = block_plan(prompt_len, params.max_tokens, params.block_length, params.steps or None,
+                          params.steps_per_block)
+    else:
+        plan = params.block_steps
+    post = getattr(params, "max_post_steps", None)
+    extra = (post + 1) * len(plan) if params.editing is not None and post is not None else 0
+    return sum(plan) + extra
 
 
 def check_rules(remasking: str | None, algorithm: str | None, active: dict[str, Any]) -> None:

@@ -11,8 +11,9 @@ model, chosen so that the defaults never refuse a request the model's context an
 - messages: the context (every chat template renders at least one token per message, its role header);
 - steps: the engine's own bound (one step per generated token at most is useful; the engine caps it at 16384).
 Fairness (one request must not hold the engine for long while others wait):
-- denoising steps per request, summed over its choices (prompts x n x steps): 65536 (--max-request-steps), e.g.
-  n=128 with 512 steps, or n=4 with the largest steps; a request over it is refused (400, param `steps`);
+- denoising steps per request, summed over its choices (prompts x n x the steps one choice can take, from its
+  resolved plan: engine/sampling_params.step_budget): 65536 (--max-request-steps), e.g. n=128 with 512 steps, or
+  n=4 with the largest steps; a request over it is refused (400, param `steps`);
 - batch slots per request: at most half of --max-num-seqs of one request's choices run at once
   (--max-request-slots); the rest start as those finish, so a new request always finds a free slot.
 The others are fixed: n (128, OpenAI's own limit), stop strings (16 of at most 256 characters, the engine's caps),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ from engine.async_engine import EngineError
 from engine.outputs import RequestOutput
 from engine.param_schema import api_names
 from engine.errors import RequestTooLargeError, TokenizerMissingError
-from engine.sampling_params import SamplingParams, SamplingParamsError, check_context
+from engine.sampling_params import SamplingParams, SamplingParamsError, check_context, step_budget
 
 from .config import ServerConfig
 from .engine_client import EngineClient
@@ -189,9 +190,18 @@ class OpenAIServing:
         try:
             return SamplingParams(**values)
         except SamplingParamsError as e:
-            raise bad_request(str(e).removeprefix("SamplingParams."), e.field)
+            raise _params_error(e, structured)
         except (ValueError, TypeError) as e:
             raise bad_request(str(e))
+
+    def _step_budget(self, params: SamplingParams, prompts: list[list[int]]) -> int:
+        """The most denoising steps one choice of this request can take (engine/sampling_params.step_budget: the
+        resolved block plan, block diffusion's per-block steps and token editing's post steps included)."""
+        try:
+            resolved = params.resolve(self.engine.info.defaults)
+        except SamplingParamsError as e:
+            raise _params_error(e, params.structured_outputs)
+        return max(step_budget(resolved, len(ids)) for ids in prompts)
 
     def _check_length(self, ids: list[int], params: SamplingParams, param: str, prompt_param: str) -> None:
         """The engine's context check (engine/sampling_params.check_context), before any choice is queued."""
@@ -208,15 +218,15 @@ class OpenAIServing:
     async def _run(self, kind: str, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None,
                    param: str, raw: Request) -> Response:
         structured, tool_calls = request_constraint(req)
+        base = self._params(req, max_tokens, structured)  # before compiling: a model without constraints says so
         if structured is not None:
             await compile_checked(self.engine, structured)
-        base = self._params(req, max_tokens, structured)
         prompt_param = "messages" if kind == "chat" else "prompt"
         for ids in prompts:
             self.limits.check_prompt_tokens(len(ids), prompt_param)
             self._check_length(ids, base, param, prompt_param)
         n_new = len(prompts) * req.n
-        self.limits.check_work(n_new, base.steps if base.steps is not None else self.engine.info.defaults.steps)
+        self.limits.check_work(n_new, self._step_budget(base, prompts))
         if n_new > max(self.config.max_queue, 1):
             raise bad_request(f"n x prompts = {n_new} choices exceed the server's queue limit "
                               f"({self.config.max_queue})", "n")
@@ -476,6 +486,16 @@ def choice_seed(seed: int, i: int) -> int:
     a request's `seed` accepts, so a choice is replayed alone with n=1 and this seed). Seeds equal modulo 2**64 give
     the same noise (engine/sampling_params.py)."""
     return (seed + i + (1 << 63)) % (1 << 64) - (1 << 63)
+
+
+def _params_error(e: SamplingParamsError, structured: Any) -> APIError:
+    """The 400 of an invalid SamplingParams field; a refused constraint names the field the client sent it in
+    (response_format, tools or structured_outputs: StructuredOutputs.param)."""
+    message, field = str(e).removeprefix("SamplingParams."), e.field
+    if field == "structured_outputs" and structured is not None:
+        sent = re.match(r"\w+", structured.param).group(0)
+        message, field = sent + message.removeprefix(field), sent
+    return bad_request(message, field)
 
 
 def _fields(p: SamplingParams) -> dict[str, Any]:

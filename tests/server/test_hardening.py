@@ -130,6 +130,23 @@ def test_total_work_per_request_is_bounded(app):
     assert "128 choices x 16384 steps" in err["message"] and "--max-request-steps" in err["message"]
 
 
+def test_the_work_bound_counts_the_resolved_plan(engine):
+    """steps below the number of blocks still take one step per block (the resolved plan): n x steps must count
+    those, not the `steps` sent (3 choices x steps 1 passed a bound of 16 while each ran 8 steps)."""
+    from server.limits import RequestLimits
+    app = build_app(engine, ServerConfig(served_model_names=["tiny"], limits=RequestLimits(max_request_steps=16)))
+    body = {"prompt": "sort 1 2", "max_tokens": 8, "block_length": 1, "steps": 1}
+
+    async def main():
+        async with client(app) as c:
+            return (await c.post("/v1/completions", json={**body, "n": 3}),
+                    await c.post("/v1/completions", json={**body, "n": 2}))
+
+    refused, served = run(main())
+    assert "3 choices x 8 steps = 24" in assert_error(refused, 400, "steps")["message"]
+    assert served.status_code == 200 and served.json()["diffusion"]["steps"] == 16
+
+
 def test_a_many_choice_request_leaves_slots_for_a_short_one(engine):
     app = build_app(engine, ServerConfig(served_model_names=["tiny"]))
     serving = app.state.serving

@@ -59,3 +59,45 @@ def test_the_engine_refuses_a_canvas_beyond_the_context(path):
     # the largest block that fits still runs: the prompt's block rounds the canvas up to exactly the context
     out = llm.generate([1, 2, 3], SamplingParams(max_tokens=4, block_length=CONTEXT, steps=1, ignore_eos=True))[0]
     assert len(out.token_ids) == 4
+
+
+def _app_with(path, **limits):
+    """A second app on a fresh engine with the given request limits (module engines are per fixture)."""
+    from server.limits import RequestLimits
+    return local_engine(path, max_num_seqs=8, kv_cache_memory=1 << 24, page_size=4), RequestLimits(**limits)
+
+
+@pytest.mark.parametrize("editing", [False, True])
+def test_the_work_bound_counts_every_block_and_edit_step(path, editing):
+    """n x steps must count what a choice can really run: with `steps` unset a block-diffusion choice takes the
+    family's steps per block for EVERY denoised block (the bound counted them once: n=128 at max_tokens 2048 passed
+    as 128 x 32 steps while it could run 128 x 2048), and token editing adds up to max_post_steps + 1 steps per
+    block. The budget is computed here from the block geometry (engine/block_diffusion.py's docstring)."""
+    llm_defaults = LLM(path).defaults
+    per_block = llm_defaults.steps  # the family's steps per block (llada2_moe 32, sdar 4)
+    prompt, max_tokens, block = [5, 6, 7, 8, 9], 64, 8
+    blocks = -(-(len(prompt) + max_tokens) // block) - len(prompt) // block  # 9
+    extra = {"editing": "llada2.1-edit", "max_post_steps": 5} if editing else {}
+    budget = blocks * min(per_block, max_tokens) + (blocks * (5 + 1) if editing else 0)
+    ctx, limits = _app_with(path, max_request_steps=2 * budget)
+    with ctx as eng:
+        app = build_app(eng, ServerConfig(served_model_names=["m"], limits=limits))
+        body = {"prompt": prompt, "max_tokens": max_tokens, "block_length": block, **extra}
+        err = assert_error(post(app, {**body, "n": 3}, "/v1/completions"), 400, "steps")
+        assert f"3 choices x {budget} steps" in err["message"]
+        r = post(app, {**body, "n": 2, "max_tokens": 8}, "/v1/completions")  # a smaller request still runs
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("field", ["response_format", "tools"])
+def test_structured_outputs_refused_naming_the_field_sent(app, field):
+    """A model without constrained decoding names the field the client sent (not structured_outputs), before any
+    grammar is compiled."""
+    body = {"messages": MESSAGES, "max_tokens": 8}
+    if field == "response_format":
+        body["response_format"] = {"type": "json_object"}
+    else:
+        body.update(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+                    tool_choice="required")
+    err = assert_error(post(app, body), 400, field)
+    assert err["message"].startswith(field) and "block diffusion" in err["message"]
