@@ -3,7 +3,8 @@ model: every operation, schema-valid and schema-invalid bodies. No 5xx, no hang,
 2xx matching its documented schema. Bounded: UNMASK_FUZZ_EXAMPLES examples per operation (default 12; the longer
 run recorded in benchmarks/results/fuzz_schema.md sets it higher).
 
-The server runs with tight request limits (max_tokens, n, steps) so one generated request costs milliseconds; the
+The server (the bundled model, and a tiny random LLaDA2 checkpoint for the block-diffusion fields) runs with tight
+request limits (max_tokens, n, steps) so one generated request costs milliseconds; the
 limits are part of what is fuzzed (refusals must be shaped 400s naming the field).
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from server.app import build_app
 from server.config import ServerConfig
 from server.engine_client import LocalEngineClient
 from server.limits import RequestLimits
+from tests.conftest import FAMILY_DIMS
 
 EXAMPLES = int(os.environ.get("UNMASK_FUZZ_EXAMPLES", "12"))
 CALL_DEADLINE_S = 60.0
@@ -34,9 +36,13 @@ LIMITS = RequestLimits(max_tokens=24, max_n=2, max_choices=4, max_steps=24, max_
 
 
 
-@pytest.fixture(scope="module")
-def app():
-    engine = LocalEngineClient.from_model(DEFAULT_MODEL_DIR, dtype="float32", max_num_seqs=8,
+@pytest.fixture(scope="module", params=["bundled", "llada2_moe"])
+def app(request, make_checkpoint):
+    """The bundled model, and a tiny block-diffusion one (its fields: block_length rounding the canvas, editing;
+    its small context keeps a fuzzed block_length cheap: a huge one once took a server past 19 GiB)."""
+    model = DEFAULT_MODEL_DIR if request.param == "bundled" else make_checkpoint(
+        request.param, **FAMILY_DIMS[request.param], max_position_embeddings=256)
+    engine = LocalEngineClient.from_model(model, dtype="float32", max_num_seqs=8,
                                           kv_cache_memory=1 << 22, page_size=4)
     yield build_app(engine, ServerConfig(served_model_names=["tiny"], limits=LIMITS, max_queue=64))
     asyncio.run(engine.shutdown())
