@@ -33,6 +33,11 @@ CHUNK = 256
 SPLIT_MIN_N = 2048
 """float32 weights with at least this many output rows (and no bias) are multiplied CHUNK columns at a time. Below
 it (q/k/v/o, down at d1024) one call is as fast (measured 0.9-1.0x split)."""
+SPLIT_MIN_K = 512
+"""...and at least this many input features: at K = 256 the slices' call overhead outweighs the cache gain (lm_head
+[16, 256] x [256, 32000]: split 0.88x, [.., 256] x [256, 2048]: 0.46-0.93x; K = 512: 1.1-1.3x, K = 1024: 1.2-2x at
+M >= 4; thread time, one core). The choice depends on the weight only, never on the row count, so a row's
+result cannot depend on its batch."""
 _HALF = (torch.bfloat16, torch.float16)
 
 
@@ -74,7 +79,8 @@ def split_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with 16-bit weights on CPUs without native 16-bit GEMMs multiplied by upcast_mm. x [..., K]."""
     if not uses_upcast(weight):
-        if bias is None and weight.shape[0] >= SPLIT_MIN_N and x.dtype == weight.dtype == torch.float32 \
+        if bias is None and weight.shape[0] >= SPLIT_MIN_N and weight.shape[1] >= SPLIT_MIN_K \
+                and x.dtype == weight.dtype == torch.float32 \
                 and weight.device.type == "cpu" and not torch.is_grad_enabled():
             y = split_mm(x.reshape(-1, x.shape[-1]), weight)  # [M, N]
             return y.view(*x.shape[:-1], y.shape[-1])
