@@ -83,3 +83,16 @@ async def call_and_leave(app: Any, path: str, body: dict[str, Any], leave_after:
     await inbox.put({"type": "http.disconnect"})
     await asyncio.wait_for(task, 30)
     return sent
+
+
+def assert_block_deltas(deltas: list[str], texts: list[str], at_least: int = 2) -> None:
+    """A stream's content deltas come per finished block: each delta ends where a block ends (`texts`: the answer's
+    text at each block's end, in order) and together they are the whole answer. A consumer slower than the engine
+    may get two or more finished blocks merged into one delta (the stream keeps only the latest output), never a
+    part of one."""
+    assert all(b.startswith(a) for a, b in zip(["", *texts], texts))
+    ends, acc = set(texts), ""
+    for d in deltas:
+        acc += d
+        assert acc in ends, f"a delta ends mid-block: {acc!r} is no block end of {texts!r}"
+    assert acc == texts[-1] and len(deltas) >= at_least, (deltas, texts)

@@ -17,7 +17,7 @@ from server.engine_client import LocalEngineClient
 from tests.conftest import FAMILY_DIMS
 from unmask_client import DiffusionStep, StepCanvas
 
-from .helpers import assert_error, parse_sse, run
+from .helpers import assert_block_deltas, assert_error, parse_sse, run
 
 MESSAGES = [{"role": "user", "content": "What is 12 + 30?"}]
 OPTS = {"block_length": 4, "threshold": 0.5, "ignore_eos": True}
@@ -79,9 +79,7 @@ def test_chat_plain_and_streamed_per_block(app, llm, max_tokens):
     deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     # one delta per finished block: the text the LLM's tokens have at each block's end, minus the one before
     texts = [llm.model.decode(want.token_ids[:e]) for e in block_ends(prompt_len, max_tokens, 4)]
-    per_block = [b[len(a):] for a, b in zip(["", *texts], texts)]
-    assert all(b.startswith(a) for a, b in zip(["", *texts], texts))
-    assert deltas == [d for d in per_block if d] and len(deltas) >= 3
+    assert_block_deltas(deltas, texts)
     assert chunks[-1].choices[0].finish_reason == "length"
 
 

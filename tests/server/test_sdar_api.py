@@ -11,7 +11,7 @@ from server.config import ServerConfig
 from server.engine_client import LocalEngineClient
 from tests.conftest import FAMILY_DIMS
 
-from .helpers import run
+from .helpers import assert_block_deltas, run
 from .test_llada2_api import block_ends, call
 
 MESSAGES = [{"role": "user", "content": "What is 12 + 30?"}]
@@ -49,9 +49,8 @@ def test_sdar_chat_stream_completions_and_defaults(app, path):
     plain, stream, comp, card = call(app, fn)
     assert plain.choices[0].message.content == want.text
     texts = [llm.model.decode(want.token_ids[:e]) for e in block_ends(prompt_len, 11, 4)]
-    per_block = [b[len(a):] for a, b in zip(["", *texts], texts)]
     deltas = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
-    assert deltas == [d for d in per_block if d] and len(deltas) >= 2
+    assert_block_deltas(deltas, texts)
     assert comp.choices[0].text == raw.text
     d = card["diffusion_defaults"]
     assert card["family"] == "sdar"
