@@ -152,7 +152,7 @@ def plot_llamacpp(results: list[dict[str, Any]], out: str, title: str | None) ->
     ratio = {(r["_path"], (r["family"], r["dtype"], r["cache"], r["threads"], r["batch"])): r["ratio"]
              for r in results}
     width = 0.8 / len(files)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(keys) * len(files) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(keys) + 2), 4.5))
     for i, f in enumerate(files):
         xs = [k + (i - (len(files) - 1) / 2) * width for k in range(len(keys))]
         ys = [ratio.get((f, key), 0.0) for key in keys]
