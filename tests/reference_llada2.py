@@ -161,11 +161,7 @@ class RefLLaDA2:
                     break
             if self._stopped(x, P, stop_ids):
                 break
-        out = x[P:P + gen_length]
-        for j, t in enumerate(out):
-            if t in stop_ids:
-                return out[:j + 1]
-        return out
+        return cut_at_stop(x[P:P + gen_length], stop_ids)
 
     def _stopped(self, x: list[int], P: int, stop_ids: tuple[int, ...]) -> bool:
         """A stop token is present in the generated region with every position before it filled."""
@@ -175,3 +171,11 @@ class RefLLaDA2:
             if t == self.mask_id:
                 return False
         return False
+
+
+def cut_at_stop(out: list[int], stop_ids: tuple[int, ...]) -> list[int]:
+    """The generated tokens up to and including the first stop token (the reference loops return it)."""
+    for j, t in enumerate(out):
+        if t in stop_ids:
+            return out[:j + 1]
+    return out

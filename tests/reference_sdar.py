@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from tests.reference_llada2 import cut_at_stop
+
 
 class RefSDAR:
     def __init__(self, path: str | Path) -> None:
@@ -110,8 +112,4 @@ class RefSDAR:
                     x[i] = int(x0[i - lo])
             if any(t in stop_ids for t in x[P:hi]):
                 break
-        out = x[P:P + gen_length]
-        for j, t in enumerate(out):
-            if t in stop_ids:
-                return out[:j + 1]
-        return out
+        return cut_at_stop(x[P:P + gen_length], stop_ids)

@@ -17,6 +17,7 @@ from engine.llm import LLM
 from engine.loader import load_model
 from engine.sampling_params import SamplingParams
 from tests.reference_sdar import RefSDAR
+from tests.test_llada2 import _denoised_blocks, _prompt
 
 # GQA (4 q heads over 2 kv heads), head_dim 12 != 32 / 4; the tied variant has no lm_head.weight (SDAR-1.7B/4B).
 BASE = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=12, intermediate_size=48,
@@ -33,13 +34,6 @@ def ckpts(make_checkpoint):
 def llms(ckpts):
     return {name: LLM(path, dtype="float32") for name, path in ckpts.items()}
 
-
-def _prompt(n: int, seed: int) -> list[int]:
-    return torch.randint(0, 160, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _denoised_blocks(p: int, g: int, b: int) -> int:
-    return -(-(p + g) // b) - p // b
 
 
 def test_checkpoint_format(ckpts):

@@ -20,6 +20,7 @@ import pytest
 from engine.bundled import task
 
 from .serve_process import ServeProcess, wait_for
+from .test_connections import read_all
 
 pytestmark = pytest.mark.slow
 
@@ -41,20 +42,6 @@ def stalled_stream(url: str) -> socket.socket:
     s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     return s
-
-
-def drain_socket(s: socket.socket, timeout: float) -> tuple[bytes, bool]:
-    """Read what is left; (data, True) when the server closed the connection."""
-    s.settimeout(timeout)
-    data = b""
-    try:
-        while chunk := s.recv(1 << 16):
-            data += chunk
-        return data, True
-    except (socket.timeout, TimeoutError):
-        return data, False
-    except ConnectionResetError:
-        return data, True
 
 
 def metric(url: str, *names: str) -> float:
@@ -82,7 +69,7 @@ def test_a_stalled_stream_neither_locks_others_out_nor_holds_up_shutdown():
         t0 = time.monotonic()
         code = srv.terminate(timeout=DRAIN_TIMEOUT + 30)
         took = time.monotonic() - t0
-        data, closed = drain_socket(s, 10)
+        data, closed = read_all(s, 10)
     finally:
         s.close()
         srv.stop()
