@@ -244,6 +244,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     from kernels.dispatch import resolve_kernels
     dev = resolve_device(device)
     from .model.fuse import fuse_projections
+    from .head_linear import thin_head
     from .shape_buckets import bucket_linears
     backend = resolve_kernels(kernels, dev)
     model_dir = resolve_model_path(model_dir)  # a directory, or a Hugging Face repo id (engine/hub.py)
@@ -272,7 +273,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
         fuse_projections(net)
     else:  # a bounded set of GEMM row counts (engine/shape_buckets.py); 16-bit GEMMs in float32 slices where the
         bucket_linears(net)  # CPU has no native ones (engine/model/upcast.py's linear, which BucketedLinear calls)
-        if any(cfg.moe_layers):  # build (or find cached) the CPU MoE kernel now, not in the first request
-            from .model.cpu_kernel import available
-            available()
+        thin_head(net)  # the head's few decoded rows through the thin-GEMM kernel, unpadded (engine/head_linear.py)
+        from .model.cpu_kernel import available
+        available()  # build (or find cached) the CPU kernel now, not in the first request
     return DiffusionModel(net, cfg, tokenizer, dev, torch_dtype, model_dir, kernels=backend)

@@ -10,8 +10,10 @@ What lives here:
   doubling (16, 24, 32, 48, 64, ...), so padding adds less than 1/STEPS_PER_OCTAVE of the rows.
 - `BucketedLinear` / `bucket_linears(net)`: every nn.Linear of a loaded CPU network pads its input rows with zeros to
   row_bucket(M), runs the GEMM at that M and drops the padded rows' outputs. This covers the packed token count of
-  every forward (q/k/v/o, MLP, router) and the logits chunk rows (lm_head) with one rule, and nothing else in the
-  network sees the padding (attention, norms and K/V writes run on the real rows only).
+  every forward (q/k/v/o, MLP, router) with one rule, and nothing else in the network sees the padding (attention,
+  norms and K/V writes run on the real rows only). The lm_head is a BucketedLinear too, but where the CPU kernel
+  builds it runs unpadded through that kernel instead (engine/head_linear.py: no oneDNN/MKL kernel per shape, and a
+  row's logits do not depend on the row count); the bucketed GEMM is its fallback.
 - `attention_groups(...)`: the torch (SDPA) attention of a step's rows, grouped by (query bucket, key bucket): each
   row's queries and keys are padded to buckets of its own lengths (padded keys read the pool's scratch slot and are
   masked out; padded queries' outputs are dropped), one SDPA call per group. A row's attention then runs at shapes
@@ -20,7 +22,8 @@ What lives here:
 
 Distinct matmul shapes a dense model sees: at most len(sizes up to the largest forward) per weight shape, e.g. 33
 row counts for up to 16384 packed tokens (engine/scheduler.py's default max_num_batched_tokens) per distinct
-Linear weight shape; tests/test_shape_buckets.py counts them over a random mixed workload. MoE expert GEMMs
+Linear weight shape (the lm_head's weight not among them where engine/head_linear.py's kernel runs it);
+tests/test_shape_buckets.py counts them over a random mixed workload. MoE expert GEMMs
 (kernels/moe.py) run at per-expert token counts and are not bounded here.
 """
 from __future__ import annotations
@@ -34,8 +37,8 @@ from .model.attention import AttnGroup
 from .model.upcast import linear
 
 MIN_ROWS = 16
-"""Smallest row bucket: a single decoded position runs its lm_head row at M = 16 like everything else (MKL's fp32
-GEMM rounds 1-3 rows differently from 4+, so tiny M would also break batch invariance)."""
+"""Smallest row bucket: a single decoded token runs its rows at M = 16 like everything else (MKL's fp32 GEMM rounds
+1-3 rows differently from 4+, so tiny M would also break batch invariance)."""
 STEPS_PER_OCTAVE = 2
 """Bucket sizes per doubling: padding adds less than 1/STEPS_PER_OCTAVE of the rows."""
 MIN_ATTN = 8

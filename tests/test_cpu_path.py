@@ -1,4 +1,4 @@
-"""The CPU step path (engine/model/upcast.py, engine/model/moe_cpu.py) against plain references, and the pure
+"""The CPU step path (engine/model/upcast.py, engine/model/moe_cpu.py, engine/head_linear.py) against plain references, and the pure
 parts of benchmarks/vs_llamacpp.py (argument checks, llama.cpp output parsing, byte-level tokenizer)."""
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+import engine.head_linear as head_linear_mod
 import engine.model.moe_cpu as moe_cpu_mod
-from engine.model.cpu_kernel import available, grouped_mm
+from engine.head_linear import HeadLinear
+from engine.model.cpu_kernel import THIN_ROWS, available, grouped_mm, thin_mm
 from engine.model.moe_cpu import moe_cpu
 from engine.model.upcast import SPLIT_MIN_N, linear, native_half_gemm, split_mm, upcast_mm
 from kernels.moe import moe_ref
@@ -65,6 +67,62 @@ def test_grouped_mm_matches_per_expert_products(dtype):
     # a row's result does not depend on the rows batched with it
     alone = grouped_mm(x[3:4], torch.tensor([0, 0, 1, 0, 0, 0, 0]), w)
     assert torch.equal(alone[0], got[3])
+
+
+@pytest.mark.skipif(not available(), reason="no AVX2 CPU kernel here (no C compiler or AVX2)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K", [1, 75, 256])
+def test_thin_mm_matches_a_double_product_and_is_row_invariant(dtype, K):
+    """lm_head-shaped products at row counts across THIN_ROWS chunks (1..70); a row alone gives the same bits as the
+    same row at any place in any batch."""
+    g = torch.Generator().manual_seed(K)
+    w = (torch.randn(1001, K, generator=g) / 8).to(dtype)  # odd N: a lone last weight row
+    x = torch.randn(70, K, generator=g)
+    ref = x.double() @ w.double().T  # [70, 1001]
+    for M in (1, 3, THIN_ROWS - 1, THIN_ROWS, THIN_ROWS + 1, 70):
+        got = thin_mm(x[:M], w)
+        assert got.dtype == torch.float32 and got.shape == (M, 1001)
+        torch.testing.assert_close(got.double(), ref[:M], rtol=1e-5, atol=1e-5)
+    full = thin_mm(x, w)
+    for r in torch.randint(0, 70, (6,), generator=g).tolist():
+        assert torch.equal(thin_mm(x[r:r + 1], w)[0], full[r])
+        assert torch.equal(thin_mm(x[r:], w)[0], full[r])
+
+
+def test_loaded_cpu_model_heads_through_the_thin_kernel(make_checkpoint, monkeypatch):
+    """load_model makes the lm_head a HeadLinear: logits equal F.linear's up to rounding, per-row logits do not depend
+    on the batch, and without the kernel (thin_mm None: no compiler, UNMASK_CPU_KERNELS=0) it is the bucketed GEMM."""
+    from engine import load_model
+    from engine.shape_buckets import BucketedLinear
+    head = load_model(make_checkpoint("llada"), dtype="float32").net.lm_head
+    assert type(head) is HeadLinear
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 9, head.in_features, generator=g)  # [B, L, D]
+    with torch.inference_mode():
+        got = head(x)  # [B, L, V]
+        ref = torch.nn.functional.linear(x, head.weight)
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        if available():
+            assert torch.equal(head(x[1:, 4:5])[0, 0], got[1, 4])
+        monkeypatch.setattr(head_linear_mod, "thin_mm", lambda *a: None)
+        fallback = head(x)
+        assert torch.equal(fallback, BucketedLinear.forward(head, x))
+
+
+def test_bf16_head_takes_the_kernel_only_without_native_bf16_gemms(make_checkpoint, monkeypatch):
+    """With oneDNN's native bf16 GEMM (AVX512-BF16 / AMX) the AVX2 kernel is slower from 8 rows on: the head stays
+    bucketed there; on CPUs without it the kernel replaces the slice-converting upcast GEMM."""
+    from engine import load_model
+    from engine.model.upcast import uses_upcast
+    head = load_model(make_checkpoint("llada"), dtype="bfloat16").net.lm_head
+    calls = []
+    monkeypatch.setattr(head_linear_mod, "thin_mm", lambda *a: calls.append(1))  # None: falls back after the call
+    x = torch.randn(5, head.in_features).bfloat16()
+    with torch.inference_mode():
+        y = head(x)
+    assert y.shape == (5, head.out_features) and bool(calls) == uses_upcast(head.weight)
+    torch.testing.assert_close(y.float(), x.float() @ head.weight.float().T, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("path", ["grouped", "looped"])

@@ -14,6 +14,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine import LLM, SamplingParams
+from engine.head_linear import HeadLinear
+from engine.model import cpu_kernel
 from engine.shape_buckets import (MIN_ROWS, STEPS_PER_OCTAVE, BucketedLinear, attention_groups, bucket_linears,
                                   length_bucket, row_bucket, row_buckets_up_to)
 from tests.test_batch_invariance import CACHES, random_params, random_prompt
@@ -108,10 +110,14 @@ def _weight_shapes(net: nn.Module) -> set[tuple[int, int]]:
 def test_distinct_gemm_shapes_are_bounded(make_checkpoint):
     llm = LLM(make_checkpoint("llada"), dtype="float32", kv_cache_memory=1 << 23, page_size=4)
     net = llm.model.net
-    assert all(type(m) is BucketedLinear for m in net.modules() if isinstance(m, nn.Linear))
+    assert all(isinstance(m, BucketedLinear) for m in net.modules() if isinstance(m, nn.Linear))
     with GemmShapes() as rec:
         _workload(llm, seed=5, requests=12)
     weights = _weight_shapes(net)
+    head = (net.lm_head.in_features, net.lm_head.out_features)
+    if cpu_kernel.available():  # the head runs through the C kernel (engine/head_linear.py), no torch GEMM at all
+        assert type(net.lm_head) is HeadLinear and not any((k, n) == head for _, k, n in rec.gemms)
+        weights.discard(head)
     largest = max(m for m, _, _ in rec.gemms)
     rows = {m for m, _, _ in rec.gemms}
     assert rows <= set(row_buckets_up_to(largest)), sorted(rows)
@@ -122,7 +128,7 @@ def test_distinct_gemm_shapes_are_bounded(make_checkpoint):
     assert all(lq == length_bucket(lq) and lk == length_bucket(lk) for _, _, lq, _, lk in rec.sdpa)
     # the control: the same workload with plain Linears runs many more distinct GEMM shapes
     for m in net.modules():
-        if type(m) is BucketedLinear:
+        if isinstance(m, BucketedLinear):
             m.__class__ = nn.Linear
     with GemmShapes() as plain:
         _workload(llm, seed=5, requests=12)

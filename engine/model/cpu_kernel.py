@@ -9,6 +9,9 @@ call, reads each weight byte once, and widens bf16 weights in registers (no conv
 compiler, UNMASK_CPU_KERNELS=0): callers then use their torch path. The shared object is compiled once with the
 system C compiler (`cc -O3 -mavx2 -mfma`, ~1 s) into $UNMASK_CACHE_DIR or ~/.cache/unmask/kernels, named by the
 source's hash, and reused by later processes.
+
+`thin_mm(x, w)` is the same kernel over one weight (the lm_head, engine/head_linear.py), THIN_ROWS rows a
+call so that a call's activation rows stay in L2 while the weight streams past them.
 """
 from __future__ import annotations
 
@@ -83,4 +86,30 @@ def grouped_mm(x: torch.Tensor, counts: torch.Tensor, w: torch.Tensor) -> torch.
     out = torch.empty(x.shape[0], N, dtype=torch.float32)  # [rows, N]
     lib.grouped_mm(x.data_ptr(), counts.data_ptr(), E, K, N, w.data_ptr(), int(w.dtype == torch.bfloat16),
                    out.data_ptr())
+    return out
+
+
+THIN_ROWS = 32
+"""Rows per thin_mm call: the [32, K] activations stay in L2 while the weight streams past them (measured on
+lm_head [M, 256|1024] x [.., 32000], M = 64-256: 32 rows a call 1.05-1.4x faster than one call; 8 rows 1.2x slower
+than 32)."""
+
+
+def thin_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """x [M, K] float32, w [N, K] float32 or bfloat16 on the CPU -> x @ w.T [M, N] float32, THIN_ROWS rows a kernel
+    call; None if the kernel is unavailable. A row's result is the same whatever M and its place (one dot product
+    over K in a fixed order), so it needs no row padding for batch invariance."""
+    lib = _library()
+    if lib is None or w.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    x, w = x.contiguous(), w.contiguous()
+    assert x.dtype == torch.float32 and x.shape[1] == w.shape[1]
+    (M, K), N = x.shape, w.shape[0]
+    out = torch.empty(M, N, dtype=torch.float32)  # [M, N]
+    counts = torch.empty(1, dtype=torch.int64)
+    bf16 = int(w.dtype == torch.bfloat16)
+    for m0 in range(0, M, THIN_ROWS):
+        rows = min(THIN_ROWS, M - m0)
+        counts[0] = rows
+        lib.grouped_mm(x[m0].data_ptr(), counts.data_ptr(), 1, K, N, w.data_ptr(), bf16, out[m0].data_ptr())
     return out
