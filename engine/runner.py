@@ -213,11 +213,10 @@ class ModelRunner:
             host["row_end"] = torch.tensor([b for _, b in rows_q])  # [R]
         if self.kernels == "triton":
             host["cu_seqlens_q"] = torch.tensor(row_base, dtype=torch.int32)  # [R + 1]
-        elif not m.block_causal:  # SDPA's padded layouts, one per (query, key) length bucket, riding in the same copy
-            groups = attention_groups(row_len, m.row_keys)
+        else:  # SDPA's padded layouts, one per (query, key) length bucket, riding in the same copy; block-causal
+            # rows read keys up to their query end only (later blocks: never read)
+            groups = attention_groups(row_len, [b for _, b in rows_q] if m.block_causal else m.row_keys)
             host.update(group_upload(groups))
-        else:  # block-causal (torch): one padded layout with the block mask (_attn_layout)
-            groups = []
         # the positions decoded this step: each request's still-masked block positions (counts known here)
         blocks = [r.block for r in reqs]
         blen = [e - b for b, e in blocks]
@@ -292,21 +291,20 @@ class ModelRunner:
 
     def _attn_layout(self, m: _Members, plan: "_Plan", write: torch.Tensor) -> AttnContext:
         """The step's attention layout, built once here and carried by the ForwardBatch to every rank: packed
-        offsets and block tables (triton), per-length-bucket SDPA groups (torch), or one padded layout whose
-        block-causal mask each rank derives when it binds the layout (torch, block-causal). write [T] pool slots."""
+        offsets and block tables (triton), or per-length-bucket SDPA groups (torch; block-causal groups carry their
+        rows' block lengths and each rank derives their masks when it binds the layout). write [T] pool slots."""
         d, rows = plan.dev, len(plan.row_len)
         if self.kernels == "triton":  # packed layout: no padded query index, keys through the block table
             ctx = AttnContext(None, None, None, rows, max(plan.row_len), backend="triton",
                               cu_seqlens_q=d["cu_seqlens_q"], block_table=m.block_table, seq_lens_k=m.seq_lens_k,
                               page_size=self.pool.page_size)
-        elif not m.block_causal:  # SDPA per length-bucket group, so a row's attention does not depend on the batch
+        else:  # SDPA per length-bucket group, so a row's attention does not depend on the batch (in bf16 too)
+            slots, valid = m.read_slots, m.key_valid  # [R, Lk]
+            if m.block_causal:  # point unwritten later-block keys at the zeroed scratch slot (no garbage, even masked)
+                live = torch.arange(slots.shape[1], device=self.device)[None, :] < d["row_end"][:, None]  # [R, Lk]
+                slots, valid = torch.where(live, slots, self.pool.scratch_slot), valid & live
             ctx = AttnContext(None, None, None, rows, max(plan.row_len),
-                              groups=build_groups(plan.groups, d, m.read_slots, m.key_valid, self.pool.scratch_slot))
-        else:  # point unwritten later-block keys at the zeroed scratch slot (no garbage, even masked)
-            ctx = AttnContext.from_lengths(plan.row_len, self.device)
-            live = torch.arange(m.read_slots.shape[1], device=self.device)[None, :] < d["row_end"][:, None]  # [R, Lk]
-            ctx.read_slots = torch.where(live, m.read_slots, self.pool.scratch_slot)  # [R, Lk]
-            ctx.key_valid = m.key_valid & live  # [R, Lk]
+                              groups=build_groups(plan.groups, d, slots, valid, self.pool.scratch_slot, m.block_len))
         ctx.write_slots, ctx.block_len = write, m.block_len
         return ctx
 

@@ -16,7 +16,8 @@ What lives here:
   row's logits do not depend on the row count); the bucketed GEMM is its fallback.
 - `attention_groups(...)`: the torch (SDPA) attention of a step's rows, grouped by (query bucket, key bucket): each
   row's queries and keys are padded to buckets of its own lengths (padded keys read the pool's scratch slot and are
-  masked out; padded queries' outputs are dropped), one SDPA call per group. A row's attention then runs at shapes
+  masked out; padded queries' outputs are dropped), one SDPA call per group (block-causal rows, LLaDA2 / SDAR:
+  keys up to the row's query end, each group with its own block mask). A row's attention then runs at shapes
   fixed by its own lengths, so its result does not depend on the other rows of the batch (with one padded layout
   for the whole batch, SDPA's rounding moves with the batch's longest key length).
 
@@ -136,9 +137,10 @@ def group_upload(plans: list[GroupPlan]) -> dict[str, torch.Tensor]:
 
 
 def build_groups(plans: list[GroupPlan], dev: dict[str, torch.Tensor], read_slots: torch.Tensor,
-                 key_valid: torch.Tensor, scratch_slot: int) -> list[AttnGroup]:
+                 key_valid: torch.Tensor, scratch_slot: int, block_len: torch.Tensor | None = None
+                 ) -> list[AttnGroup]:
     """The device-side AttnGroups: each group's key slots [G, Lk] taken from the batch's read_slots [R, Lk_max]
-    (cut to the bucket, or extended with masked scratch-slot reads)."""
+    (cut to the bucket, or extended with masked scratch-slot reads); block-causal: its rows' block_len [R] too."""
     out = []
     width = read_slots.shape[1]
     for i, g in enumerate(plans):
@@ -150,5 +152,5 @@ def build_groups(plans: list[GroupPlan], dev: dict[str, torch.Tensor], read_slot
             slots = F.pad(slots, (0, g.key_len - width), value=scratch_slot)
             valid = F.pad(valid, (0, g.key_len - width), value=False)
         out.append(AttnGroup(dev[f"attn{i}_q_index"], dev[f"attn{i}_unpad"], dev[f"attn{i}_tokens"], slots,
-                             valid))
+                             valid, None if block_len is None else block_len[rows]))
     return out

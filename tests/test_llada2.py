@@ -135,7 +135,24 @@ def test_eos_cut_matches_reference(llms, ckpts, make_checkpoint):
 def test_batch_equals_alone_and_cache_exact_bf16(ckpts):
     """Mixed requests (lengths, block lengths, thresholds, cache on/off, sampling) in one batch give what each gives
     alone, at the default dtype; the block cache gives the same tokens as none."""
-    llm = LLM(ckpts["base"])  # dtype auto
+    batch_equals_alone_and_cache_exact(LLM(ckpts["base"]))  # dtype auto
+
+
+@pytest.mark.parametrize("family", ["llada2_moe", "sdar"])
+def test_block_causal_batch_invariance_in_bfloat16(family, ckpts, make_checkpoint):
+    """bfloat16 whatever the CPU's default (oneDNN's native bf16 GEMM / SDPA on AVX512-BF16, torch's elsewhere):
+    block-causal attention runs one SDPA per (query, key) length group with each group's own block mask, so a
+    row's rounding does not move with the batch's longest row (one padded layout for the batch made the first
+    request's tokens differ batched and alone on an AVX512-BF16 CPU)."""
+    if family == "sdar":
+        from tests.test_sdar import BASE as SDAR_BASE
+        ckpt = make_checkpoint("sdar", **{**SDAR_BASE, "seed": 4, "hidden_size": 64, "head_dim": 16})
+    else:
+        ckpt = ckpts["base"]
+    batch_equals_alone_and_cache_exact(LLM(ckpt, dtype="bfloat16"))
+
+
+def batch_equals_alone_and_cache_exact(llm: LLM) -> None:
     reqs = [(_prompt(3, 1), SamplingParams(max_tokens=9, block_length=4, threshold=0.4, temperature=0.0)),
             (_prompt(8, 2), SamplingParams(max_tokens=13, block_length=8, steps=6, temperature=0.0, cache="none")),
             (_prompt(17, 3), SamplingParams(max_tokens=5, block_length=4, temperature=0.7, top_k=30, seed=9)),

@@ -1,5 +1,5 @@
 """Attention over packed variable-length sequences, optionally through a paged KV pool: bidirectional, or
-block-causal (LLaDA2) with an explicit mask (block_causal_mask).
+block-causal (LLaDA2, SDAR) with an explicit mask (block_causal_mask; group_block_mask per attention group).
 
 A forward pass carries B sequences whose query tokens are packed into one [T] axis. `AttnContext` says how to
 lay them out as [B, Lq] for attention and, for cached passes, where each new K/V row is written in the pool
@@ -53,7 +53,8 @@ class AttnContext:
     """[T] canvas positions of the packed queries (triton, block-causal; set by `bind`)."""
     groups: "list[AttnGroup] | None" = None
     """Paged torch passes: the rows split into groups that each run one SDPA at their own padded lengths (the
-    runner's engine/shape_buckets.py); replaces q_index/q_valid/read_slots/key_valid. Not used with attn_mask."""
+    runner's engine/shape_buckets.py); replaces q_index/q_valid/read_slots/key_valid, and attn_mask: block-causal
+    groups carry their rows' block lengths and `bind` derives each group's own mask."""
 
     @staticmethod
     def dense(batch: int, length: int, key_valid: torch.Tensor | None = None) -> "AttnContext":
@@ -86,6 +87,8 @@ class AttnContext:
         ctx = replace(self, kv_pool=kv_pool if self.write_slots is not None else None)
         if self.block_len is not None and self.backend == "triton":  # the kernel masks by positions
             ctx.positions = positions
+        elif self.groups is not None and self.block_len is not None:  # each group's mask at its own lengths
+            ctx.groups = [replace(g, attn_mask=group_block_mask(g, positions)) for g in self.groups]
         elif self.block_len is not None:
             ctx.attn_mask = block_causal_mask(ctx, positions, self.block_len, self.write_slots is not None)
         return ctx
@@ -120,6 +123,10 @@ class AttnGroup:
     """[G, Lk] long: pool slots each row attends over (the scratch slot where padded)."""
     key_valid: torch.Tensor
     """[G, Lk] bool."""
+    block_len: torch.Tensor | None = None
+    """[G] long: each row's block length (block-causal groups); None: bidirectional."""
+    attn_mask: torch.Tensor | None = None
+    """[G, 1, Lq, Lk] bool: the block-causal mask, derived by AttnContext.bind (never shipped)."""
 
 
 @dataclass(slots=True)
@@ -183,6 +190,15 @@ def block_causal_mask(ctx: AttnContext, positions: torch.Tensor, block_len: torc
     return allowed[:, None]
 
 
+def group_block_mask(g: "AttnGroup", positions: torch.Tensor) -> torch.Tensor:
+    """[G, 1, Lq, Lk] bool: block_causal_mask for one group: a padded query at canvas position i may read key
+    position j iff j // b <= i // b (b: its row's block length) and the key is valid. positions [T] packed."""
+    bl = g.block_len[:, None]  # [G, 1]
+    q_blk = positions[g.q_index] // bl  # [G, Lq] (padded queries read some row's position: dropped after)
+    k_blk = torch.arange(g.read_slots.shape[1], device=positions.device)[None, :] // bl  # [G, Lk]
+    return ((k_blk[:, None, :] <= q_blk[:, :, None]) & g.key_valid[:, None, :])[:, None]
+
+
 def _grouped(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, groups: list[AttnGroup],
              scale: float) -> torch.Tensor:
     """q [T, H, D] -> [T, H, D]: one SDPA per group over its own padded layout, scattered back to packed rows."""
@@ -192,7 +208,8 @@ def _grouped(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, groups
         keys = pool_k[g.read_slots].transpose(1, 2).to(q.dtype)  # [G, Hkv, Lk, D]
         vals = pool_v[g.read_slots].transpose(1, 2).to(q.dtype)  # [G, Hkv, Lk, D]
         qp = q[g.q_index].transpose(1, 2)  # [G, H, Lq, D]
-        o = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=g.key_valid[:, None, None, :], scale=scale,
+        mask = g.key_valid[:, None, None, :] if g.attn_mask is None else g.attn_mask  # [G, 1, 1|Lq, Lk]
+        o = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=mask, scale=scale,
                                            enable_gqa=gqa)  # [G, H, Lq, D]
         flat = o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])  # [G * Lq, H, D]
         out.index_copy_(0, g.tokens, flat[g.unpad])
