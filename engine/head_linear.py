@@ -21,16 +21,17 @@ from torch import nn
 
 from .shape_buckets import BucketedLinear
 from .model.cpu_kernel import thin_mm
-from .model.upcast import uses_upcast
+from .model.upcast import onednn_f32, uses_upcast
 
 
 def thin_wins(weight: torch.Tensor) -> bool:
-    """Whether the kernel beats the bucketed GEMM for this weight at every row count: float32 always (MKL pads to 16
-    rows); bfloat16 / float16 only where the CPU has no native 16-bit GEMM (upcast.py's slice conversion). With
+    """Whether the kernel beats the bucketed GEMM for this weight: float32 where MKL runs it (MKL pads to 16 rows;
+    with oneDNN's AVX512 GEMM, upcast.onednn_f32, the kernel wins only below ~8 rows: [16, 1024] x [1024, 32000]
+    0.8x, 64 rows 0.45x); bfloat16 / float16 only where the CPU has no native 16-bit GEMM (upcast.py's slices). With
     native bf16 (oneDNN on AVX512-BF16 / AMX) the AVX2 kernel is slower from 8 rows on (lm_head [16, 1024] x [1024,
     32000]: 0.59x), so the head stays bucketed there. Depends on the weight only, never on the row count, so a row's
     logits cannot depend on its batch."""
-    return weight.dtype == torch.float32 or uses_upcast(weight)
+    return (weight.dtype == torch.float32 and not onednn_f32()) or uses_upcast(weight)
 
 
 class HeadLinear(BucketedLinear):

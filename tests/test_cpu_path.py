@@ -11,7 +11,7 @@ import engine.model.moe_cpu as moe_cpu_mod
 from engine.head_linear import HeadLinear
 from engine.model.cpu_kernel import THIN_ROWS, available, grouped_mm, thin_mm
 from engine.model.moe_cpu import moe_cpu
-from engine.model.upcast import SPLIT_MIN_N, linear, native_half_gemm, split_mm, upcast_mm
+from engine.model.upcast import SPLIT_MIN_N, linear, native_half_gemm, onednn_f32, onednn_mm, split_mm, upcast_mm
 from kernels.moe import moe_ref
 
 
@@ -47,7 +47,29 @@ def test_wide_float32_linear_is_bitwise_f_linear(M, K, N):
     with torch.inference_mode():
         assert torch.equal(split_mm(x, w), ref)
         got = linear(x[None], w)  # [1, M, N]: the engine's path (inference mode, no bias, N >= SPLIT_MIN_N)
+        if onednn_f32():  # AVX512 CPUs: oneDNN's GEMM instead (its own bits, close to MKL's)
+            assert got.shape == (1, M, N) and torch.equal(got[0], onednn_mm(x, w))
+            torch.testing.assert_close(got[0], ref, rtol=1e-5, atol=1e-5)
+            return
     assert got.shape == (1, M, N) and torch.equal(got[0], ref)
+
+
+@pytest.mark.skipif(not onednn_f32(), reason="float32 GEMMs run through MKL on this CPU (no AVX512)")
+def test_onednn_float32_rows_do_not_depend_on_the_row_count_or_place():
+    """What batch invariance needs of the float32 GEMM (engine/shape_buckets.py pads rows to buckets): a row's
+    result is the same bits at every bucket size and place, with and without a bias; and it is F.linear's value."""
+    from engine.shape_buckets import row_buckets_up_to
+    g = torch.Generator().manual_seed(5)
+    for K, N in [(64, 170), (256, 1001), (1024, 2816)]:
+        w, b, x = torch.randn(N, K, generator=g) / 20, torch.randn(N, generator=g), torch.randn(300, K, generator=g)
+        alone = torch.zeros(16, K)
+        with torch.inference_mode():
+            for M in [m for m in row_buckets_up_to(300) if m <= 300]:
+                full = linear(x[:M], w, b)  # [M, N]
+                torch.testing.assert_close(full, torch.nn.functional.linear(x[:M], w, b), rtol=1e-5, atol=1e-4)
+                for r in torch.randint(0, M, (3,), generator=g).tolist():
+                    alone[0] = x[r]
+                    assert torch.equal(linear(alone, w, b)[0], full[r])
 
 
 @pytest.mark.skipif(not available(), reason="no AVX2 CPU kernel here (no C compiler or AVX2)")
@@ -98,8 +120,11 @@ def test_loaded_cpu_model_heads_through_the_thin_kernel(make_checkpoint, monkeyp
     assert type(head) is HeadLinear
     g = torch.Generator().manual_seed(11)
     x = torch.randn(2, 9, head.in_features, generator=g)  # [B, L, D]
+    calls = []
+    monkeypatch.setattr(head_linear_mod, "thin_mm", lambda *a: calls.append(1) or thin_mm(*a))
     with torch.inference_mode():
         got = head(x)  # [B, L, V]
+        assert bool(calls) == (not onednn_f32())  # with oneDNN's AVX512 GEMM the head stays bucketed
         ref = torch.nn.functional.linear(x, head.weight)
         assert got.shape == ref.shape and got.dtype == torch.float32
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
