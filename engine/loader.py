@@ -269,10 +269,9 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     load_weights(net, cfg, files, model_dir, shard)
     net.rotary.reset()
     net = net.to(dev).eval().requires_grad_(False)
-    if dev.type == "cuda":  # one GEMM for q/k/v and one for gate/up (engine/model/fuse.py)
-        fuse_projections(net)
-    else:  # a bounded set of GEMM row counts (engine/shape_buckets.py); 16-bit GEMMs in float32 slices where the
-        bucket_linears(net)  # CPU has no native ones (engine/model/upcast.py's linear, which BucketedLinear calls)
+    fuse_projections(net)  # one GEMM for q/k/v and one for gate/up (engine/model/fuse.py)
+    if dev.type != "cuda":  # a bounded set of GEMM row counts (engine/shape_buckets.py); 16-bit GEMMs in float32
+        bucket_linears(net)  # slices where the CPU has no native ones (engine/model/upcast.py's linear)
         thin_head(net)  # the head's few decoded rows through the thin-GEMM kernel, unpadded (engine/head_linear.py)
         from .model.cpu_kernel import available
         available()  # build (or find cached) the CPU kernel now, not in the first request

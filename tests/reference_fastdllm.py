@@ -37,9 +37,14 @@ def forward(model, tokens: list[int], q_pos: list[int], cache: list[list[torch.T
     for li, layer in enumerate(net.layers):
         a = layer.attn
         h = layer.attn_norm(x)
-        q = a.q_proj(h).view(len(q_pos), cfg.num_heads, cfg.head_dim)
-        k = a.k_proj(h).view(len(q_pos), cfg.num_kv_heads, cfg.head_dim)
-        v = a.v_proj(h).view(len(q_pos), cfg.num_kv_heads, cfg.head_dim)
+        if a.qkv_proj is not None:  # the loader fuses q/k/v into one GEMM (engine/model/fuse.py)
+            hq, hkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+            q, k, v = a.qkv_proj(h).split([hq, hkv, hkv], -1)
+        else:
+            q, k, v = a.q_proj(h), a.k_proj(h), a.v_proj(h)
+        q = q.reshape(len(q_pos), cfg.num_heads, cfg.head_dim)
+        k = k.reshape(len(q_pos), cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(len(q_pos), cfg.num_kv_heads, cfg.head_dim)
         if a.q_norm is not None:
             q, k = a.q_norm(q), a.k_norm(k)
         q, k = rope(q, pos, cfg.rope_theta), rope(k, pos, cfg.rope_theta)
