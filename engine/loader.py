@@ -245,7 +245,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     dev = resolve_device(device)
     from .model.fuse import fuse_projections
     from .head_linear import thin_head
-    from .shape_buckets import bucket_linears
+    from .shape_buckets import bucket_linears, pack_linears
     backend = resolve_kernels(kernels, dev)
     model_dir = resolve_model_path(model_dir)  # a directory, or a Hugging Face repo id (engine/hub.py)
     torch_dtype = resolve_dtype(dtype, dev, checkpoint_dtype(model_dir) if dtype == "auto" else None)
@@ -273,6 +273,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     if dev.type != "cuda":  # a bounded set of GEMM row counts (engine/shape_buckets.py); 16-bit GEMMs in float32
         bucket_linears(net)  # slices where the CPU has no native ones (engine/model/upcast.py's linear)
         thin_head(net)  # the head's few decoded rows through the thin-GEMM kernel, unpadded (engine/head_linear.py)
+        pack_linears(net)  # weights oneDNN multiplies kept in its blocked layout (engine/model/upcast.py's packs)
         from .model.cpu_kernel import available
         available()  # build (or find cached) the CPU kernel now, not in the first request
     return DiffusionModel(net, cfg, tokenizer, dev, torch_dtype, model_dir, kernels=backend)

@@ -87,6 +87,22 @@ class BucketedLinear(nn.Linear):
         return linear(flat, self.weight, self.bias)[:rows].view(*x.shape[:-1], -1)
 
 
+def pack_linears(net: nn.Module) -> nn.Module:
+    """In place: every BucketedLinear whose weight oneDNN multiplies (upcast.packs) keeps it in oneDNN's blocked
+    layout instead of the plain one (same bytes; the GEMM skips its per-call reorder). A weight shared with another
+    module (a tied head is the embedding's table) stays plain, and so do MoE routers (LLaDA2's reads its weight in
+    float32). Returns net."""
+    from .model.upcast import pack_weight, packs
+    count: dict[int, int] = {}
+    for _, p in net.named_parameters(remove_duplicate=False):
+        count[id(p)] = count.get(id(p), 0) + 1
+    for name, mod in net.named_modules():
+        if isinstance(mod, BucketedLinear) and not name.endswith("router") and count.get(id(mod.weight)) == 1 \
+                and packs(mod.weight):
+            mod.weight = nn.Parameter(pack_weight(mod.weight.detach()), requires_grad=False)
+    return net
+
+
 def bucket_linears(net: nn.Module) -> nn.Module:
     """In place: every plain nn.Linear of net becomes a BucketedLinear (parameters untouched). Returns net."""
     for mod in net.modules():

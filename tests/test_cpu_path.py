@@ -111,6 +111,11 @@ def test_thin_mm_matches_a_double_product_and_is_row_invariant(dtype, K):
         assert torch.equal(thin_mm(x[r:], w)[0], full[r])
 
 
+def plain(w: torch.Tensor) -> torch.Tensor:
+    """A loaded weight in the plain layout (shape_buckets.pack_linears keeps oneDNN's weights blocked)."""
+    return w.to_dense() if w.is_mkldnn else w
+
+
 def test_loaded_cpu_model_heads_through_the_thin_kernel(make_checkpoint, monkeypatch):
     """load_model makes the lm_head a HeadLinear: logits equal F.linear's up to rounding, per-row logits do not depend
     on the batch, and without the kernel (thin_mm None: no compiler, UNMASK_CPU_KERNELS=0) it is the bucketed GEMM."""
@@ -125,7 +130,7 @@ def test_loaded_cpu_model_heads_through_the_thin_kernel(make_checkpoint, monkeyp
     with torch.inference_mode():
         got = head(x)  # [B, L, V]
         assert bool(calls) == (not onednn_f32())  # with oneDNN's AVX512 GEMM the head stays bucketed
-        ref = torch.nn.functional.linear(x, head.weight)
+        ref = torch.nn.functional.linear(x, plain(head.weight))
         assert got.shape == ref.shape and got.dtype == torch.float32
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
         if available():
@@ -147,7 +152,7 @@ def test_bf16_head_takes_the_kernel_only_without_native_bf16_gemms(make_checkpoi
     with torch.inference_mode():
         y = head(x)
     assert y.shape == (5, head.out_features) and bool(calls) == uses_upcast(head.weight)
-    torch.testing.assert_close(y.float(), x.float() @ head.weight.float().T, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y.float(), x.float() @ plain(head.weight).float().T, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("path", ["grouped", "looped"])
@@ -200,3 +205,29 @@ def test_byte_level_tokenizer_has_the_same_ids(tmp_path):
         if byte_level:
             assert "Ġthe" in tok.get_vocab() and " the" not in tok.get_vocab()
     assert ids[0] == ids[1]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_weights_give_the_plain_layouts_tokens(make_checkpoint, monkeypatch, dtype):
+    """Where oneDNN runs a dtype's GEMMs (upcast.packs), loading keeps Linear weights in its blocked layout: the same
+    generated tokens as the plain layout, batched requests included; MoE routers and a tied head stay plain."""
+    from engine import LLM, SamplingParams
+    from engine.model.upcast import packs
+    if not packs(torch.zeros(2, 2, dtype=getattr(torch, dtype))):
+        pytest.skip(f"oneDNN does not run {dtype} GEMMs on this CPU")
+    prompts = [[5, 9, 14, 3], [7, 2, 11, 30, 8, 6, 1]]
+    sp = [SamplingParams(max_tokens=12, block_length=4, temperature=0.0, ignore_eos=True),
+          SamplingParams(max_tokens=8, block_length=8, temperature=0.8, seed=3, ignore_eos=True)]
+    for family in ("llada", "llada_moe"):
+        ckpt = make_checkpoint(family)
+        packed = LLM(ckpt, dtype=dtype)
+        net = packed.model.net
+        assert net.layers[0].attn.qkv_proj.weight.is_mkldnn and net.lm_head.weight.is_mkldnn
+        assert not any(m.router.weight.is_mkldnn for m in net.modules() if hasattr(m, "router"))
+        monkeypatch.setenv("UNMASK_PACK_WEIGHTS", "0")
+        flat = LLM(ckpt, dtype=dtype)
+        monkeypatch.delenv("UNMASK_PACK_WEIGHTS")
+        assert not flat.model.net.lm_head.weight.is_mkldnn
+        assert [o.token_ids for o in packed.generate(prompts, sp)] == [o.token_ids for o in flat.generate(prompts, sp)]
+    tied = LLM(make_checkpoint("sdar", tie_word_embeddings=True), dtype=dtype).model.net
+    assert tied.lm_head.weight is tied.embed.weight and not tied.lm_head.weight.is_mkldnn
