@@ -209,13 +209,14 @@ class ModelRunner:
             keep = torch.zeros(T, dtype=torch.bool)
             keep[[row_base[r] for r, i in enumerate(m.row_seq) if not reqs[i].refresh]] = True
             host["keep_cached"] = keep
+        row_end = [b for _, b in rows_q]
         if m.block_causal:  # keys past a row's query end are later blocks: never read (never written either)
-            host["row_end"] = torch.tensor([b for _, b in rows_q])  # [R]
+            host["row_end"] = torch.tensor(row_end)  # [R]
         if self.kernels == "triton":
             host["cu_seqlens_q"] = torch.tensor(row_base, dtype=torch.int32)  # [R + 1]
         else:  # SDPA's padded layouts, one per (query, key) length bucket, riding in the same copy; block-causal
-            # rows read keys up to their query end only (later blocks: never read)
-            groups = attention_groups(row_len, [b for _, b in rows_q] if m.block_causal else m.row_keys)
+            # rows read keys up to their query end only
+            groups = attention_groups(row_len, row_end if m.block_causal else m.row_keys)
             host.update(group_upload(groups))
         # the positions decoded this step: each request's still-masked block positions (counts known here)
         blocks = [r.block for r in reqs]

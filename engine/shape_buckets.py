@@ -29,6 +29,7 @@ tests/test_shape_buckets.py counts them over a random mixed workload. MoE expert
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
@@ -93,9 +94,7 @@ def pack_linears(net: nn.Module) -> nn.Module:
     module (a tied head is the embedding's table) stays plain, and so do MoE routers (LLaDA2's reads its weight in
     float32). Returns net."""
     from .model.upcast import pack_weight, packs
-    count: dict[int, int] = {}
-    for _, p in net.named_parameters(remove_duplicate=False):
-        count[id(p)] = count.get(id(p), 0) + 1
+    count = Counter(id(p) for _, p in net.named_parameters(remove_duplicate=False))  # a module's uses of each
     for name, mod in net.named_modules():
         if isinstance(mod, BucketedLinear) and not name.endswith("router") and count.get(id(mod.weight)) == 1 \
                 and packs(mod.weight):

@@ -174,29 +174,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContex
 
 def block_causal_mask(ctx: AttnContext, positions: torch.Tensor, block_len: torch.Tensor, paged: bool
                       ) -> torch.Tensor:
-    """[B, 1, Lq, Lk] bool: query at canvas position i may attend key position j iff j // b <= i // b (b = its
-    row's block length: full attention inside a block, causal across blocks), and the key is valid.
-    positions [T] (packed queries); block_len [B] long. Keys are canvas positions 0..Lk-1 (paged passes) or the
-    row's own queries (self-attention)."""
-    bl = block_len[:, None]  # [B, 1]
-    q_blk = pad_tokens(positions, ctx) // bl  # [B, Lq]
-    if paged:
-        k_blk = torch.arange(ctx.read_slots.shape[1], device=positions.device)[None, :] // bl  # [B, Lk]
-    else:
-        k_blk = q_blk  # [B, Lq]
-    allowed = k_blk[:, None, :] <= q_blk[:, :, None]  # [B, Lq, Lk]
-    if ctx.key_valid is not None:
-        allowed = allowed & ctx.key_valid[:, None, :]
-    return allowed[:, None]
+    """[B, 1, Lq, Lk] bool for the batch's padded layout (see _block_mask). positions [T] (packed queries);
+    block_len [B] long. Keys are canvas positions 0..Lk-1 (paged passes) or the row's own queries (self-attention)."""
+    q_pos = pad_tokens(positions, ctx)  # [B, Lq]
+    k_pos = torch.arange(ctx.read_slots.shape[1], device=positions.device)[None, :] if paged else q_pos  # [1|B, Lk]
+    return _block_mask(q_pos, k_pos, block_len, ctx.key_valid)
 
 
 def group_block_mask(g: "AttnGroup", positions: torch.Tensor) -> torch.Tensor:
-    """[G, 1, Lq, Lk] bool: block_causal_mask for one group: a padded query at canvas position i may read key
-    position j iff j // b <= i // b (b: its row's block length) and the key is valid. positions [T] packed."""
-    bl = g.block_len[:, None]  # [G, 1]
-    q_blk = positions[g.q_index] // bl  # [G, Lq] (padded queries read some row's position: dropped after)
-    k_blk = torch.arange(g.read_slots.shape[1], device=positions.device)[None, :] // bl  # [G, Lk]
-    return ((k_blk[:, None, :] <= q_blk[:, :, None]) & g.key_valid[:, None, :])[:, None]
+    """[G, 1, Lq, Lk] bool for one attention group (see _block_mask): its padded queries' canvas positions (padded
+    ones read some row's position: their outputs are dropped), keys at canvas positions 0..Lk-1."""
+    k_pos = torch.arange(g.read_slots.shape[1], device=positions.device)[None, :]  # [1, Lk]
+    return _block_mask(positions[g.q_index], k_pos, g.block_len, g.key_valid)
+
+
+def _block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, block_len: torch.Tensor,
+                key_valid: torch.Tensor | None) -> torch.Tensor:
+    """[R, 1, Lq, Lk] bool: a query at canvas position i may attend key position j iff j // b <= i // b (b = its
+    row's block length: full attention inside a block, causal across blocks), and the key is valid.
+    q_pos [R, Lq], k_pos [R or 1, Lk], block_len [R], key_valid [R, Lk] or None."""
+    bl = block_len[:, None]  # [R, 1]
+    allowed = (k_pos // bl)[:, None, :] <= (q_pos // bl)[:, :, None]  # [R, Lq, Lk]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :]
+    return allowed[:, None]
 
 
 def _grouped(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, groups: list[AttnGroup],

@@ -1,4 +1,11 @@
-"""bfloat16 / float16 GEMMs on CPUs without native 16-bit matrix instructions: weights stay 16-bit in memory, each
+"""The CPU's GEMM rule for every Linear of a loaded model (`linear(x, w, b)`, which engine/shape_buckets.py's
+BucketedLinear calls at bucketed row counts):
+- a weight kept in oneDNN's blocked layout (`packs` / `pack_weight`, done at load by shape_buckets.pack_linears):
+  oneDNN's inner product (`onednn_mm`);
+- bfloat16 / float16 weights on CPUs without native 16-bit GEMMs: `upcast_mm` (below);
+- float32 on AVX512 CPUs: oneDNN (`onednn_f32`), else MKL, 256 columns a call for wide weights (`split_mm`).
+
+bfloat16 / float16 GEMMs on CPUs without native 16-bit matrix instructions: weights stay 16-bit in memory, each
 GEMM runs in float32 on weight slices converted as they are used.
 
 On a CPU without AVX512-BF16 / AVX-NE-CONVERT / AMX (oneDNN's `_is_mkldnn_bf16_supported()` is False; e.g. AVX2-only
@@ -6,14 +13,11 @@ machines), torch's bf16 matmul falls back to slow kernels: ~6x slower than the f
 Here the weight is converted `CHUNK` output rows at a time (a slice that stays in cache) and multiplied in float32
 into a column slice of the output, which is rounded back to the activation dtype once. Inputs are exact in
 float32, products accumulate in float32 (what a native bf16 GEMM does too), so the result is that of a 16-bit
-GEMM with float32 accumulation; memory holds the 16-bit weights only.
+GEMM with float32 accumulation; memory holds the 16-bit weights only. `upcast_mm` is that product on its own.
 
-`linear(x, w, b)` is F.linear with that rule (engine/shape_buckets.py's BucketedLinear, which every Linear of a
-CPU model is, calls it); `upcast_mm` is the 16-bit product on its own.
-
-float32 GEMMs with a wide weight (N >= SPLIT_MIN_N output columns, no bias: the MLP's gate/up, lm_head) also run
-over CHUNK-column slices of the output (`split_mm`): at the engine's few query rows (M = 16-128) MKL's single-call
-sgemm streams the whole weight badly on this AMD CPU (23-38 GF/s for lm_head at M = 16-32, 67 GF/s for
+float32 GEMMs with a wide weight (N >= SPLIT_MIN_N output columns, no bias: the MLP's gate/up, lm_head) run
+over CHUNK-column slices of the output where MKL runs them (`split_mm`): at the engine's few query rows (M = 16-128) MKL's single-call
+sgemm streams the whole weight badly on an AVX2 AMD CPU (23-38 GF/s for lm_head at M = 16-32, 67 GF/s for
 [128, 1024] x [1024, 2816] against 82 GF/s at N = 1024); one call per 256 columns keeps each slice in cache:
 lm_head 1.4-1.75x and gate/up 1.1-1.25x faster (thread time, interleaved). Each output element is the same
 dot product over K in the same order, so the result is bitwise F.linear's (tests/test_cpu_path.py checks it).
@@ -119,18 +123,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     inference GEMMs through oneDNN where it has AVX512 (onednn_f32) or column-split MKL (split_mm); weights packed
     by pack_weight through oneDNN. x [..., K]."""
     if weight.is_mkldnn:
-        y = onednn_mm(x.reshape(-1, x.shape[-1]), weight, bias)  # [M, N]
-        return y.view(*x.shape[:-1], y.shape[-1])
-    if not uses_upcast(weight):
-        if x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu" and not torch.is_grad_enabled():
-            if onednn_f32():
-                y = onednn_mm(x.reshape(-1, x.shape[-1]), weight, bias)  # [M, N]
-                return y.view(*x.shape[:-1], y.shape[-1])
-            if bias is None and weight.shape[0] >= SPLIT_MIN_N and weight.shape[1] >= SPLIT_MIN_K:
-                y = split_mm(x.reshape(-1, x.shape[-1]), weight)  # [M, N]
-                return y.view(*x.shape[:-1], y.shape[-1])
-        return F.linear(x, weight, bias)
-    y = upcast_mm(x.reshape(-1, x.shape[-1]), weight, bias)  # [M, N]
+        return _rows(onednn_mm, x, weight, bias)
+    if uses_upcast(weight):
+        return _rows(upcast_mm, x, weight, bias)
+    if x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu" and not torch.is_grad_enabled():
+        if onednn_f32():
+            return _rows(onednn_mm, x, weight, bias)
+        if bias is None and weight.shape[0] >= SPLIT_MIN_N and weight.shape[1] >= SPLIT_MIN_K:
+            return _rows(split_mm, x, weight)
+    return F.linear(x, weight, bias)
+
+
+def _rows(mm, x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
+    """mm over x's rows flattened to [M, K], the result [M, N] viewed back as [..., N]."""
+    y = mm(x.reshape(-1, x.shape[-1]), *args)  # [M, N]
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
