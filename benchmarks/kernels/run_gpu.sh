@@ -21,6 +21,10 @@ else
   python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'run_gpu.sh: no CUDA device (use --smoke on CPU)')" || exit 2
   RESULT=${RESULT:-benchmarks/results/gpu_kernels.md}
   TESTS=(tests/kernels -q -p no:cacheprovider)
+  # compiling the kernels dominates a first run: spread the tests over processes where pytest-xdist is installed,
+  # and bound each test where pytest-timeout is (a hung launch must not eat the device lease)
+  python -c "import xdist" 2>/dev/null && TESTS+=(-n "${TEST_WORKERS:-8}")
+  python -c "import pytest_timeout" 2>/dev/null && TESTS+=(--timeout 300)
 fi
 LOG=${RESULT%.md}.tests.log
 
@@ -53,7 +57,7 @@ for bench in attention moe vocab; do
   python -m "benchmarks.kernels.bench_${bench}" ${SMOKE} --out "$RESULT" || { BENCH_RC=1; echo "bench_${bench} failed" >> "$RESULT"; }
 done
 
-if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
+if [ -n "${OUT:-}" ] && [ -d "${OUT}" ] && [ "$(dirname "$(realpath "$RESULT")")" != "$(realpath "$OUT")" ]; then
   cp "$RESULT" "$LOG" "$OUT"/
 fi
 echo "wrote $RESULT (tests exit $TEST_RC, benchmarks exit $BENCH_RC)"
