@@ -231,3 +231,21 @@ def test_packed_weights_give_the_plain_layouts_tokens(make_checkpoint, monkeypat
         assert [o.token_ids for o in packed.generate(prompts, sp)] == [o.token_ids for o in flat.generate(prompts, sp)]
     tied = LLM(make_checkpoint("sdar", tie_word_embeddings=True), dtype=dtype).model.net
     assert tied.lm_head.weight is tied.embed.weight and not tied.lm_head.weight.is_mkldnn
+
+
+def test_gpu_step_benchmark_runs_the_engine_loop_on_a_smoke_shape(tmp_path):
+    """benchmarks/gpu_step.py (run on a lent GPU) exercised on the CPU: the drawn network goes through the
+    engine's own step loop, one token per step, and every setting gets a row with its floor."""
+    import json
+    from benchmarks.gpu_step import main
+    out = tmp_path / "gpu_step.md"
+    rc = main(["--smoke", "--kernels", "torch", "--batches", "1,3", "--gen-len", "8", "--block-length", "4",
+               "--repeats", "1", "--dtype", "float32", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["cache"], r["batch"]) for r in rows] == [("none", 1), ("none", 3), ("dual", 1), ("dual", 3)]
+    assert all(r["steps"] == 8 and r["ms_per_step"] > 0 and r["floor_ms"] > 0 for r in rows)
+    # the dual cache reads the cached K/V on top of the weights; batch 3 computes 3x the tokens
+    none1, none3, dual1 = rows[0], rows[1], rows[2]
+    assert dual1["bytes_gb"] > none1["bytes_gb"] and abs(none3["tflop"] / none1["tflop"] - 3) < 1e-6
+    assert "| torch | dual | 3 | 8 |" in out.read_text()

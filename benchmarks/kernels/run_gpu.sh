@@ -10,6 +10,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD
+# the device image has python3 and no python
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 SMOKE=""
 if [ "${1:-}" = "--smoke" ]; then
   SMOKE="--smoke"
@@ -18,13 +20,13 @@ if [ "${1:-}" = "--smoke" ]; then
   TESTS=(tests/kernels -q -x -m "not slow" -p no:cacheprovider)
 else
   unset TRITON_INTERPRET
-  python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'run_gpu.sh: no CUDA device (use --smoke on CPU)')" || exit 2
+  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'run_gpu.sh: no CUDA device (use --smoke on CPU)')" || exit 2
   RESULT=${RESULT:-benchmarks/results/gpu_kernels.md}
   TESTS=(tests/kernels -q -p no:cacheprovider)
   # compiling the kernels dominates a first run: spread the tests over processes where pytest-xdist is installed,
   # and bound each test where pytest-timeout is (a hung launch must not eat the device lease)
-  python -c "import xdist" 2>/dev/null && TESTS+=(-n "${TEST_WORKERS:-8}")
-  python -c "import pytest_timeout" 2>/dev/null && TESTS+=(--timeout 300)
+  "$PY" -c "import xdist" 2>/dev/null && TESTS+=(-n "${TEST_WORKERS:-8}")
+  "$PY" -c "import pytest_timeout" 2>/dev/null && TESTS+=(--timeout 300)
 fi
 LOG=${RESULT%.md}.tests.log
 
@@ -33,13 +35,13 @@ LOG=${RESULT%.md}.tests.log
   echo
   echo "- command: \`benchmarks/kernels/run_gpu.sh ${SMOKE}\`"
   echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-  echo "- device: $(python -c 'from benchmarks.kernels.common import device, device_name; print(device_name(device()))')"
-  echo "- versions: $(python -c 'import torch, triton; print(f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}")')"
+  echo "- device: $("$PY" -c 'from benchmarks.kernels.common import device, device_name; print(device_name(device()))')"
+  echo "- versions: $("$PY" -c 'import torch, triton; print(f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}")')"
   echo "- date: $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
 } > "$RESULT"
 
-python -m pytest "${TESTS[@]}" > "$LOG" 2>&1
+"$PY" -m pytest "${TESTS[@]}" > "$LOG" 2>&1
 TEST_RC=$?
 {
   echo "## tests/kernels (exit code $TEST_RC)"
@@ -54,7 +56,7 @@ TEST_RC=$?
 
 BENCH_RC=0
 for bench in attention moe vocab; do
-  python -m "benchmarks.kernels.bench_${bench}" ${SMOKE} --out "$RESULT" || { BENCH_RC=1; echo "bench_${bench} failed" >> "$RESULT"; }
+  "$PY" -m "benchmarks.kernels.bench_${bench}" ${SMOKE} --out "$RESULT" || { BENCH_RC=1; echo "bench_${bench} failed" >> "$RESULT"; }
 done
 
 if [ -n "${OUT:-}" ] && [ -d "${OUT}" ] && [ "$(dirname "$(realpath "$RESULT")")" != "$(realpath "$OUT")" ]; then
