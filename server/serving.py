@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import re
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -108,6 +109,8 @@ class OpenAIServing:
         size = sum(len(m["content"]) for m in messages)
         self.limits.check_prompt_size("".join(m["content"] for m in messages), "messages",
                                       self.engine.info.max_token_chars)
+        if req.tools:  # the template renders every tool's JSON schema: its cost is not the messages' length
+            size = sys.maxsize
         ids = await self._offload(size, self._encode_chat, messages, req.tools)
         return await self._run("chat", req, [ids], max_tokens, param, raw)
 

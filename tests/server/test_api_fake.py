@@ -262,3 +262,37 @@ def test_api_docs_are_served_without_a_cdn():
         assert js == (swagger_ui_path / "swagger-ui-bundle.js").read_bytes()
     with TestClient(make()[0]) as c:
         assert c.get("/redoc").status_code == 404  # ReDoc is CDN-only: not served
+
+
+class _ThreadRecordingEngine(FakeEngine):
+    """Records which thread applied each chat template."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+
+    def encode_chat(self, messages, tools=None):  # noqa: ANN001 - the EngineClient signature
+        import threading
+        self.threads.append(threading.current_thread().name)
+        return super().encode_chat(messages)
+
+
+def test_a_chat_with_tools_is_tokenized_off_the_event_loop():
+    """A short message with a large tools list is rendered on the tokenizer thread (the template writes every
+    tool's schema into the prompt), so it cannot stall the event loop that serves everyone else; a short
+    message without tools stays inline."""
+    engine = _ThreadRecordingEngine()
+    app, _ = make(engine)
+    tools = [{"type": "function", "function": {"name": f"f{i}", "description": "d" * 200,
+                                               "parameters": {"type": "object"}}} for i in range(100)]
+
+    async def main():
+        async with client(app) as c:
+            plain = await c.post("/v1/chat/completions", json=CHAT)
+            with_tools = await c.post("/v1/chat/completions", json={**CHAT, "tools": tools})
+            return plain, with_tools
+
+    plain, with_tools = run(main())
+    assert plain.status_code == 200 and with_tools.status_code == 200, with_tools.text
+    assert not engine.threads[0].startswith("unmask-tokenize")
+    assert engine.threads[1].startswith("unmask-tokenize"), engine.threads
