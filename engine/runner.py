@@ -216,7 +216,11 @@ class ModelRunner:
             host["cu_seqlens_q"] = torch.tensor(row_base, dtype=torch.int32)  # [R + 1]
         else:  # SDPA's padded layouts, one per (query, key) length bucket, riding in the same copy; block-causal
             # rows read keys up to their query end only
-            groups = attention_groups(row_len, row_end if m.block_causal else m.row_keys)
+            keys = row_end if m.block_causal else m.row_keys
+            # a refresh pass over the whole canvas attends over exactly its own new K/V (a shifted family's block
+            # pass can start at 0 too, but keeps its first position's cached K/V: not self-keyed)
+            own = [reqs[i].refresh and a == 0 and n == k for i, (a, _), n, k in zip(m.row_seq, rows_q, row_len, keys)]
+            groups = attention_groups(row_len, keys, own)
             host.update(group_upload(groups))
         # the positions decoded this step: each request's still-masked block positions (counts known here)
         blocks = [r.block for r in reqs]
@@ -254,7 +258,11 @@ class ModelRunner:
             values = []
         for r in reqs:
             r.seq.stats.positions_computed += (r.query[1] - r.query[0]) * r.seq.num_rows
-        return _Plan(self.upload.send(host), row_len, counts, mmax, values, groups if self.kernels != "triton" else [])
+        # no-cache requests recompute every position each step and never read the pool: a step of only those
+        # (all self-keyed groups) skips writing K/V there
+        write_pool = self.kernels == "triton" or any(r.seq.params.cache != "none" for r in reqs)
+        return _Plan(self.upload.send(host), row_len, counts, mmax, values, groups if self.kernels != "triton" else [],
+                     write_pool)
 
     def _inputs(self, reqs: list[ScheduledRequest], m: _Members, plan: "_Plan") -> tuple[ForwardBatch, "_Decode"]:
         """The step's forward inputs: one packed forward over every row's query range (K/V written to and read
@@ -306,7 +314,7 @@ class ModelRunner:
                 slots, valid = torch.where(live, slots, self.pool.scratch_slot), valid & live
             ctx = AttnContext(None, None, None, rows, max(plan.row_len),
                               groups=build_groups(plan.groups, d, slots, valid, self.pool.scratch_slot, m.block_len))
-        ctx.write_slots, ctx.block_len = write, m.block_len
+        ctx.write_slots, ctx.block_len = (write if plan.write_pool else None), m.block_len
         return ctx
 
     def _candidates(self, reqs: list[ScheduledRequest], m: _Members, batch: ForwardBatch, dec: "_Decode",
@@ -391,6 +399,7 @@ class _Plan:
     mmax: int  # max(counts)
     rule_values: list[float]  # each request's transfer-rule value this step (host copy of dev["rule_value"])
     groups: list[GroupPlan]  # attention groups (torch kernels)
+    write_pool: bool = True  # False: every request is no-cache (torch kernels): the step's K/V skip the pool
 
 
 @dataclass(slots=True)

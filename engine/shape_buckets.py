@@ -19,7 +19,9 @@ What lives here:
   masked out; padded queries' outputs are dropped), one SDPA call per group (block-causal rows, LLaDA2 / SDAR:
   keys up to the row's query end, each group with its own block mask). A row's attention then runs at shapes
   fixed by its own lengths, so its result does not depend on the other rows of the batch (with one padded layout
-  for the whole batch, SDPA's rounding moves with the batch's longest key length).
+  for the whole batch, SDPA's rounding moves with the batch's longest key length). Refresh passes (queries =
+  keys = the whole canvas) group apart and take their keys from the forward's own k/v, not the pool; a step of
+  no-cache requests only writes no K/V at all.
 
 Distinct matmul shapes a dense model sees: at most len(sizes up to the largest forward) per weight shape, e.g. 33
 row counts for up to 16384 packed tokens (engine/scheduler.py's default max_num_batched_tokens) per distinct
@@ -118,27 +120,35 @@ class GroupPlan:
     unpad: torch.Tensor  # [Tg] long: position of each real query in the flattened [G * Lq] layout
     tokens: torch.Tensor  # [Tg] long: packed index of each real query (the output rows it fills)
     key_len: int  # Lk: the key bucket
+    self_keys: bool = False  # every row's keys are its own queries, in order (see attention_groups)
 
 
-def attention_groups(q_lens: list[int], k_lens: list[int]) -> list[GroupPlan]:
+def attention_groups(q_lens: list[int], k_lens: list[int], own_keys: list[bool] | None = None) -> list[GroupPlan]:
     """Group forward rows (packed back to back with q_lens queries, attending over k_lens keys) by their
-    (length_bucket(q), length_bucket(k)); host tensors."""
+    (length_bucket(q), length_bucket(k)) and whether their keys are their own queries; host tensors.
+
+    own_keys: per row, whether it attends over exactly its own new K/V, in query order (the runner's refresh passes:
+    queries are canvas positions 0..k-1 and so are the keys). Such rows group apart as `self_keys`: attention
+    takes their keys from this forward's k/v at the queries' own layout instead of writing them to the pool and
+    reading them back (same values, same padded shapes, so the same result)."""
     starts, acc = [], 0
     for n in q_lens:
         starts.append(acc)
         acc += n
-    groups: dict[tuple[int, int], list[int]] = {}
+    own = own_keys or [False] * len(q_lens)
+    assert all(q == k for q, k, o in zip(q_lens, k_lens, own) if o), "a self-keyed row has as many keys as queries"
+    groups: dict[tuple[int, int, bool], list[int]] = {}
     for r, (q, k) in enumerate(zip(q_lens, k_lens)):
-        groups.setdefault((length_bucket(q), length_bucket(k)), []).append(r)
+        groups.setdefault((length_bucket(q), length_bucket(k), own[r]), []).append(r)
     out = []
-    for (lq, lk), rows in sorted(groups.items()):
+    for (lq, lk, self_keys), rows in sorted(groups.items()):
         lens = torch.tensor([q_lens[r] for r in rows])  # [G]
         first = torch.tensor([starts[r] for r in rows])  # [G]
         ar = torch.arange(lq)
         valid = ar[None, :] < lens[:, None]  # [G, Lq]
         q_index = torch.where(valid, first[:, None] + ar[None, :], 0)  # [G, Lq]
         flat = torch.arange(len(rows) * lq).view(len(rows), lq)
-        out.append(GroupPlan(torch.tensor(rows), q_index, flat[valid], q_index[valid], lk))
+        out.append(GroupPlan(torch.tensor(rows), q_index, flat[valid], q_index[valid], lk, self_keys))
     return out
 
 
@@ -167,5 +177,5 @@ def build_groups(plans: list[GroupPlan], dev: dict[str, torch.Tensor], read_slot
             slots = F.pad(slots, (0, g.key_len - width), value=scratch_slot)
             valid = F.pad(valid, (0, g.key_len - width), value=False)
         out.append(AttnGroup(dev[f"attn{i}_q_index"], dev[f"attn{i}_unpad"], dev[f"attn{i}_tokens"], slots,
-                             valid, None if block_len is None else block_len[rows]))
+                             valid, None if block_len is None else block_len[rows], self_keys=g.self_keys))
     return out

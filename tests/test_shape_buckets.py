@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -85,6 +86,36 @@ def test_attention_groups_layout():
             assert length_bucket(k_lens[r]) == g.key_len and g.q_index.shape[1] == length_bucket(q_lens[r])
             assert g.q_index[j, :q_lens[r]].tolist() == list(range(starts[r], starts[r] + q_lens[r]))
         assert torch.equal(g.q_index.reshape(-1)[g.unpad], g.tokens)
+
+
+def test_self_keyed_rows_group_apart():
+    """Rows flagged as attending over their own new K/V (refresh passes) never share a group with pool-reading
+    rows of the same buckets, and must have as many keys as queries."""
+    q_lens, k_lens = [12, 12, 12, 5], [12, 12, 12, 12]
+    groups = attention_groups(q_lens, k_lens, [True, False, True, False])
+    by_rows = {tuple(g.rows.tolist()): g.self_keys for g in groups}
+    assert by_rows == {(0, 2): True, (1,): False, (3,): False}
+    with pytest.raises(AssertionError):
+        attention_groups([5], [12], [True])
+
+
+def test_no_cache_steps_skip_the_pool_and_cached_refreshes_fill_it(make_checkpoint):
+    """A step of no-cache requests only computes attention from its own K/V and writes nothing to the K/V pool
+    (nothing reads it back); a dual-cache request's refresh still fills the pool for its block passes, and the
+    no-cache request's tokens are the same alone and batched with it."""
+    llm = LLM(make_checkpoint("llada"), dtype="float32", kernels="torch")
+    pool = llm.engine.pool.tensors
+    for t in (*pool.k, *pool.v):
+        t.fill_(7.0)
+    rng = random.Random(3)
+    prompt = random_prompt(rng, llm, 9)
+    none = SamplingParams(max_tokens=8, steps=8, block_length=4, cache="none", ignore_eos=True)
+    alone = llm.generate([prompt], none)[0].token_ids
+    assert all(bool((t == 7.0).all()) for t in (*pool.k, *pool.v)), "a no-cache step wrote K/V to the pool"
+    dual = SamplingParams(max_tokens=8, steps=8, block_length=4, cache="dual", ignore_eos=True)
+    outs = llm.generate([prompt, random_prompt(rng, llm, 6)], [none, dual])
+    assert outs[0].token_ids == alone
+    assert any(bool((t != 7.0).any()) for t in pool.k), "the dual-cache refresh wrote nothing"
 
 
 def _workload(llm: LLM, seed: int, requests: int) -> None:

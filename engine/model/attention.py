@@ -127,6 +127,8 @@ class AttnGroup:
     """[G] long: each row's block length (block-causal groups); None: bidirectional."""
     attn_mask: torch.Tensor | None = None
     """[G, 1, Lq, Lk] bool: the block-causal mask, derived by AttnContext.bind (never shipped)."""
+    self_keys: bool = False
+    """Every row's keys are its own queries in order (Lk == Lq): K/V come from this forward's k/v, not the pool."""
 
 
 @dataclass(slots=True)
@@ -154,12 +156,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContex
     """q [T, H, D], k/v [T, Hkv, D] (new tokens, RoPE applied) -> [T, H, D]. Non-causal."""
     if ctx.backend == "triton":
         return _attention_triton(q, k, v, ctx, layer, scale)
-    if ctx.kv_pool is not None:
+    pool_k = pool_v = None
+    if ctx.kv_pool is not None:  # paged passes write the new K/V (a step of no-cache rows only has no pool)
         pool_k, pool_v = ctx.kv_pool.k[layer], ctx.kv_pool.v[layer]  # [S, Hkv, D]
         pool_k.index_copy_(0, ctx.write_slots, k.to(pool_k.dtype))
         pool_v.index_copy_(0, ctx.write_slots, v.to(pool_v.dtype))
-        if ctx.groups is not None:
-            return _grouped(q, pool_k, pool_v, ctx.groups, scale)
+    if ctx.groups is not None:
+        return _grouped(q, k, v, pool_k, pool_v, ctx.groups, scale)
+    if pool_k is not None:
         keys, vals = pool_k[ctx.read_slots], pool_v[ctx.read_slots]  # [B, Lk, Hkv, D]
     else:
         keys, vals = pad_tokens(k, ctx), pad_tokens(v, ctx)  # [B, Lq, Hkv, D]
@@ -200,19 +204,30 @@ def _block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, block_len: torch.Tenso
     return allowed[:, None]
 
 
-def _grouped(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, groups: list[AttnGroup],
-             scale: float) -> torch.Tensor:
-    """q [T, H, D] -> [T, H, D]: one SDPA per group over its own padded layout, scattered back to packed rows."""
-    out = torch.zeros_like(q)
-    gqa = q.shape[1] != pool_k.shape[1]
+def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool_k: torch.Tensor | None,
+             pool_v: torch.Tensor | None, groups: list[AttnGroup], scale: float) -> torch.Tensor:
+    """q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]: one SDPA per group over its own padded layout, scattered back
+    to packed rows. Self-keyed groups read this forward's k/v at their queries' layout (padded keys read some
+    real token and are masked out, as the scratch slot's are); the others read the pool."""
+    if len(groups) == 1 and groups[0].q_index.shape[0] == 1 and groups[0].tokens.shape[0] == q.shape[0]:
+        out = None  # one row holding every token in order: its output rows are the packed ones
+    else:
+        out = torch.zeros_like(q)
+    gqa = q.shape[1] != k.shape[1]
     for g in groups:
-        keys = pool_k[g.read_slots].transpose(1, 2).to(q.dtype)  # [G, Hkv, Lk, D]
-        vals = pool_v[g.read_slots].transpose(1, 2).to(q.dtype)  # [G, Hkv, Lk, D]
+        if g.self_keys:
+            keys, vals = k[g.q_index].transpose(1, 2), v[g.q_index].transpose(1, 2)  # [G, Hkv, Lk = Lq, D]
+        else:
+            assert pool_k is not None, "a group that reads cached keys needs the K/V pool"
+            keys = pool_k[g.read_slots].transpose(1, 2).to(q.dtype)  # [G, Hkv, Lk, D]
+            vals = pool_v[g.read_slots].transpose(1, 2).to(q.dtype)  # [G, Hkv, Lk, D]
         qp = q[g.q_index].transpose(1, 2)  # [G, H, Lq, D]
         mask = g.key_valid[:, None, None, :] if g.attn_mask is None else g.attn_mask  # [G, 1, 1|Lq, Lk]
         o = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=mask, scale=scale,
                                            enable_gqa=gqa)  # [G, H, Lq, D]
         flat = o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])  # [G * Lq, H, D]
+        if out is None:
+            return flat[:q.shape[0]]  # [T, H, D]: the row's real queries come first
         out.index_copy_(0, g.tokens, flat[g.unpad])
     return out
 
