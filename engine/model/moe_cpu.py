@@ -58,13 +58,13 @@ def _swiglu(gate: torch.Tensor, up: torch.Tensor, dtype: torch.dtype) -> torch.T
 def _grouped(xs: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
              w_down: torch.Tensor) -> torch.Tensor | None:
     """xs [N, D] sorted by expert -> [N, D]: each projection of every expert in one grouped_mm call
-    (engine/model/cpu_kernel.py); None where that kernel does not run (then _looped)."""
-    xf = xs.float()  # [N, D]
-    gate = grouped_mm(xf, counts, w_gate)  # [N, I] float32
+    (engine/model/cpu_kernel.py: bfloat16 activations and weights multiply natively where the CPU has AVX512-BF16,
+    anything else in float32); None where that kernel does not run (then _looped)."""
+    gate = grouped_mm(xs, counts, w_gate)  # [N, I] float32
     if gate is None:
         return None
-    h = _swiglu(gate, grouped_mm(xf, counts, w_up), xs.dtype)  # [N, I]
-    return grouped_mm(h.float(), counts, w_down).to(xs.dtype)  # [N, D]
+    h = _swiglu(gate, grouped_mm(xs, counts, w_up), xs.dtype)  # [N, I]
+    return grouped_mm(h, counts, w_down).to(xs.dtype)  # [N, D]
 
 
 def _looped(xs: torch.Tensor, counts: list[int], w_gate: torch.Tensor, w_up: torch.Tensor,
