@@ -8,6 +8,8 @@ parameters per token). Each step is the forward of T query tokens (one sequence,
 rows, as an engine step computes them. The steps run interleaved (dense, MoE, MoE with the previous CPU path: the
 per-expert torch/MKL GEMM loop of engine/model/moe_cpu.py, i.e. its grouped_mm kernel switched off), best of --repeats, timed by the calling thread's CPU time (torch runs on it with
 --threads 1) and by the wall clock; the table gives MoE / dense for both MoE implementations.
+The grouped kernel is the CPU's best (engine/model/cpu_kernel.py isa()); `UNMASK_CPU_ISA=avx2 python -m
+benchmarks.moe_step` runs the AVX2 kernel with its row limit instead, as on an AVX2-only CPU.
 """
 from __future__ import annotations
 

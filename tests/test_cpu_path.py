@@ -9,7 +9,8 @@ from torch import nn
 import engine.head_linear as head_linear_mod
 import engine.model.moe_cpu as moe_cpu_mod
 from engine.head_linear import HeadLinear
-from engine.model.cpu_kernel import THIN_ROWS, available, grouped_mm, thin_mm
+import engine.model.cpu_kernel as cpu_kernel
+from engine.model.cpu_kernel import THIN_ROWS, available, bf16_dot, grouped_mm, isa, thin_mm
 from engine.model.moe_cpu import moe_cpu
 from engine.model.upcast import SPLIT_MIN_N, linear, native_half_gemm, onednn_f32, onednn_mm, split_mm, upcast_mm
 from kernels.moe import moe_ref
@@ -89,6 +90,63 @@ def test_grouped_mm_matches_per_expert_products(dtype):
     # a row's result does not depend on the rows batched with it
     alone = grouped_mm(x[3:4], torch.tensor([0, 0, 1, 0, 0, 0, 0]), w)
     assert torch.equal(alone[0], got[3])
+
+
+@pytest.mark.skipif(isa() not in ("avx512", "avx512_bf16"), reason="no AVX512 CPU kernel here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_avx512_float32_kernel_gives_the_avx2_bits(dtype, monkeypatch):
+    """float32 results do not depend on the CPU's ISA: the AVX512 kernel is bitwise the AVX2 one (odd K and N,
+    partial row tiles, empty experts), for grouped_mm and thin_mm."""
+    g = torch.Generator().manual_seed(8)
+    E, N, K = 5, 39, 83
+    w = (torch.randn(E, N, K, generator=g) / 8).to(dtype)
+    counts = torch.tensor([6, 0, 1, 11, 3])
+    x = torch.randn(int(counts.sum()), K, generator=g)
+    head = (torch.randn(1001, K, generator=g) / 8).to(dtype)
+    wide, thin = grouped_mm(x, counts, w), thin_mm(x, head)
+    monkeypatch.setenv("UNMASK_CPU_ISA", "avx2")
+    assert isa() == "avx2"
+    assert torch.equal(wide, grouped_mm(x, counts, w)) and torch.equal(thin, thin_mm(x, head))
+
+
+@pytest.mark.skipif(not bf16_dot(), reason="no AVX512-BF16 CPU kernel here")
+@pytest.mark.parametrize("K", [1, 75, 352])
+def test_bf16_dot_kernel_matches_products_and_is_row_invariant(K):
+    """bfloat16 activations x bfloat16 weights (VDPBF16PS): close to the exact product (the K % 32 tail masked),
+    and a row's result the same bits alone, at any place, and whatever its expert's row count."""
+    g = torch.Generator().manual_seed(K)
+    E, N = 6, 37
+    w = (torch.randn(E, N, K, generator=g) / 8).bfloat16()
+    counts = torch.tensor([3, 0, 9, 1, 5, 4])
+    x = torch.randn(int(counts.sum()), K, generator=g).bfloat16()
+    got = grouped_mm(x, counts, w)
+    assert got.dtype == torch.float32 and got.shape == (x.shape[0], N)
+    ends = torch.cumsum(counts, 0).tolist()
+    ref = torch.cat([x[e - n:e].double() @ w[i].double().T for i, (e, n) in enumerate(zip(ends, counts.tolist()))])
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    for r, e in ((3, 2), (11, 2), (12, 3), (17, 4), (21, 5)):
+        alone = torch.zeros(E, dtype=torch.int64)
+        alone[e] = 1
+        assert torch.equal(grouped_mm(x[r:r + 1], alone, w)[0], got[r])
+
+
+def test_kernel_builds_without_its_avx512_file(tmp_path, monkeypatch):
+    """A compiler that cannot build grouped_mm_avx512.c still gets the AVX2 kernel (isa avx2)."""
+    if not available():
+        pytest.skip("no AVX2 CPU kernel here")
+    broken = tmp_path / "grouped_mm_avx512.c"
+    broken.write_text("#error this compiler has no AVX512-BF16\n")
+    monkeypatch.setenv("UNMASK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_kernel, "_SOURCE_AVX512", broken)
+    cpu_kernel._library.cache_clear(), cpu_kernel._best_isa.cache_clear()
+    try:
+        assert isa() == "avx2" and not bf16_dot()
+        g = torch.Generator().manual_seed(1)
+        x, w = torch.randn(5, 40, generator=g), torch.randn(2, 7, 40, generator=g)
+        got = grouped_mm(x, torch.tensor([2, 3]), w)
+        torch.testing.assert_close(got, torch.cat([x[:2] @ w[0].T, x[2:] @ w[1].T]), rtol=1e-5, atol=1e-5)
+    finally:
+        cpu_kernel._library.cache_clear(), cpu_kernel._best_isa.cache_clear()
 
 
 @pytest.mark.skipif(not available(), reason="no AVX2 CPU kernel here (no C compiler or AVX2)")

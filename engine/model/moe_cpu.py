@@ -4,9 +4,10 @@ Same contract as kernels/moe.py's moe_ref: x [T, D]; w_gate/w_up [E, I, D]; w_do
 
 The assignments are sorted by expert once, each expert multiplies its contiguous run of the sorted batch, and the
 down projections land in one [T*k, D] buffer (no concatenation), which is weighted and summed per token. Where
-the CPU kernel builds (engine/model/cpu_kernel.py: AVX2, a C compiler; float32 or bfloat16 experts) each
-projection of all experts is one grouped_mm call that reads every expert weight once (`_grouped`), when the
-experts average few rows (GROUPED_MAX_ROWS); otherwise each expert runs its own torch GEMM pair (`_looped`, MKL). 16-bit weights on CPUs without native 16-bit GEMMs (engine/model/upcast.py) are converted to float32 one
+the CPU kernel builds (engine/model/cpu_kernel.py: AVX2, a C compiler; float32 or bfloat16 experts; AVX512 and
+AVX512-BF16 variants chosen at run time) each projection of all experts is one grouped_mm call that reads every
+expert weight once (`_grouped`), when the experts average at most GROUPED_MAX_ROWS[kernel] rows; otherwise each
+expert runs its own torch GEMM pair (`_looped`). 16-bit weights on CPUs without native 16-bit GEMMs (engine/model/upcast.py) are converted to float32 one
 expert at a time (a slice that stays in cache) and multiplied in float32; gate and up are rounded to the
 activation dtype before SiLU, as the model's own dtype would. The per-expert counts are read on the host, which
 on the CPU is no device sync.
@@ -20,15 +21,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cpu_kernel import grouped_mm
+from .cpu_kernel import grouped_mm, isa
 from .upcast import uses_upcast
 
 
-GROUPED_MAX_ROWS = 24
-"""grouped_mm runs when the experts average at most this many rows: it reads each weight once but computes at
-~25-45 GF/s, so with more rows per expert (long prefills) MKL's per-expert GEMMs are faster (measured, one MoE
-layer of 64 x 352 experts, d1024, top-8, 1 thread: grouped 1.5x / 2.2x faster f32 / bf16 at 32 tokens, 1.2x / 1.6x
-at 128, 0.8x / 0.96x at 512)."""
+GROUPED_MAX_ROWS = {"avx2": 24, "avx512": 256, "avx512_bf16": 48}
+"""grouped_mm runs when the experts average at most this many rows (by the kernel that runs: cpu_kernel.isa(), and
+avx512_bf16 only for bf16 activations and weights); with more rows per expert (long prefills) the per-expert torch
+GEMMs are faster. Measured, one MoE layer of 64 x 352 experts, d1024, top-8, 1 thread, grouped against looped:
+- avx2 (AVX2-only AMD EPYC): 1.5x / 2.2x faster f32 / bf16 at 32 tokens, 1.2x / 1.6x at 128, 0.8x / 0.96x at 512;
+- avx512, float32 (AVX512-BF16 EPYC, Zen 5; the loop's MKL takes its AVX2 path there): 2x faster at 8-32 rows per
+  expert, 1.6x at 64, 1.1-1.4x at 128-256 (the limit: not measured beyond);
+- avx512_bf16 (same CPU, against oneDNN's native bf16 GEMMs): 2.3x at 8 rows, 1.4x at 32, 1.2x at 48, 1.0x at 64.
+The choice depends on the step's row count, so a row's bits can differ between steps either side of the limit (as
+with the single limit before; a higher limit moves that edge to larger steps)."""
 
 
 def moe_cpu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
@@ -43,11 +49,19 @@ def moe_cpu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
     token_of = order // k  # [T*k]
     counts = torch.bincount(flat, minlength=E)  # [E]
     xs = x[token_of]  # [T*k, D]
-    ys = _grouped(xs, counts, w_gate, w_up, w_down) if T * k <= GROUPED_MAX_ROWS * E else None  # [T*k, D]
+    ys = _grouped(xs, counts, w_gate, w_up, w_down) if T * k <= _max_rows(x, w_gate) * E else None  # [T*k, D]
     if ys is None:
         ys = _looped(xs, counts.tolist(), w_gate, w_up, w_down)  # [T*k, D]
     ys = ys * weights.reshape(-1)[order, None]  # [T*k, D]
     return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+
+def _max_rows(x: torch.Tensor, w: torch.Tensor) -> int:
+    """GROUPED_MAX_ROWS of the grouped kernel that would multiply x by w here (0 where none runs)."""
+    kind = isa()
+    if kind == "avx512_bf16" and not x.dtype == w.dtype == torch.bfloat16:
+        kind = "avx512"  # float32 activations: the AVX512 float32 kernel
+    return GROUPED_MAX_ROWS.get(kind, 0)
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -58,13 +72,13 @@ def _swiglu(gate: torch.Tensor, up: torch.Tensor, dtype: torch.dtype) -> torch.T
 def _grouped(xs: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
              w_down: torch.Tensor) -> torch.Tensor | None:
     """xs [N, D] sorted by expert -> [N, D]: each projection of every expert in one grouped_mm call
-    (engine/model/cpu_kernel.py); None where that kernel does not run (then _looped)."""
-    xf = xs.float()  # [N, D]
-    gate = grouped_mm(xf, counts, w_gate)  # [N, I] float32
+    (engine/model/cpu_kernel.py: bfloat16 activations and weights multiply natively where the CPU has AVX512-BF16,
+    anything else in float32); None where that kernel does not run (then _looped)."""
+    gate = grouped_mm(xs, counts, w_gate)  # [N, I] float32
     if gate is None:
         return None
-    h = _swiglu(gate, grouped_mm(xf, counts, w_up), xs.dtype)  # [N, I]
-    return grouped_mm(h.float(), counts, w_down).to(xs.dtype)  # [N, D]
+    h = _swiglu(gate, grouped_mm(xs, counts, w_up), xs.dtype)  # [N, I]
+    return grouped_mm(h, counts, w_down).to(xs.dtype)  # [N, D]
 
 
 def _looped(xs: torch.Tensor, counts: list[int], w_gate: torch.Tensor, w_up: torch.Tensor,
