@@ -99,6 +99,34 @@ def test_self_keyed_rows_group_apart():
         attention_groups([5], [12], [True])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lens", [[24, 24, 24], [24], [13], [13, 24, 7]])
+def test_self_keyed_attention_equals_each_row_alone(dtype, lens):
+    """Refresh rows attending over their own K/V (v a strided view of a fused qkv output, as in the model): one
+    group of unpadded rows runs on views of the packed tensors, other layouts gather; every row's output is bitwise
+    the same SDPA of that row alone at its own padded length."""
+    from engine.model.attention import AttnGroup, _grouped
+    gen = torch.Generator().manual_seed(sum(lens))
+    T, H, Hkv, D = sum(lens), 4, 2, 16
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, generator=gen).to(dtype)
+    q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=-1))
+    groups = []
+    for g in attention_groups(lens, lens, [True] * len(lens)):
+        L = g.q_index.shape[1]
+        valid = torch.arange(L)[None, :] < torch.tensor([lens[r] for r in g.rows.tolist()])[:, None]
+        groups.append(AttnGroup(g.q_index, g.unpad, g.tokens, torch.zeros_like(g.q_index), valid, self_keys=True))
+    out = _grouped(q, k, v, None, None, groups, D ** -0.5)  # [T, H, D]
+    start = 0
+    for n in lens:
+        L = length_bucket(n)
+        pad = lambda x: F.pad(x[start:start + n], (0, 0, 0, 0, 0, L - n)).transpose(0, 1)[None]  # [1, h, L, D]
+        mask = (torch.arange(L) < n)[None, None, None, :]
+        ref = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, scale=D ** -0.5,
+                                             enable_gqa=True)[0].transpose(0, 1)[:n]
+        assert torch.equal(out[start:start + n], ref), (lens, n)
+        start += n
+
+
 def test_no_cache_steps_skip_the_pool_and_cached_refreshes_fill_it(make_checkpoint):
     """A step of no-cache requests only computes attention from its own K/V and writes nothing to the K/V pool
     (nothing reads it back); a dual-cache request's refresh still fills the pool for its block passes, and the

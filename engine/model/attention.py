@@ -209,25 +209,30 @@ def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool_k: torch.Te
     """q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]: one SDPA per group over its own padded layout, scattered back
     to packed rows. Self-keyed groups read this forward's k/v at their queries' layout (padded keys read some
     real token and are masked out, as the scratch slot's are); the others read the pool."""
-    if len(groups) == 1 and groups[0].q_index.shape[0] == 1 and groups[0].tokens.shape[0] == q.shape[0]:
-        out = None  # one row holding every token in order: its output rows are the packed ones
-    else:
-        out = torch.zeros_like(q)
+    # one group holding every token (host-known shapes): unpadded, its layout is the packed one (queries and its own
+    # keys are views); unpadded or one row, its real queries come first in order (the output needs no scatter)
+    one = len(groups) == 1 and groups[0].tokens.shape[0] == q.shape[0]
+    dense = one and groups[0].q_index.numel() == q.shape[0]
+    out = None if dense or (one and groups[0].q_index.shape[0] == 1) else torch.zeros_like(q)
     gqa = q.shape[1] != k.shape[1]
+
+    def rows(x: torch.Tensor, g: AttnGroup) -> torch.Tensor:  # [T, h, D] -> [G, h, Lq, D]
+        return (x.view(*g.q_index.shape, *x.shape[1:]) if dense else x[g.q_index]).transpose(1, 2)
+
     for g in groups:
         if g.self_keys:
-            keys, vals = k[g.q_index].transpose(1, 2), v[g.q_index].transpose(1, 2)  # [G, Hkv, Lk = Lq, D]
+            keys, vals = rows(k, g), rows(v, g)  # [G, Hkv, Lk = Lq, D]
         else:
             assert pool_k is not None, "a group that reads cached keys needs the K/V pool"
             keys = pool_k[g.read_slots].transpose(1, 2).to(q.dtype)  # [G, Hkv, Lk, D]
             vals = pool_v[g.read_slots].transpose(1, 2).to(q.dtype)  # [G, Hkv, Lk, D]
-        qp = q[g.q_index].transpose(1, 2)  # [G, H, Lq, D]
+        qp = rows(q, g)  # [G, H, Lq, D]
         mask = g.key_valid[:, None, None, :] if g.attn_mask is None else g.attn_mask  # [G, 1, 1|Lq, Lk]
         o = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=mask, scale=scale,
                                            enable_gqa=gqa)  # [G, H, Lq, D]
         flat = o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])  # [G * Lq, H, D]
         if out is None:
-            return flat[:q.shape[0]]  # [T, H, D]: the row's real queries come first
+            return flat[:q.shape[0]]  # [T, H, D]
         out.index_copy_(0, g.tokens, flat[g.unpad])
     return out
 
