@@ -276,4 +276,6 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
         pack_linears(net)  # weights oneDNN multiplies kept in its blocked layout (engine/model/upcast.py's packs)
         from .model.cpu_kernel import available
         available()  # build (or find cached) the CPU kernel now, not in the first request
+        from .host_memory import keep_freed_pages
+        keep_freed_pages()  # a step's large temporaries reuse their pages instead of faulting them in each step
     return DiffusionModel(net, cfg, tokenizer, dev, torch_dtype, model_dir, kernels=backend)

@@ -307,3 +307,37 @@ def test_gpu_step_benchmark_runs_the_engine_loop_on_a_smoke_shape(tmp_path):
     none1, none3, dual1 = rows[0], rows[1], rows[2]
     assert dual1["bytes_gb"] > none1["bytes_gb"] and abs(none3["tflop"] / none1["tflop"] - 3) < 1e-6
     assert "| torch | dual | 3 | 8 |" in out.read_text()
+
+
+_FAULTS_SCRIPT = """
+import resource, sys, torch
+from engine.loader import load_model
+load_model(sys.argv[1], dtype="float32")
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(2):  # warm: the first block maps its pages once
+    torch.empty(48 << 18).fill_(1.0)
+f0 = faults()
+for _ in range(10):  # a step's large temporary (48 MiB, above glibc's dynamic mmap limit): allocated, written, freed
+    torch.empty(48 << 18).fill_(1.0)
+print(faults() - f0)
+"""
+
+
+def test_large_temporaries_reuse_their_pages_after_a_cpu_model_loads(make_checkpoint):
+    """engine/host_memory.py: once a CPU model is loaded, a freed 48 MiB block is reused from the heap instead of
+    being unmapped and faulted in again (12k minor faults each time); UNMASK_MALLOC_TUNING=0 keeps glibc's defaults."""
+    import os
+    import subprocess
+    import sys
+    ckpt = str(make_checkpoint("llada"))
+
+    def faults(**env: str) -> int:
+        run = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, ckpt], capture_output=True, text=True,
+                             env={**os.environ, **env}, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return int(run.stdout.strip().splitlines()[-1])
+
+    tuned, default = faults(), faults(UNMASK_MALLOC_TUNING="0")
+    assert tuned < 500, tuned
+    assert default > 10 * 12_000 // 2, default  # each of the 10 blocks mapped and faulted in anew
