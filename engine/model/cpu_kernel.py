@@ -41,6 +41,7 @@ import torch
 log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("grouped_mm.c")
 _SOURCE_AVX512 = Path(__file__).with_name("grouped_mm_avx512.c")
+_HEADER = Path(__file__).with_name("grouped_mm_common.h")  # included by both sources
 ISAS = ("avx2", "avx512", "avx512_bf16")
 """The kernels' instruction sets, each a superset of the one before (grouped_cpu_isa() in grouped_mm_avx512.c)."""
 
@@ -69,7 +70,7 @@ def _compile(cc: str, sources: list[Path], out: Path) -> bool:
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("UNMASK_CPU_KERNELS", "1") == "0" or not _cpu_ok():
         return None
-    srcs = _SOURCE.read_bytes() + _SOURCE_AVX512.read_bytes()
+    srcs = _SOURCE.read_bytes() + _SOURCE_AVX512.read_bytes() + _HEADER.read_bytes()
     so = _cache_dir() / f"grouped_mm-{hashlib.sha256(srcs).hexdigest()[:16]}.so"
     try:
         if not so.exists():

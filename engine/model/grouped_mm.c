@@ -14,28 +14,14 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "grouped_mm_common.h"
+
 static inline __attribute__((always_inline)) __m256 load8(const void *w, int64_t i, int bf16) {
     if (bf16) {
         __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     }
     return _mm256_loadu_ps((const float *)w + i);
-}
-
-static inline __attribute__((always_inline)) float load1(const void *w, int64_t i, int bf16) {
-    if (bf16) {
-        union { uint32_t u; float f; } v;
-        v.u = (uint32_t)((const uint16_t *)w)[i] << 16;
-        return v.f;
-    }
-    return ((const float *)w)[i];
-}
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 /* rows [m0, m0 + mt) (mt <= 4, a compile-time constant at each call) of x against weight rows j0 and j1 (j1 = j0

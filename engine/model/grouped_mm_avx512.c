@@ -19,6 +19,8 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "grouped_mm_common.h"
+
 #define AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma")))
 #define AVX512BF16 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16,fma")))
 #define INLINE static inline __attribute__((always_inline))
@@ -46,27 +48,10 @@ INLINE AVX512 __m512 pair8(const void *w, int64_t ia, int64_t ib, const int bf16
     return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(f + ia)), _mm256_loadu_ps(f + ib), 1);
 }
 
-INLINE AVX512 float load1(const void *w, int64_t i, const int bf16) {
-    if (bf16) {
-        union { uint32_t u; float f; } v;
-        v.u = (uint32_t)((const uint16_t *)w)[i] << 16;
-        return v.f;
-    }
-    return ((const float *)w)[i];
-}
-
-/* grouped_mm.c's hsum, operation for operation */
-INLINE AVX512 float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* grouped_mm.c's row result: the lanes' sum, then the K % 8 tail in order */
 INLINE AVX512 float finish(__m256 acc, const float *xr, const void *w, int64_t j, int64_t K, int64_t K8,
                            const int bf16) {
-    float s = hsum8(acc);
+    float s = hsum(acc);
     for (int64_t kk = K8; kk < K; kk++)
         s += xr[kk] * load1(w, j * K + kk, bf16);
     return s;
