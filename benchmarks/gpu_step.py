@@ -78,16 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def config_only_checkpoint(shape: Shape, dtype: str) -> Path:
     """A checkpoint directory with LLaDA's config.json and generation_config.json and no weights."""
-    import engine.random_checkpoint as rc
-    saved = rc._random_tensors, rc._save
-    rc._random_tensors, rc._save = (lambda *a, **k: {}), (lambda *a, **k: None)
-    try:
-        return rc.write_random_checkpoint(Path(tempfile.mkdtemp(prefix="gpu_step_")) / "llada8b", "llada",
-                                          hidden_size=shape.hidden, num_layers=shape.layers, num_heads=shape.heads,
-                                          intermediate_size=shape.mlp, vocab_size=shape.vocab, tokenizer=False,
-                                          dtype=dtype)
-    finally:
-        rc._random_tensors, rc._save = saved
+    from engine.random_checkpoint import write_random_checkpoint
+    return write_random_checkpoint(Path(tempfile.mkdtemp(prefix="gpu_step_")) / "llada8b", "llada",
+                                   hidden_size=shape.hidden, num_layers=shape.layers, num_heads=shape.heads,
+                                   intermediate_size=shape.mlp, vocab_size=shape.vocab, tokenizer=False, dtype=dtype,
+                                   weights=False)
 
 
 def random_network(model_dir: Path, device: torch.device, dtype: torch.dtype):

@@ -185,6 +185,7 @@ def write_random_checkpoint(
     routed_scaling_factor: float = 2.5,
     byte_level: bool = False,
     tie_word_embeddings: bool = False,
+    weights: bool = True,
 ) -> Path:
     """Write a random checkpoint of `family` (one of FAMILIES) to out_dir; returns the path.
 
@@ -202,6 +203,8 @@ def write_random_checkpoint(
         n_group groups (topk_group kept), num_shared_experts shared experts (width moe_intermediate_size each),
         routed_scaling_factor, partial_rotary_factor (rotary_dim = head_dim * factor); fused query_key_value.
     tie_word_embeddings (sdar only): the head is the embedding (SDAR-1.7B/4B), no lm_head.weight is written.
+    weights=False: config, generation config and tokenizer only, no tensors (benchmarks/gpu_step.py draws an 8B
+        model's weights on the device instead).
     byte_level: write the tokenizer as GPT-2 style byte-level BPE (pieces spelled through the byte-to-unicode
         table, e.g. " the" as "Ġthe"): same pieces and merges, so the same ids for the same text, in the form
         llama.cpp's converter and its "gpt2" tokenizer expect (benchmarks/vs_llamacpp.py).
@@ -255,8 +258,8 @@ def write_random_checkpoint(
         config.update(dims_f)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(_generation_config(family, ids), indent=2) + "\n")
-    tensors = _random_tensors(family, dims, seed, init_std, torch_dtype)
-    _save(out, tensors, shards, torch_dtype)
+    if weights:
+        _save(out, _random_tensors(family, dims, seed, init_std, torch_dtype), shards, torch_dtype)
     if tokenizer:
         write_tokenizer(out, family, vocab_size, ids, byte_level=byte_level)
     return out
