@@ -104,8 +104,8 @@ def test_self_keyed_rows_group_apart():
 def test_self_keyed_attention_equals_each_row_alone(dtype, lens):
     """Refresh rows attending over their own K/V (v a strided view of a fused qkv output, as in the model): one
     group of unpadded rows runs on views of the packed tensors, other layouts gather; every row's output is bitwise
-    the same SDPA of that row alone at its own padded length."""
-    from engine.model.attention import AttnGroup, _grouped
+    the same attention of that row alone at its own padded length (SDPA, or the bf16 C kernel where it runs)."""
+    from engine.model.attention import AttnGroup, _attend, _grouped
     gen = torch.Generator().manual_seed(sum(lens))
     T, H, Hkv, D = sum(lens), 4, 2, 16
     qkv = torch.randn(T, (H + 2 * Hkv) * D, generator=gen).to(dtype)
@@ -119,10 +119,9 @@ def test_self_keyed_attention_equals_each_row_alone(dtype, lens):
     start = 0
     for n in lens:
         L = length_bucket(n)
-        pad = lambda x: F.pad(x[start:start + n], (0, 0, 0, 0, 0, L - n)).transpose(0, 1)[None]  # [1, h, L, D]
-        mask = (torch.arange(L) < n)[None, None, None, :]
-        ref = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, scale=D ** -0.5,
-                                             enable_gqa=True)[0].transpose(0, 1)[:n]
+        pad = lambda x: F.pad(x[start:start + n], (0, 0, 0, 0, 0, L - n))[None]  # [1, L, h, D]
+        mask = (torch.arange(L) < n)[None, :]  # [1, L]
+        ref = _attend(pad(q), pad(k), pad(v), mask, None, D ** -0.5)[0, :n]
         assert torch.equal(out[start:start + n], ref), (lens, n)
         start += n
 

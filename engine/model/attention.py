@@ -16,6 +16,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
+from .attention_cpu import cpu_attention
+
 
 @dataclass(slots=True)
 class AttnContext:
@@ -167,13 +169,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContex
         keys, vals = pool_k[ctx.read_slots], pool_v[ctx.read_slots]  # [B, Lk, Hkv, D]
     else:
         keys, vals = pad_tokens(k, ctx), pad_tokens(v, ctx)  # [B, Lq, Hkv, D]
-    qp = pad_tokens(q, ctx).transpose(1, 2)  # [B, H, Lq, D]
-    mask = None if ctx.key_valid is None else ctx.key_valid[:, None, None, :]  # [B, 1, 1, Lk]
-    if ctx.attn_mask is not None:
-        mask = ctx.attn_mask  # [B, 1, Lq, Lk]
-    out = F.scaled_dot_product_attention(qp, keys.transpose(1, 2).to(q.dtype), vals.transpose(1, 2).to(q.dtype),
-                                         attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    return unpad_tokens(out.transpose(1, 2), ctx)  # [T, H, D]
+    out = _attend(pad_tokens(q, ctx), keys.to(q.dtype), vals.to(q.dtype), ctx.key_valid, ctx.attn_mask,
+                  scale)  # [B, Lq, H, D]
+    return unpad_tokens(out, ctx)  # [T, H, D]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
+            attn_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q [B, Lq, H, D], k/v [B, Lk, Hkv, D] -> [B, Lq, H, D]: each row over its keys, masked by key_valid [B, Lk]
+    or, when set, attn_mask [B, 1, Lq, Lk] (block-causal). Key-masked bf16 on AVX512-BF16 CPUs runs the C kernel
+    (attention_cpu.py), the rest SDPA."""
+    if attn_mask is None:
+        out = cpu_attention(q, k, v, key_valid, scale)
+        if out is not None:
+            return out
+        if key_valid is not None:
+            attn_mask = key_valid[:, None, None, :]  # [B, 1, 1, Lk]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
+                                         scale=scale, enable_gqa=q.shape[2] != k.shape[2])  # [B, H, Lq, D]
+    return out.transpose(1, 2)
 
 
 def block_causal_mask(ctx: AttnContext, positions: torch.Tensor, block_len: torch.Tensor, paged: bool
@@ -214,23 +228,19 @@ def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool_k: torch.Te
     one = len(groups) == 1 and groups[0].tokens.shape[0] == q.shape[0]
     dense = one and groups[0].q_index.numel() == q.shape[0]
     out = None if dense or (one and groups[0].q_index.shape[0] == 1) else torch.zeros_like(q)
-    gqa = q.shape[1] != k.shape[1]
 
-    def rows(x: torch.Tensor, g: AttnGroup) -> torch.Tensor:  # [T, h, D] -> [G, h, Lq, D]
-        return (x.view(*g.q_index.shape, *x.shape[1:]) if dense else x[g.q_index]).transpose(1, 2)
+    def rows(x: torch.Tensor, g: AttnGroup) -> torch.Tensor:  # [T, h, D] -> [G, Lq, h, D]
+        return x.view(*g.q_index.shape, *x.shape[1:]) if dense else x[g.q_index]
 
     for g in groups:
         if g.self_keys:
-            keys, vals = rows(k, g), rows(v, g)  # [G, Hkv, Lk = Lq, D]
+            keys, vals = rows(k, g), rows(v, g)  # [G, Lk = Lq, Hkv, D]
         else:
             assert pool_k is not None, "a group that reads cached keys needs the K/V pool"
-            keys = pool_k[g.read_slots].transpose(1, 2).to(q.dtype)  # [G, Hkv, Lk, D]
-            vals = pool_v[g.read_slots].transpose(1, 2).to(q.dtype)  # [G, Hkv, Lk, D]
-        qp = rows(q, g)  # [G, H, Lq, D]
-        mask = g.key_valid[:, None, None, :] if g.attn_mask is None else g.attn_mask  # [G, 1, 1|Lq, Lk]
-        o = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=mask, scale=scale,
-                                           enable_gqa=gqa)  # [G, H, Lq, D]
-        flat = o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])  # [G * Lq, H, D]
+            keys = pool_k[g.read_slots].to(q.dtype)  # [G, Lk, Hkv, D]
+            vals = pool_v[g.read_slots].to(q.dtype)  # [G, Lk, Hkv, D]
+        o = _attend(rows(q, g), keys, vals, g.key_valid, g.attn_mask, scale)  # [G, Lq, H, D]
+        flat = o.reshape(-1, q.shape[1], q.shape[2])  # [G * Lq, H, D]
         if out is None:
             return flat[:q.shape[0]]  # [T, H, D]
         out.index_copy_(0, g.tokens, flat[g.unpad])

@@ -21,6 +21,9 @@ Which code runs is chosen at run time from the CPU (`isa()`; UNMASK_CPU_ISA=avx2
   assignments), weights streamed from DRAM: bf16 9.6 ms (AVX2, widening) -> 5.0-6.4 ms (1.3-1.45x the time to just
   read the weights), float32 10.4-15.5 -> 9.8-12.6 ms (AVX512: 1.33x the read time; AVX2 1.38x).
 
+attention_avx512.c (bf16 attention, engine/model/attention_cpu.py) is built into the same shared object with the
+AVX512 file, and runs where isa() is avx512_bf16.
+
 `thin_mm(x, w)` is the same kernel over one weight (the lm_head, engine/head_linear.py), THIN_ROWS rows a
 call so that a call's activation rows stay in L2 while the weight streams past them.
 """
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("grouped_mm.c")
 _SOURCE_AVX512 = Path(__file__).with_name("grouped_mm_avx512.c")
 _HEADER = Path(__file__).with_name("grouped_mm_common.h")  # included by both sources
+_SOURCE_ATTN = Path(__file__).with_name("attention_avx512.c")  # bf16 attention (attention_cpu.py), built beside them
 ISAS = ("avx2", "avx512", "avx512_bf16")
 """The kernels' instruction sets, each a superset of the one before (grouped_cpu_isa() in grouped_mm_avx512.c)."""
 
@@ -70,7 +74,7 @@ def _compile(cc: str, sources: list[Path], out: Path) -> bool:
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("UNMASK_CPU_KERNELS", "1") == "0" or not _cpu_ok():
         return None
-    srcs = _SOURCE.read_bytes() + _SOURCE_AVX512.read_bytes() + _HEADER.read_bytes()
+    srcs = b"".join(f.read_bytes() for f in (_SOURCE, _SOURCE_AVX512, _HEADER, _SOURCE_ATTN))
     so = _cache_dir() / f"grouped_mm-{hashlib.sha256(srcs).hexdigest()[:16]}.so"
     try:
         if not so.exists():
@@ -81,7 +85,8 @@ def _library() -> ctypes.CDLL | None:
             so.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=so.parent) as tmp:  # build aside, then rename: no half-written .so
                 out = Path(tmp) / so.name
-                if not _compile(cc, [_SOURCE, _SOURCE_AVX512], out) and not _compile(cc, [_SOURCE], out):
+                if (not _compile(cc, [_SOURCE, _SOURCE_AVX512, _SOURCE_ATTN], out)
+                        and not _compile(cc, [_SOURCE], out)):
                     raise subprocess.SubprocessError(f"{cc} cannot build {_SOURCE.name}")
                 os.replace(out, so)
         lib = ctypes.CDLL(str(so))
@@ -97,6 +102,9 @@ def _library() -> ctypes.CDLL | None:
         lib.grouped_mm_avx512.restype = None
         lib.grouped_mm_bf16dot.argtypes = [p, p, i64, i64, i64, p, p]
         lib.grouped_mm_bf16dot.restype = None
+        lib.attn_bf16.argtypes = [p, i64, i64, p, i64, i64, p, i64, i64, p, i64, i64, i64, i64, i64, i64,
+                                  ctypes.c_float, i64, i64, p]
+        lib.attn_bf16.restype = ctypes.c_int
     return lib
 
 
