@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -136,7 +138,8 @@ async def run_http(base_url: str, requests: list[serve.BenchRequest], options: d
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="unmask-overhead-"))
+    tmp = Path(tempfile.mkdtemp(prefix="unmask-overhead-"))  # random checkpoint and server log, removed at exit
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     task = None
     if args.random:
         from engine.random_checkpoint import write_random_checkpoint

@@ -14,6 +14,8 @@ benchmarks.moe_step` runs the AVX2 kernel with its row limit instead, as on an A
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import sys
 import tempfile
 import time
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     d, inter = args.hidden, args.hidden * 11 // 4
     width = inter // args.top_k
-    tmp = Path(tempfile.mkdtemp(prefix="moe_step_"))
+    tmp = Path(tempfile.mkdtemp(prefix="moe_step_"))  # two random checkpoints, ~4 GB: removed at exit
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     common = dict(hidden_size=d, num_layers=args.layers, num_heads=max(1, d // 64), vocab_size=32000,
                   tokenizer=False)
     dense_dir = write_random_checkpoint(tmp / "dense", "llada", intermediate_size=inter, **common)

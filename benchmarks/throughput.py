@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -195,7 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.random:
         from engine.random_checkpoint import write_random_checkpoint
         d, n_layers = (int(v) for v in args.random.lower().split("x"))
-        model_dir = write_random_checkpoint(Path(tempfile.mkdtemp()) / "random", "llada", hidden_size=d,
+        tmp = Path(tempfile.mkdtemp(prefix="unmask-throughput-"))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the random checkpoint goes at exit
+        model_dir = write_random_checkpoint(tmp / "random", "llada", hidden_size=d,
                                             num_layers=n_layers, num_heads=max(d // 64, 1),
                                             intermediate_size=d * 8 // 3 // 64 * 64, vocab_size=args.vocab,
                                             tokenizer=False, seed=args.seed)
