@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import os
 
 import torch
 
@@ -59,7 +60,7 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: 
     if len(parts) == 1:
         rcs = [run(0, H)]
     else:  # ctypes drops the GIL for the call: the pool's threads run their heads in parallel with this one
-        futures = [_pool(len(parts) - 1).submit(run, *hs) for hs in parts[1:]]
+        futures = [_pool(len(parts) - 1, os.getpid()).submit(run, *hs) for hs in parts[1:]]
         rcs = [run(*parts[0])] + [f.result() for f in futures]
     if any(rcs):
         raise MemoryError("attention_avx512.c: no scratch memory")
@@ -85,5 +86,6 @@ def _splits(H: int, Hkv: int, threads: int) -> list[tuple[int, int]]:
 
 
 @functools.cache
-def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+def _pool(workers: int, pid: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The worker threads, per process (a forked child gets its own: the parent's threads are not in it)."""
     return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="unmask-attn")
