@@ -133,3 +133,69 @@ def test_head_splits_cover_every_head_at_kv_boundaries():
         assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
         if Hkv > 1:
             assert all(a % (H // Hkv) == 0 for a, _ in parts)
+
+
+@pytest.mark.parametrize("block", [4, 7, 16])
+def test_block_causal_limits_match_the_masked_float32_attention(block):
+    """Block-causal attention (LLaDA2 / SDAR groups): query i of a row sees keys j < its block's end. The kernel's
+    limit against float32 SDPA with _block_mask's mask (j // b <= i // b) over random canvas positions; a query
+    whose limit admits no valid key gets zeros."""
+    from engine.model.attention import _block_mask
+    gen = torch.Generator().manual_seed(block)
+    G, Lq, Lk, H, Hkv, D = 3, 21, 45, 4, 2, 32
+    q, k, v, valid = _draw(gen, G, Lq, Lk, H, Hkv, D)
+    valid[:, :block] = True  # the first block is always visible: every query has a key
+    q_pos = torch.randint(0, Lk, (G, Lq), generator=gen)  # [G, Lq] canvas positions
+    bl = torch.full((G,), block)
+    limit = (q_pos // block + 1) * block  # [G, Lq]
+    out = cpu_attention(q, k, v, valid, 0.2, limit)
+    mask = _block_mask(q_pos, torch.arange(Lk)[None, :], bl, valid)  # [G, 1, Lq, Lk]
+    t = lambda x: x.float().transpose(1, 2)
+    ref = F.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=mask, scale=0.2, enable_gqa=True)
+    ref = ref.transpose(1, 2)
+    assert (out.float() - ref).abs().max().item() <= 2 ** -6 * ref.abs().max().item()
+    none = torch.zeros(G, Lk, dtype=torch.bool)
+    none[:, block:] = True  # the only valid keys lie past every query's limit (block)
+    assert torch.equal(cpu_attention(q, k, v, none, 0.2, torch.full((G, Lq), block)), torch.zeros_like(q))
+
+
+def test_grouped_block_causal_attention_kernel_and_sdpa_agree(monkeypatch):
+    """The runner's block-causal groups: the kernel (limits from bind) and the SDPA fallback (a mask built from the
+    same limits) give the same attention within bf16 rounding, and in float32 the fallback is exactly the mask
+    rule's SDPA."""
+    import engine.model.attention as A
+    from engine.shape_buckets import attention_groups
+    gen = torch.Generator().manual_seed(2)
+    lens, H, Hkv, D, block = [9, 16, 5], 4, 2, 32, 4
+    T = sum(lens)
+    q = torch.randn(T, H, D, generator=gen)
+    k, v = torch.randn(T, Hkv, D, generator=gen), torch.randn(T, Hkv, D, generator=gen)
+    positions = torch.cat([torch.arange(n) for n in lens])  # each row's canvas from 0 (self-keyed refresh rows)
+    groups = []
+    for g in attention_groups(lens, lens, [True] * len(lens)):
+        L = g.q_index.shape[1]
+        n_of = torch.tensor([lens[r] for r in g.rows.tolist()])
+        valid = torch.arange(L)[None, :] < n_of[:, None]
+        grp = A.AttnGroup(g.q_index, g.unpad, g.tokens, torch.zeros_like(g.q_index), valid,
+                          block_len=torch.full((len(n_of),), block), self_keys=True)
+        groups.append(grp)
+    ctx = A.AttnContext(None, None, None, len(lens), max(lens), groups=groups, block_len=torch.full((3,), block))
+    ctx = ctx.bind(None, positions)
+    assert all(g.q_limit is not None for g in ctx.groups)
+    kernel = A._grouped(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, None, ctx.groups, D ** -0.5)
+    monkeypatch.setattr(A, "cpu_attention", lambda *a: None)
+    sdpa = A._grouped(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, None, ctx.groups, D ** -0.5)
+    assert (kernel.float() - sdpa.float()).abs().max().item() <= 2 ** -6 * sdpa.float().abs().max().item()
+    f32 = A._grouped(q, k, v, None, None, ctx.groups, D ** -0.5)  # [T, H, D]
+    start = 0
+    for n in lens:  # each row alone against the mask rule
+        pos = torch.arange(n)
+        mask = _bm(pos, block)  # [1, 1, n, n]
+        t = lambda x: x[start:start + n].transpose(0, 1)[None]
+        ref = F.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=mask, scale=D ** -0.5, enable_gqa=True)
+        assert torch.allclose(f32[start:start + n], ref[0].transpose(0, 1), atol=1e-6, rtol=1e-5)
+        start += n
+
+
+def _bm(pos: torch.Tensor, block: int) -> torch.Tensor:
+    return ((pos[None, :] // block) <= (pos[:, None] // block))[None, None]

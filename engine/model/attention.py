@@ -1,5 +1,6 @@
 """Attention over packed variable-length sequences, optionally through a paged KV pool: bidirectional, or
-block-causal (LLaDA2, SDAR) with an explicit mask (block_causal_mask; group_block_mask per attention group).
+block-causal (LLaDA2, SDAR) with an explicit mask (block_causal_mask), or per attention group a limit on each
+query's keys (group_block_limit).
 
 A forward pass carries B sequences whose query tokens are packed into one [T] axis. `AttnContext` says how to
 lay them out as [B, Lq] for attention and, for cached passes, where each new K/V row is written in the pool
@@ -90,7 +91,7 @@ class AttnContext:
         if self.block_len is not None and self.backend == "triton":  # the kernel masks by positions
             ctx.positions = positions
         elif self.groups is not None and self.block_len is not None:  # each group's mask at its own lengths
-            ctx.groups = [replace(g, attn_mask=group_block_mask(g, positions)) for g in self.groups]
+            ctx.groups = [replace(g, q_limit=group_block_limit(g, positions)) for g in self.groups]
         elif self.block_len is not None:
             ctx.attn_mask = block_causal_mask(ctx, positions, self.block_len, self.write_slots is not None)
         return ctx
@@ -127,8 +128,9 @@ class AttnGroup:
     """[G, Lk] bool."""
     block_len: torch.Tensor | None = None
     """[G] long: each row's block length (block-causal groups); None: bidirectional."""
-    attn_mask: torch.Tensor | None = None
-    """[G, 1, Lq, Lk] bool: the block-causal mask, derived by AttnContext.bind (never shipped)."""
+    q_limit: torch.Tensor | None = None
+    """[G, Lq] long: block-causal groups' mask, derived by AttnContext.bind (never shipped): a padded query sees the
+    keys j < q_limit (keys are canvas positions 0..Lk-1; the limit is the end of the query's block)."""
     self_keys: bool = False
     """Every row's keys are its own queries in order (Lk == Lq): K/V come from this forward's k/v, not the pool."""
 
@@ -175,15 +177,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContex
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
-            attn_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+            attn_mask: torch.Tensor | None, scale: float, q_limit: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, Lq, H, D], k/v [B, Lk, Hkv, D] -> [B, Lq, H, D]: each row over its keys, masked by key_valid [B, Lk]
-    or, when set, attn_mask [B, 1, Lq, Lk] (block-causal). Key-masked bf16 on AVX512-BF16 CPUs runs the C kernel
-    (attention_cpu.py), the rest SDPA."""
+    and, block-causal, by q_limit [B, Lq] (query i sees keys j < q_limit[b, i]), or by attn_mask [B, 1, Lq, Lk]
+    when set. bf16 on AVX512-BF16 CPUs runs the C kernel (attention_cpu.py) unless attn_mask is set, the rest
+    SDPA."""
     if attn_mask is None:
-        out = cpu_attention(q, k, v, key_valid, scale)
+        out = cpu_attention(q, k, v, key_valid, scale, q_limit)
         if out is not None:
             return out
-        if key_valid is not None:
+        if q_limit is not None:
+            attn_mask = torch.arange(k.shape[1], device=q.device)[None, None, :] < q_limit[:, :, None]  # [B, Lq, Lk]
+            attn_mask = (attn_mask if key_valid is None else attn_mask & key_valid[:, None, :])[:, None]
+        elif key_valid is not None:
             attn_mask = key_valid[:, None, None, :]  # [B, 1, 1, Lk]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
                                          scale=scale, enable_gqa=q.shape[2] != k.shape[2])  # [B, H, Lq, D]
@@ -199,11 +205,12 @@ def block_causal_mask(ctx: AttnContext, positions: torch.Tensor, block_len: torc
     return _block_mask(q_pos, k_pos, block_len, ctx.key_valid)
 
 
-def group_block_mask(g: "AttnGroup", positions: torch.Tensor) -> torch.Tensor:
-    """[G, 1, Lq, Lk] bool for one attention group (see _block_mask): its padded queries' canvas positions (padded
-    ones read some row's position: their outputs are dropped), keys at canvas positions 0..Lk-1."""
-    k_pos = torch.arange(g.read_slots.shape[1], device=positions.device)[None, :]  # [1, Lk]
-    return _block_mask(positions[g.q_index], k_pos, g.block_len, g.key_valid)
+def group_block_limit(g: "AttnGroup", positions: torch.Tensor) -> torch.Tensor:
+    """[G, Lq] long for one attention group: the end of each padded query's block in canvas positions (padded
+    queries read some row's position: their outputs are dropped). With keys at canvas positions 0..Lk-1, key j is
+    visible iff j < the limit, which is _block_mask's rule j // b <= i // b."""
+    bl = g.block_len[:, None]  # [G, 1]
+    return (positions[g.q_index] // bl + 1) * bl
 
 
 def _block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, block_len: torch.Tensor,
@@ -239,7 +246,7 @@ def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool_k: torch.Te
             assert pool_k is not None, "a group that reads cached keys needs the K/V pool"
             keys = pool_k[g.read_slots].to(q.dtype)  # [G, Lk, Hkv, D]
             vals = pool_v[g.read_slots].to(q.dtype)  # [G, Lk, Hkv, D]
-        o = _attend(rows(q, g), keys, vals, g.key_valid, g.attn_mask, scale)  # [G, Lq, H, D]
+        o = _attend(rows(q, g), keys, vals, g.key_valid, None, scale, g.q_limit)  # [G, Lq, H, D]
         flat = o.reshape(-1, q.shape[1], q.shape[2])  # [G * Lq, H, D]
         if out is None:
             return flat[:q.shape[0]]  # [T, H, D]

@@ -11,7 +11,9 @@
 
    Layouts (elements are bf16, strides in elements): q[b, i, h, d] at q + b*qb + i*qr + h*D + d; k and v the same
    with their own strides and Hkv heads (query head h reads kv head h / (H / Hkv)); key_valid [G, Lk] bytes or
-   NULL (all valid); out [G, Lq, H, D] contiguous. D % 16 == 0, D <= 256. Heads h0 .. h1-1 are computed (the
+   NULL (all valid); q_limit [G, Lq] int32 or NULL: query i of row b sees only keys j < q_limit[b, i] (block-causal
+   attention over keys at canvas positions 0..Lk-1: the end of the query's block); out [G, Lq, H, D] contiguous.
+   A query that sees no key gets zeros (never NaN). D % 16 == 0, D <= 256. Heads h0 .. h1-1 are computed (the
    caller's thread split). Returns 0, or -1 when scratch memory cannot be had.
 
    Compiled with the AVX2 flags of grouped_mm.c; every function carries its own target attribute and may only run
@@ -47,6 +49,9 @@ INLINE AVX512BF16 __m512 exp_neg(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(p, n));
 }
+
+/* aligned_alloc's size: a multiple of the alignment */
+static size_t round64(size_t n) { return (n + 63) & ~(size_t)63; }
 
 INLINE uint32_t pair_at(const uint16_t *p) {
     uint32_t u;
@@ -149,16 +154,17 @@ INLINE AVX512BF16 void value_tile(const uint16_t *p, int64_t lp, const uint32_t 
     }
 
 /* softmax of mt score rows (scaled, masked) in place -> p (bf16, zero-padded to an even length), 1 / sums */
-INLINE AVX512BF16 void softmax_rows(float *s, int64_t ls, int64_t Lk, const uint8_t *valid, float scale, int mt,
-                                    uint16_t *p, int64_t lp, float *inv) {
+INLINE AVX512BF16 void softmax_rows(float *s, int64_t ls, int64_t Lk, const uint8_t *valid, const int32_t *limit,
+                                    float scale, int mt, uint16_t *p, int64_t lp, float *inv) {
     const int64_t nkb = (Lk + 15) / 16;
     const __m512 sc = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
     for (int r = 0; r < mt; r++) {
         float *sr = s + r * ls;
+        const int64_t lim = limit && limit[r] < Lk ? limit[r] : Lk;  /* keys at or past it are masked */
         __m512 mx = ninf;
         for (int64_t jb = 0; jb < nkb; jb++) {
-            const int64_t left = Lk - jb * 16;
-            __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            const int64_t left = lim - jb * 16;
+            __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
             if (valid) {
                 __m128i vb = _mm_maskz_loadu_epi8(m, valid + jb * 16);
                 m &= _mm_test_epi8_mask(vb, vb);
@@ -177,19 +183,21 @@ INLINE AVX512BF16 void softmax_rows(float *s, int64_t ls, int64_t Lk, const uint
             sum = _mm512_add_ps(sum, e);
             _mm256_storeu_si256((__m256i *)(pr + jb * 16), (__m256i)_mm512_cvtneps_pbh(e));
         }
-        inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+        const float total = _mm512_reduce_add_ps(sum);
+        inv[r] = total > 0.0f ? 1.0f / total : 0.0f;  /* no key seen: zeros, as the value sum is */
     }
 }
 
 AVX512BF16 int attn_bf16(const uint16_t *q, int64_t qb, int64_t qr, const uint16_t *k, int64_t kb, int64_t kr,
-                         const uint16_t *v, int64_t vb, int64_t vr, const uint8_t *key_valid, int64_t G,
+                         const uint16_t *v, int64_t vb, int64_t vr, const uint8_t *key_valid,
+                         const int32_t *q_limit, int64_t G,
                          int64_t Lq, int64_t Lk, int64_t H, int64_t Hkv, int64_t D, float scale, int64_t h0,
                          int64_t h1, uint16_t *out) {
     const int64_t P = D / 2, nkb = (Lk + 15) / 16, ls = nkb * 16, npair = (Lk + 1) / 2, lp = ls;
     const int64_t per_kv = H / Hkv;
-    uint32_t *kp = aligned_alloc(64, (size_t)(nkb * P * 16 + npair * D) * 4 + 64);
-    float *s = aligned_alloc(64, (size_t)(QM * ls + QM) * 4 + 64);
-    uint16_t *p = aligned_alloc(64, (size_t)(QM * lp) * 2 + 64);
+    uint32_t *kp = aligned_alloc(64, round64((size_t)(nkb * P * 16 + npair * D) * 4));
+    float *s = aligned_alloc(64, round64((size_t)(QM * ls + QM) * 4));
+    uint16_t *p = aligned_alloc(64, round64((size_t)(QM * lp) * 2));
     if (!kp || !s || !p) {
         free(kp); free(s); free(p);
         return -1;
@@ -215,7 +223,7 @@ AVX512BF16 int attn_bf16(const uint16_t *q, int64_t qb, int64_t qr, const uint16
 #define SCORE(m) score_tile(qh + i0 * qr, qr, kp, P, jb, two, m, s, ls)
                     BY_ROWS8(mt, SCORE)
                 }
-                softmax_rows(s, ls, Lk, valid, scale, mt, p, lp, inv);
+                softmax_rows(s, ls, Lk, valid, q_limit ? q_limit + b * Lq + i0 : NULL, scale, mt, p, lp, inv);
                 for (int r0 = 0; r0 < mt; r0 += PM) {
                     const int pm = mt - r0 < PM ? mt - r0 : PM;
                     for (int64_t d0 = 0; d0 < D; d0 += 64) {

@@ -15,8 +15,9 @@ invariance), nor on how the heads are split over threads.
 
 `cpu_attention(q, k, v, key_valid, scale)` -> the output, or None where the kernel does not apply (not bf16, not
 on the CPU, autograd, a head dim that is not a multiple of 16 or above 256, a CPU without AVX512-BF16, no C
-compiler, UNMASK_CPU_KERNELS=0): the caller then runs SDPA. Block-causal masks stay on SDPA (the caller passes
-only key masks).
+compiler, UNMASK_CPU_KERNELS=0): the caller then runs SDPA. Block-causal attention (LLaDA2, SDAR) runs in it too
+when the keys are canvas positions 0..Lk-1 (the runner's attention groups): each query's block end is a limit on
+its keys.
 """
 from __future__ import annotations
 
@@ -37,10 +38,12 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
-                  scale: float) -> torch.Tensor | None:
+                  scale: float, q_limit: torch.Tensor | None = None) -> torch.Tensor | None:
     """q [G, Lq, H, D], k/v [G, Lk, Hkv, D] bf16 (any row strides; each row's heads and dims contiguous), key_valid
     [G, Lk] bool or None (all keys) -> softmax(scale * q k^T) v [G, Lq, H, D] bf16; None if the kernel does not
-    apply. Heads are split over torch's intra-op thread count."""
+    apply. q_limit [G, Lq] (integers) or None: query i of row b sees only keys j < q_limit[b, i] (block-causal
+    attention, keys at canvas positions 0..Lk-1); a query that sees no key gets zeros. Heads are split over torch's
+    intra-op thread count."""
     if not applies(q, k, v):
         return None
     lib = cpu_kernel._library()
@@ -50,11 +53,14 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: 
     q, k, v = (_heads_dense(x) for x in (q, k, v))
     out = torch.empty(G, Lq, H, D, dtype=torch.bfloat16)  # [G, Lq, H, D]
     valid = None if key_valid is None else key_valid.to(torch.uint8).contiguous()  # [G, Lk]
+    limit = None if q_limit is None else q_limit.to(torch.int32).contiguous()  # [G, Lq]
+    assert limit is None or limit.shape == (G, Lq)
 
     def run(h0: int, h1: int) -> int:
         return lib.attn_bf16(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
                              v.data_ptr(), v.stride(0), v.stride(1), None if valid is None else valid.data_ptr(),
-                             G, Lq, Lk, H, Hkv, D, scale, h0, h1, out.data_ptr())
+                             None if limit is None else limit.data_ptr(), G, Lq, Lk, H, Hkv, D, scale, h0, h1,
+                             out.data_ptr())
 
     parts = _splits(H, Hkv, torch.get_num_threads())
     if len(parts) == 1:

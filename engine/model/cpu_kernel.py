@@ -102,7 +102,7 @@ def _library() -> ctypes.CDLL | None:
         lib.grouped_mm_avx512.restype = None
         lib.grouped_mm_bf16dot.argtypes = [p, p, i64, i64, i64, p, p]
         lib.grouped_mm_bf16dot.restype = None
-        lib.attn_bf16.argtypes = [p, i64, i64, p, i64, i64, p, i64, i64, p, i64, i64, i64, i64, i64, i64,
+        lib.attn_bf16.argtypes = [p, i64, i64, p, i64, i64, p, i64, i64, p, p, i64, i64, i64, i64, i64, i64,
                                   ctypes.c_float, i64, i64, p]
         lib.attn_bf16.restype = ctypes.c_int
     return lib
