@@ -1,4 +1,4 @@
-/* Bidirectional attention in bfloat16 on AVX512-BF16 CPUs (engine/model/attention_cpu.py calls it).
+/* Attention in bfloat16 on AVX512-BF16 CPUs, bidirectional or block-causal (engine/model/attention_cpu.py calls it).
 
    attn_bf16 computes, for every row b of a group, every query head h and query i:
        s_j = scale * (q_i . k_j)          float32, over D in pairs (VDPBF16PS), masked keys -inf

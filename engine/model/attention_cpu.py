@@ -1,5 +1,5 @@
-"""Bidirectional bfloat16 attention on AVX512-BF16 CPUs: engine/model/attention_avx512.c, built with the CPU's other
-C kernels (engine/model/cpu_kernel.py).
+"""bfloat16 attention on AVX512-BF16 CPUs (bidirectional, or block-causal by a limit on each query's keys):
+engine/model/attention_avx512.c, built with the CPU's other C kernels (engine/model/cpu_kernel.py).
 
 Why: at the engine's step sizes torch's CPU flash-attention kernel for bf16 runs far below the core's bf16 rate
 (measured on an AVX512-BF16 EPYC, one thread, [1, 16 heads, 128, 64]: 1.03 ms, 65 GFLOP/s, about 12% of a
@@ -18,6 +18,10 @@ on the CPU, autograd, a head dim that is not a multiple of 16 or above 256, a CP
 compiler, UNMASK_CPU_KERNELS=0): the caller then runs SDPA. Block-causal attention (LLaDA2, SDAR) runs in it too
 when the keys are canvas positions 0..Lk-1 (the runner's attention groups): each query's block end is a limit on
 its keys.
+
+With more than one torch thread the heads are split over a small thread pool (ctypes drops the GIL during the
+call). On this 2-vCPU VM (SMT siblings) a no-cache step with two threads measured the same as SDPA's within the
+noise (63.5-72 ms against 68-75 ms); with one thread, the usual CPU setting here, it is the 4.5x above.
 """
 from __future__ import annotations
 
