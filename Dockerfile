@@ -57,6 +57,17 @@ COPY server server
 RUN pip install --no-deps . && python -c "import engine, server" \
  && rm -f /opt/venv/pip.conf /opt/venv/build-ca.crt
 
+# CPU image: the C kernels (MoE experts, bf16 attention; engine/model/cpu_kernel.py) are compiled here, once, into
+# UNMASK_CACHE_DIR, and the compiler is removed again: the running image needs none, and its first request does not
+# wait for a build. The shared object picks AVX2 / AVX512 / AVX512-BF16 code at run time from the CPU it runs on.
+ENV UNMASK_CACHE_DIR=/opt/unmask/cache
+RUN if [ "$DEVICE" = cpu ]; then \
+      apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
+      && python -c "from engine.model import cpu_kernel; assert cpu_kernel.available(), 'the C kernels did not build'" \
+      && ls -l "$UNMASK_CACHE_DIR"/kernels \
+      && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/*; \
+    fi
+
 RUN useradd --create-home --uid 1000 unmask && mkdir -p /models && chown unmask /models
 USER unmask
 WORKDIR /home/unmask

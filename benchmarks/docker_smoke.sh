@@ -124,6 +124,10 @@ echo "HEALTHCHECK test: $HC_JSON"
 mapfile -t HC < <(python -c 'import json, sys; t = json.loads(sys.argv[1]); assert t[0] == "CMD", t
 print("\n".join(a.replace(":8000", ":" + sys.argv[2]) for a in t[1:]))' "$HC_JSON" "$PORT")
 buildah run --isolation=chroot --network=host "$CTR" -- "${HC[@]}" && echo "healthcheck: exit 0"
+step "the CPU C kernels inside the container: built into the image, no compiler left"
+buildah run --isolation=chroot --network=host "$CTR" -- sh -c 'command -v cc gcc || echo "no C compiler"'
+buildah run --isolation=chroot --network=host "$CTR" -- python -c "from engine.model import cpu_kernel
+assert cpu_kernel.available(), 'C kernels unavailable'; print('C kernels: isa', cpu_kernel.isa(), 'from', list((cpu_kernel._cache_dir()).glob('*.so')))"
 step "whoami inside the container"
 buildah run --isolation=chroot --network=host "$CTR" -- python -c "import getpass, os; print(getpass.getuser(), os.getuid())"
 step "stop: SIGTERM to the server process (as docker stop does); buildah run ends when it exits"
