@@ -136,3 +136,38 @@ def test_bfloat16_tokens_do_not_depend_on_the_batch(llms_bf16, family):
                    random_params(rng, family, rng.choice(CACHES), rng.choice([0.0, 1.0])))
                   for _ in range(rng.randint(2, 4))]
         assert_alone_equals_batched(llm, target, others, rng, trial)
+
+
+@pytest.fixture(scope="module")
+def llms_bf16_kernel(make_checkpoint):
+    """Head dims the bf16 CPU attention kernel takes (multiples of 16; the tiny ones above are 12 and 8)."""
+    dims = {"llada": dict(hidden_size=64, num_heads=4, num_kv_heads=4),  # head dim 16
+            "dream": dict(hidden_size=96, num_heads=3, num_kv_heads=1)}  # head dim 32, one kv head
+    return {fam: LLM(make_checkpoint(fam, **d), dtype="bfloat16", kv_cache_memory=1 << 23, page_size=4)
+            for fam, d in dims.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_bfloat16_kernel_attention_tokens_do_not_depend_on_the_batch(llms_bf16_kernel, family, monkeypatch):
+    """The bf16 checks again at head dims where attention runs through the C kernel on AVX512-BF16 CPUs
+    (engine/model/attention_cpu.py; SDPA elsewhere): every cache mode, greedy and seeded sampling."""
+    import engine.model.attention as attention
+    from engine.model import attention_cpu
+    ran = []
+
+    def spy(*args, **kwargs):
+        out = attention_cpu.cpu_attention(*args, **kwargs)
+        ran.append(out is not None)
+        return out
+
+    monkeypatch.setattr(attention, "cpu_attention", spy)
+    llm = llms_bf16_kernel[family]
+    rng = random.Random(f"bf16-kernel-{family}")
+    for trial, (cache, temperature) in enumerate((c, t) for c in CACHES for t in (0.0, 0.8)):
+        target = (random_prompt(rng, llm, rng.randint(1, 24)), random_params(rng, family, cache, temperature))
+        others = [(random_prompt(rng, llm, rng.randint(1, 40)),
+                   random_params(rng, family, rng.choice(CACHES), rng.choice([0.0, 1.0])))
+                  for _ in range(rng.randint(2, 4))]
+        assert_alone_equals_batched(llm, target, others, rng, trial)
+    assert ran and all(ran) == attention_cpu.cpu_kernel.bf16_dot()  # the kernel ran where the CPU has it
