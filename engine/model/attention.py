@@ -146,13 +146,20 @@ def pad_tokens(x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
     """[T, ...] packed -> [B, Lq, ...] padded."""
     if ctx.q_index is None:
         return x.view(ctx.batch, ctx.max_q, *x.shape[1:])
-    return x[ctx.q_index]
+    return gather_rows(x, ctx.q_index)
 
 
 def unpad_tokens(x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
     """[B, Lq, ...] padded -> [T, ...] packed."""
     flat = x.reshape(ctx.batch * ctx.max_q, *x.shape[2:])
-    return flat if ctx.unpad_index is None else flat[ctx.unpad_index]
+    return flat if ctx.unpad_index is None else flat.index_select(0, ctx.unpad_index)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] for an integer index of any shape over x's first dim ([*index.shape, *x.shape[1:]]), through
+    index_select: the same values, several times faster on the CPU than advanced indexing (measured, one thread,
+    bf16 pool [8192, 16, 64]: [16, 192] slots 1019 -> 159 us, [1, 192] 58 -> 13 us; [256, 1024] rows 78 -> 8 us)."""
+    return x.index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:])
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext, layer: int,
@@ -168,7 +175,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContex
     if ctx.groups is not None:
         return _grouped(q, k, v, pool_k, pool_v, ctx.groups, scale)
     if pool_k is not None:
-        keys, vals = pool_k[ctx.read_slots], pool_v[ctx.read_slots]  # [B, Lk, Hkv, D]
+        keys, vals = gather_rows(pool_k, ctx.read_slots), gather_rows(pool_v, ctx.read_slots)  # [B, Lk, Hkv, D]
     else:
         keys, vals = pad_tokens(k, ctx), pad_tokens(v, ctx)  # [B, Lq, Hkv, D]
     out = _attend(pad_tokens(q, ctx), keys.to(q.dtype), vals.to(q.dtype), ctx.key_valid, ctx.attn_mask,
@@ -237,20 +244,20 @@ def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool_k: torch.Te
     out = None if dense or (one and groups[0].q_index.shape[0] == 1) else torch.zeros_like(q)
 
     def rows(x: torch.Tensor, g: AttnGroup) -> torch.Tensor:  # [T, h, D] -> [G, Lq, h, D]
-        return x.view(*g.q_index.shape, *x.shape[1:]) if dense else x[g.q_index]
+        return x.view(*g.q_index.shape, *x.shape[1:]) if dense else gather_rows(x, g.q_index)
 
     for g in groups:
         if g.self_keys:
             keys, vals = rows(k, g), rows(v, g)  # [G, Lk = Lq, Hkv, D]
         else:
             assert pool_k is not None, "a group that reads cached keys needs the K/V pool"
-            keys = pool_k[g.read_slots].to(q.dtype)  # [G, Lk, Hkv, D]
-            vals = pool_v[g.read_slots].to(q.dtype)  # [G, Lk, Hkv, D]
+            keys = gather_rows(pool_k, g.read_slots).to(q.dtype)  # [G, Lk, Hkv, D]
+            vals = gather_rows(pool_v, g.read_slots).to(q.dtype)  # [G, Lk, Hkv, D]
         o = _attend(rows(q, g), keys, vals, g.key_valid, None, scale, g.q_limit)  # [G, Lq, H, D]
         flat = o.reshape(-1, q.shape[1], q.shape[2])  # [G * Lq, H, D]
         if out is None:
             return flat[:q.shape[0]]  # [T, H, D]
-        out.index_copy_(0, g.tokens, flat[g.unpad])
+        out.index_copy_(0, g.tokens, flat.index_select(0, g.unpad))
     return out
 
 

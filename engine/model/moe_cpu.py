@@ -48,11 +48,11 @@ def moe_cpu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
     order = torch.argsort(flat, stable=True)  # [T*k] assignments grouped by expert
     token_of = order // k  # [T*k]
     counts = torch.bincount(flat, minlength=E)  # [E]
-    xs = x[token_of]  # [T*k, D]
+    xs = x.index_select(0, token_of)  # [T*k, D] (advanced indexing copies the same rows ~10x slower on the CPU)
     ys = _grouped(xs, counts, w_gate, w_up, w_down) if T * k <= _max_rows(x, w_gate) * E else None  # [T*k, D]
     if ys is None:
         ys = _looped(xs, counts.tolist(), w_gate, w_up, w_down)  # [T*k, D]
-    ys = ys * weights.reshape(-1)[order, None]  # [T*k, D]
+    ys = ys * weights.reshape(-1).index_select(0, order)[:, None]  # [T*k, D]
     return torch.zeros_like(x).index_add_(0, token_of, ys)
 
 
