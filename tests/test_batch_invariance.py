@@ -128,8 +128,11 @@ def llms_bf16(make_checkpoint):
 def test_bfloat16_tokens_do_not_depend_on_the_batch(llms_bf16, family):
     """The same checks in bfloat16: greedy and seeded sampling at temperature 0.8, every cache mode, the target
     batched all at once and joining a running batch."""
-    llm = llms_bf16[family]
-    rng = random.Random(f"bf16-{family}")
+    bf16_trials(llms_bf16[family], family, random.Random(f"bf16-{family}"))
+
+
+def bf16_trials(llm: LLM, family: str, rng: random.Random) -> None:
+    """Every cache mode x greedy / seeded at 0.8: a target alone equals it batched with 2-4 random others."""
     for trial, (cache, temperature) in enumerate((c, t) for c in CACHES for t in (0.0, 0.8)):
         target = (random_prompt(rng, llm, rng.randint(1, 24)), random_params(rng, family, cache, temperature))
         others = [(random_prompt(rng, llm, rng.randint(1, 40)),
@@ -162,12 +165,5 @@ def test_bfloat16_kernel_attention_tokens_do_not_depend_on_the_batch(llms_bf16_k
         return out
 
     monkeypatch.setattr(attention, "cpu_attention", spy)
-    llm = llms_bf16_kernel[family]
-    rng = random.Random(f"bf16-kernel-{family}")
-    for trial, (cache, temperature) in enumerate((c, t) for c in CACHES for t in (0.0, 0.8)):
-        target = (random_prompt(rng, llm, rng.randint(1, 24)), random_params(rng, family, cache, temperature))
-        others = [(random_prompt(rng, llm, rng.randint(1, 40)),
-                   random_params(rng, family, rng.choice(CACHES), rng.choice([0.0, 1.0])))
-                  for _ in range(rng.randint(2, 4))]
-        assert_alone_equals_batched(llm, target, others, rng, trial)
+    bf16_trials(llms_bf16_kernel[family], family, random.Random(f"bf16-kernel-{family}"))
     assert ran and all(ran) == attention_cpu.cpu_kernel.bf16_dot()  # the kernel ran where the CPU has it
