@@ -69,7 +69,7 @@ def test_peaked_scores_and_one_key():
     one = torch.zeros_like(valid)
     one[:, 11] = True
     out = cpu_attention(q, k, v, one, 1.0)  # [G, Lq, H, D]
-    want = v[:, 11].repeat_interleave(1, dim=1)[:, None].expand_as(out)  # Hkv == H here
+    want = v[:, 11][:, None].expand_as(out)  # [G, Lq, H, D] (Hkv == H here)
     assert torch.equal(out, want)
 
 
@@ -164,6 +164,7 @@ def test_grouped_block_causal_attention_kernel_and_sdpa_agree(monkeypatch):
     same limits) give the same attention within bf16 rounding, and in float32 the fallback is exactly the mask
     rule's SDPA."""
     import engine.model.attention as A
+    from engine.model.attention import _block_mask
     from engine.shape_buckets import attention_groups
     gen = torch.Generator().manual_seed(2)
     lens, H, Hkv, D, block = [9, 16, 5], 4, 2, 32, 4
@@ -189,13 +190,9 @@ def test_grouped_block_causal_attention_kernel_and_sdpa_agree(monkeypatch):
     f32 = A._grouped(q, k, v, None, None, ctx.groups, D ** -0.5)  # [T, H, D]
     start = 0
     for n in lens:  # each row alone against the mask rule
-        pos = torch.arange(n)
-        mask = _bm(pos, block)  # [1, 1, n, n]
+        pos = torch.arange(n)[None]  # [1, n]: a row's canvas positions, its keys' too
+        mask = _block_mask(pos, pos, torch.tensor([block]), None)  # [1, 1, n, n]
         t = lambda x: x[start:start + n].transpose(0, 1)[None]
         ref = F.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=mask, scale=D ** -0.5, enable_gqa=True)
         assert torch.allclose(f32[start:start + n], ref[0].transpose(0, 1), atol=1e-6, rtol=1e-5)
         start += n
-
-
-def _bm(pos: torch.Tensor, block: int) -> torch.Tensor:
-    return ((pos[None, :] // block) <= (pos[:, None] // block))[None, None]

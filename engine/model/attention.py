@@ -129,7 +129,7 @@ class AttnGroup:
     block_len: torch.Tensor | None = None
     """[G] long: each row's block length (block-causal groups); None: bidirectional."""
     q_limit: torch.Tensor | None = None
-    """[G, Lq] long: block-causal groups' mask, derived by AttnContext.bind (never shipped): a padded query sees the
+    """[G, Lq] int32: block-causal groups' mask, derived by AttnContext.bind (never shipped): a padded query sees the
     keys j < q_limit (keys are canvas positions 0..Lk-1; the limit is the end of the query's block)."""
     self_keys: bool = False
     """Every row's keys are its own queries in order (Lk == Lq): K/V come from this forward's k/v, not the pool."""
@@ -213,11 +213,11 @@ def block_causal_mask(ctx: AttnContext, positions: torch.Tensor, block_len: torc
 
 
 def group_block_limit(g: "AttnGroup", positions: torch.Tensor) -> torch.Tensor:
-    """[G, Lq] long for one attention group: the end of each padded query's block in canvas positions (padded
+    """[G, Lq] int32 (the kernel's type, made once per forward rather than per layer) for one attention group: the end of each padded query's block in canvas positions (padded
     queries read some row's position: their outputs are dropped). With keys at canvas positions 0..Lk-1, key j is
     visible iff j < the limit, which is _block_mask's rule j // b <= i // b."""
     bl = g.block_len[:, None]  # [G, 1]
-    return (positions[g.q_index] // bl + 1) * bl
+    return ((gather_rows(positions, g.q_index) // bl + 1) * bl).to(torch.int32)
 
 
 def _block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, block_len: torch.Tensor,

@@ -24,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "grouped_mm_common.h"
+
 #define AVX512BF16 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16,fma")))
 #define INLINE static inline __attribute__((always_inline))
 
@@ -141,18 +143,6 @@ INLINE AVX512BF16 void value_tile(const uint16_t *p, int64_t lp, const uint32_t 
     }
 }
 
-#define BY_ROWS8(mt, CALL)                                                               \
-    switch (mt) {                                                                        \
-    case 8: CALL(8); break; case 7: CALL(7); break; case 6: CALL(6); break;              \
-    case 5: CALL(5); break; case 4: CALL(4); break; case 3: CALL(3); break;              \
-    case 2: CALL(2); break; default: CALL(1); break;                                     \
-    }
-#define BY_ROWS4(mt, CALL)                                                               \
-    switch (mt) {                                                                        \
-    case 4: CALL(4); break; case 3: CALL(3); break; case 2: CALL(2); break;              \
-    default: CALL(1); break;                                                             \
-    }
-
 /* softmax of mt score rows (scaled, masked) in place -> p (bf16, zero-padded to an even length), 1 / sums */
 INLINE AVX512BF16 void softmax_rows(float *s, int64_t ls, int64_t Lk, const uint8_t *valid, const int32_t *limit,
                                     float scale, int mt, uint16_t *p, int64_t lp, float *inv) {
@@ -221,7 +211,7 @@ AVX512BF16 int attn_bf16(const uint16_t *q, int64_t qb, int64_t qr, const uint16
                 for (int64_t jb = 0; jb < nkb; jb += 2) {
                     const int two = jb + 1 < nkb;
 #define SCORE(m) score_tile(qh + i0 * qr, qr, kp, P, jb, two, m, s, ls)
-                    BY_ROWS8(mt, SCORE)
+                    BY_HEIGHT(mt, SCORE)
                 }
                 softmax_rows(s, ls, Lk, valid, q_limit ? q_limit + b * Lq + i0 : NULL, scale, mt, p, lp, inv);
                 for (int r0 = 0; r0 < mt; r0 += PM) {
@@ -236,7 +226,7 @@ AVX512BF16 int attn_bf16(const uint16_t *q, int64_t qb, int64_t qr, const uint16
     case 2: value_tile(p + r0 * lp, lp, vp, D, npair, d0, 2, m, inv + r0, o, H * D); break;             \
     default: value_tile(p + r0 * lp, lp, vp, D, npair, d0, 1, m, inv + r0, o, H * D); break;            \
     }
-                        BY_ROWS4(pm, VALUE)
+                        BY_HEIGHT4(pm, VALUE)
                     }
                 }
             }

@@ -56,8 +56,8 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: 
     assert H % Hkv == 0 and k.shape == v.shape and k.shape[0] == G and v.shape[-1] == D
     q, k, v = (_heads_dense(x) for x in (q, k, v))
     out = torch.empty(G, Lq, H, D, dtype=torch.bfloat16)  # [G, Lq, H, D]
-    valid = None if key_valid is None else key_valid.to(torch.uint8).contiguous()  # [G, Lk]
-    limit = None if q_limit is None else q_limit.to(torch.int32).contiguous()  # [G, Lq]
+    valid = None if key_valid is None else key_valid.contiguous().view(torch.uint8)  # [G, Lk] (bool: one byte)
+    limit = None if q_limit is None else q_limit.to(torch.int32).contiguous()  # [G, Lq] (int32 from bind: no copy)
     assert limit is None or limit.shape == (G, Lq)
 
     def run(h0: int, h1: int) -> int:

@@ -59,13 +59,6 @@ INLINE AVX512 float finish(__m256 acc, const float *xr, const void *w, int64_t j
 
 #define FW 4  /* weight rows per float32 tile (FW / 2 registers) */
 #define FM 4  /* activation rows per tile, at most */
-/* a tile call at each constant height 1..8 (heights above the tile's maximum never occur) */
-#define BY_HEIGHT(mt, CALL)                                                              \
-    switch (mt) {                                                                        \
-    case 8: CALL(8); break; case 7: CALL(7); break; case 6: CALL(6); break;              \
-    case 5: CALL(5); break; case 4: CALL(4); break; case 3: CALL(3); break;              \
-    case 2: CALL(2); break; default: CALL(1); break;                                     \
-    }
 
 INLINE AVX512 void tile_f32(const float *x, int64_t K, const void *w, int64_t j0, int64_t N, const int bf16,
                             const int mt, float *out, int64_t m0) {
